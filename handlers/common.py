@@ -1,0 +1,247 @@
+"""Shared layer of the bundle's handlers: artifacts, typed 4xx errors, device and threads, batching, explanations.
+
+Each model's handler subclasses ``BundleHandler`` and supplies four small methods:
+
+- ``parse(payload)``: one request's payload -> list of model-ready examples (raise ``RequestError`` for bad input);
+- ``collate(examples)``: examples of every good request in the batch -> one input tensor;
+- ``format(example, output)``: one example and its row of model output -> a JSON-able dict;
+- ``explain(examples)``: captum attributions for each example -> JSON-able dicts.
+
+``handle`` runs a TorchServe batch: each request is parsed on its own, so a bad request fails alone with its 4xx
+while the others are answered from one forward pass, in request order.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
+
+
+class RequestError(Exception):
+    """A client error: answered with its HTTP ``code`` and a JSON body; the worker keeps serving."""
+
+    def __init__(self, message, code=400, kind="InvalidInput"):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.kind = kind
+
+    def to_json(self):
+        return {"code": self.code, "type": self.kind, "message": self.message}
+
+
+def load_artifact(model_dir):
+    """The artifact manifest written by ``train/`` next to the weights, checked for the files it names."""
+    path = os.path.join(model_dir, MANIFEST_FILE)
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    missing = [name for name in manifest.get("files", []) if not os.path.isfile(os.path.join(model_dir, name))]
+    if missing:
+        raise FileNotFoundError(f"{path} names files that are not in the archive: {missing}")
+    return manifest
+
+
+def select_device(properties):
+    """The GPU TorchServe assigned to this worker (``gpu_id``) when CUDA is available, else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        device = torch.device(f"cuda:{gpu_id}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def configure_threads(model_config):
+    """Set torch's intra-op threads so that this model's workers x threads fit the machine's cores.
+
+    ``handler.torch_threads`` in model-config.yaml wins; otherwise cores are divided among ``minWorkers``.
+    """
+    configured = (model_config.get("handler") or {}).get("torch_threads")
+    workers = max(1, int(model_config.get("minWorkers", 1)))
+    threads = int(configured) if configured else max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def request_payload(row):
+    """One request's payload: the raw body, a multipart field, or the JSON TorchServe already decoded."""
+    for key in ("data", "body"):
+        if key in row:
+            payload = row[key]
+            break
+    else:
+        payload = next(iter(row.values()), None)
+    if payload is None or (isinstance(payload, (bytes, bytearray, str)) and len(payload) == 0):
+        raise RequestError("the request body is empty", kind="EmptyBody")
+    return payload
+
+
+def decode_json(payload):
+    """JSON from a payload TorchServe left undecoded (bytes or str), or the already decoded value."""
+    if isinstance(payload, (dict, list)):
+        return payload
+    text = decode_text(payload)
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise RequestError(f"the body is not valid JSON: {err}", kind="InvalidJSON") from None
+
+
+def decode_text(payload):
+    """UTF-8 text from bytes (or a str as is); other encodings are a client error."""
+    if isinstance(payload, str):
+        return payload
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            return bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(f"the body is not valid UTF-8 text ({err.reason} at byte {err.start})",
+                               kind="InvalidEncoding") from None
+    raise RequestError(f"expected text, got JSON {type(payload).__name__}", kind="InvalidInput")
+
+
+def finite_number(value, field):
+    """A JSON number as float; strings, booleans, NaN and infinities are rejected naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"field '{field}' must be a number, got {type(value).__name__}", kind="InvalidField")
+    number = float(value)
+    if not math.isfinite(number):
+        raise RequestError(f"field '{field}' must be a finite number, got {value}", kind="InvalidField")
+    return number
+
+
+class BundleHandler(BaseHandler):
+    """BaseHandler with artifact loading, per-request errors in a batch, custom metrics and explanations."""
+
+    model_class = None  # the nn.Module class named in the artifact manifest
+
+    def initialize(self, context):
+        properties = context.system_properties
+        self.model_dir = properties["model_dir"]
+        self.model_config = context.model_yaml_config or {}
+        self.artifact = load_artifact(self.model_dir)
+        self.device = select_device(properties)
+        self.threads = configure_threads(self.model_config)
+        self.model_name = context.manifest["model"]["modelName"]
+        self.version = context.manifest["model"].get("modelVersion", "")
+        self.model = self.load_model()
+        self.labels = self.artifact.get("labels")
+        self._init_metrics(context.metrics)
+        logger.info("%s %s ready on %s with %d torch threads", self.model_name, self.version, self.device, self.threads)
+        self.initialized = True
+
+    def load_model(self):
+        """Build ``model_class`` from the manifest's arch_kwargs and load the plain state_dict onto the device."""
+        expected = self.artifact["architecture"]
+        if self.model_class is None or self.model_class.__name__ != expected:
+            raise RuntimeError(f"manifest architecture {expected!r} does not match handler's {self.model_class!r}")
+        model = self.model_class(**self.artifact.get("arch_kwargs", {}))
+        weights = os.path.join(self.model_dir, self.artifact["weights"])
+        model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        return model.to(self.device).eval()
+
+    def _init_metrics(self, metrics):
+        dims = ["ModelName", "ModelVersion"]
+        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"])
+        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"])
+        self.metric_preprocess = metrics.add_metric_to_cache(
+            "PreprocessTime", "ms", dims, metric_type=MetricTypes.GAUGE)
+
+    # --- the four methods a model's handler supplies -------------------------------------------------------------
+
+    def parse(self, payload):
+        """One request's payload -> (examples, many): many=True when the request held a list of inputs."""
+        raise NotImplementedError
+
+    def collate(self, examples):
+        raise NotImplementedError
+
+    def format(self, example, output):
+        raise NotImplementedError
+
+    def explain(self, examples):
+        raise NotImplementedError
+
+    def label_of(self, reply):
+        """The label a reply is counted under in PredictionsByLabel (None: not counted)."""
+        return reply.get("label")
+
+    # --- batch handling --------------------------------------------------------------------------------------------
+
+    def handle(self, data, context):
+        self.context = context
+        if context.get_request_header(0, "describe") == "True":
+            return [self.describe_handle()]
+        started = time.perf_counter()
+        replies = [None] * len(data)
+        to_predict, to_explain = [], []
+        for idx, row in enumerate(data):
+            context.set_response_content_type(idx, "application/json")
+            try:
+                examples, many = self.parse(request_payload(row))
+            except RequestError as err:
+                replies[idx] = self.reject(idx, err)
+                continue
+            wants_explanation = context.get_request_header(idx, "explain") == "True"
+            (to_explain if wants_explanation else to_predict).append((idx, examples, many))
+        self.metric_preprocess.add_or_update((time.perf_counter() - started) * 1000, self._dims())
+
+        if to_predict:
+            examples = [example for _, request_examples, _ in to_predict for example in request_examples]
+            outputs = self.predict(self.collate(examples))
+            position = 0
+            for idx, request_examples, many in to_predict:
+                answers = [self.format(example, outputs[position + i]) for i, example in enumerate(request_examples)]
+                position += len(request_examples)
+                for answer in answers:
+                    self._count_label(answer)
+                replies[idx] = answers if many else answers[0]
+        for idx, request_examples, many in to_explain:
+            answers = self.explain(request_examples)
+            replies[idx] = answers if many else answers[0]
+        return replies
+
+    def predict(self, batch):
+        with torch.inference_mode():
+            return self.model(batch.to(self.device)).cpu()
+
+    def reject(self, idx, err):
+        """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
+        self.context.set_response_status(err.code, err.message, idx)
+        self.metric_rejected.add_or_update(1, self._dims(err.kind))
+        logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
+        return err.to_json()
+
+    def describe_handle(self):
+        """The customized part of `GET /models/<name>/<version>?customized=true`: what was trained, how well."""
+        with open(os.path.join(self.model_dir, METRICS_FILE), encoding="utf-8") as f:
+            training = json.load(f)
+        return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
+                "torch_threads": self.threads, "training": training}
+
+    def _count_label(self, answer):
+        label = self.label_of(answer)
+        if label is not None:
+            self.metric_predictions.add_or_update(1, self._dims(label))
+
+    def _dims(self, *extra):
+        return [self.model_name, self.version, *map(str, extra)]
+
+
+def integrated_gradients(forward, inputs, target, baselines, layer=None, steps=32):
+    """Captum Integrated Gradients of ``forward`` for ``target`` (per example), on the inputs or on ``layer``."""
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
+    method = LayerIntegratedGradients(forward, layer) if layer is not None else IntegratedGradients(forward)
+    with torch.enable_grad():
+        return method.attribute(inputs, baselines=baselines, target=target, n_steps=steps).detach().cpu()

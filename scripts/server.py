@@ -1,0 +1,219 @@
+"""Start TorchServe with this bundle's config, wait until every model is READY, and stop it again.
+
+    python -m scripts.server start     # `make serve`: daemon from the repo root, prints working curl lines
+    python -m scripts.server stop
+
+Tests use ``TorchServe`` directly: it runs a private server in its own folder (own ports, pid file, logs and
+key_file.json) from a copy of ``config.properties`` with chosen overrides, and always stops it.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config.properties"
+PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_properties(path):
+    """config.properties as an ordered dict (comments dropped)."""
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+class TorchServe:
+    """One TorchServe process tree started from ``config`` with ``overrides``, living in ``workdir``."""
+
+    def __init__(self, workdir, model_store=ROOT / "model_store", models="all", overrides=None, config=CONFIG,
+                 scheme="http"):
+        self.workdir = Path(workdir)
+        self.model_store = Path(model_store).resolve()
+        self.models = models
+        self.scheme = scheme
+        self.ports = {name: free_port() for name in PORT_KEYS}
+        self.properties = read_properties(config)
+        self.properties.update({key: f"{scheme}://127.0.0.1:{self.ports[name]}" for name, key in PORT_KEYS.items()})
+        self.properties.update({"model_store": str(self.model_store), "metrics_config": str(ROOT / "metrics.yaml")})
+        self.properties.update(overrides or {})
+        self.process = None
+        self.session = requests.Session()
+        self.session.verify = False  # TLS tests use a self-signed certificate
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self, timeout=180, expect_ready=None):
+        """Start in the foreground of a new process group; wait for ``expect_ready`` versions (default: all)."""
+        for sub in ("logs", "tmp"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.properties"
+        config.write_text("".join(f"{key}={value}\n" for key, value in self.properties.items()))
+        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), LOG_LOCATION=str(self.workdir / "logs"),
+                   METRICS_LOCATION=str(self.workdir / "logs"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        command = ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config),
+                   "--model-store", str(self.model_store), "--models", self.models]
+        with open(self.workdir / "logs" / "console.log", "ab") as console:
+            self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=console,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout, expect_ready)
+        return self
+
+    def stop(self, timeout=30):
+        """Stop the whole process tree (frontend and workers); safe to call twice."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # workers left behind in the group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def wait_ready(self, timeout=180, expect_ready=None):
+        """Block until ``expect_ready`` model versions (default: every .mar in the store) have all workers READY."""
+        expected = expect_ready if expect_ready is not None else len(list(self.model_store.glob("*.mar")))
+        deadline = time.monotonic() + timeout
+        ready = 0
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                ready = len(self.ready_versions())
+                if ready >= expected:
+                    return
+            except (requests.ConnectionError, FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{ready}/{expected} model versions READY after {timeout}s:\n{self.log_tail()}")
+
+    def ready_versions(self):
+        """(model, version) pairs whose workers are all READY."""
+        ready = []
+        for model in self.management("GET", "/models").json()["models"]:
+            for version in self.management("GET", f"/models/{model['modelName']}/all").json():
+                workers = version.get("workers", [])
+                if workers and all(w["status"] == "READY" for w in workers):
+                    ready.append((version["modelName"], version["modelVersion"]))
+        return ready
+
+    # --- HTTP ----------------------------------------------------------------------------------------------------
+
+    def url(self, api, path=""):
+        return f"{self.scheme}://127.0.0.1:{self.ports[api]}{path}"
+
+    def token(self, api):
+        """The current key for ``inference`` or ``management`` from this server's key_file.json."""
+        keys = json.loads((self.workdir / "key_file.json").read_text())
+        return keys[api]["key"]
+
+    def request(self, api, method, path, token=True, **kwargs):
+        headers = kwargs.pop("headers", {})
+        if token is True:
+            headers["Authorization"] = f"Bearer {self.token(api)}"
+        elif token:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("timeout", 60)
+        return self.session.request(method, self.url(api, path), headers=headers, **kwargs)
+
+    def inference(self, method, path, **kwargs):
+        return self.request("inference", method, path, **kwargs)
+
+    def management(self, method, path, **kwargs):
+        return self.request("management", method, path, **kwargs)
+
+    def predict(self, model, body=None, version=None, **kwargs):
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self.inference("POST", path, data=body, **kwargs)
+
+    def metrics(self):
+        return self.request("metrics", "GET", "/metrics", token=False).text
+
+    def worker_pids(self, model, version=None):
+        """Worker pids of a model version, from the management API's describe."""
+        described = self.management("GET", f"/models/{model}" + (f"/{version}" if version else "")).json()
+        return sorted(w["pid"] for entry in described for w in entry["workers"])
+
+    def log_tail(self, name="ts_log.log", lines=60):
+        log = self.workdir / "logs" / name
+        text = log.read_text(errors="replace") if log.exists() else ""
+        console = self.workdir / "logs" / "console.log"
+        if not text and console.exists():
+            text = console.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_daemon():
+    """`make serve`: TorchServe from the repo root as a daemon with the root config.properties."""
+    properties = read_properties(CONFIG)
+    subprocess.run(["torchserve", "--stop"], cwd=ROOT, capture_output=True)
+    subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(CONFIG), "--models", "all"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    server = TorchServe(ROOT)
+    server.ports = {name: int(re.search(r":(\d+)$", properties[key]).group(1)) for name, key in PORT_KEYS.items()}
+    print("==> [serve] waiting for the workers (logs/ts_log.log)...", flush=True)
+    server.wait_ready(timeout=300)
+    for model, version in sorted(server.ready_versions()):
+        print(f"    READY  {model} {version}")
+    inference, management, metrics = (server.url(api) for api in ("inference", "management", "metrics"))
+    print(f"""
+TorchServe is running (stop it with: make stop). Tokens are in key_file.json; try:
+
+  TOKEN=$(python3 -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
+  MGMT=$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
+  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_7.png {inference}/predictions/mnist
+  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_3_photo.jpg {inference}/predictions/mnist/2.0
+  curl -H "Authorization: Bearer $TOKEN" -H 'Content-Type: text/plain; charset=utf-8' --data-binary @samples/review_positive.txt {inference}/predictions/sentiment
+  curl -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' --data-binary @samples/patient.json {inference}/predictions/regression
+  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_7.png {inference}/explanations/mnist
+  curl -H "Authorization: Bearer $MGMT" {management}/models/mnist/all
+  curl {metrics}/metrics
+""")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop"])
+    args = parser.parse_args()
+    if args.action == "start":
+        start_daemon()
+    else:
+        result = subprocess.run(["torchserve", "--stop"], cwd=ROOT)
+        sys.exit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()
