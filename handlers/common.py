@@ -5,7 +5,7 @@ Each model's handler subclasses ``BundleHandler`` and supplies four small method
 - ``parse(payload)``: one request's payload -> list of model-ready examples (raise ``RequestError`` for bad input);
 - ``collate(examples)``: examples of every good request in the batch -> one input tensor;
 - ``format(example, output)``: one example and its row of model output -> a JSON-able dict;
-- ``explain(examples)``: captum attributions for each example -> JSON-able dicts.
+- ``explanations(examples)``: captum attributions for each example -> JSON-able dicts.
 
 ``handle`` runs a TorchServe batch: each request is parsed on its own, so a bad request fails alone with its 4xx
 while the others are answered from one forward pass, in request order.
@@ -82,7 +82,9 @@ def request_payload(row):
     else:
         payload = next(iter(row.values()), None)
     if payload is None or (isinstance(payload, (bytes, bytearray, str)) and len(payload) == 0):
-        raise RequestError("the request body is empty", kind="EmptyBody")
+        raise RequestError("the request body is empty (send the payload as the raw body, e.g. curl --data-binary @FILE "
+                           "or curl -T FILE; TorchServe parses form-encoded bodies, as curl -d sends, into fields)",
+                           kind="EmptyBody")
     return payload
 
 
@@ -169,7 +171,7 @@ class BundleHandler(BaseHandler):
     def format(self, example, output):
         raise NotImplementedError
 
-    def explain(self, examples):
+    def explanations(self, examples):
         raise NotImplementedError
 
     def label_of(self, reply):
@@ -207,7 +209,7 @@ class BundleHandler(BaseHandler):
                     self._count_label(answer)
                 replies[idx] = answers if many else answers[0]
         for idx, request_examples, many in to_explain:
-            answers = self.explain(request_examples)
+            answers = self.explanations(request_examples)
             replies[idx] = answers if many else answers[0]
         return replies
 
@@ -245,3 +247,21 @@ def integrated_gradients(forward, inputs, target, baselines, layer=None, steps=3
     method = LayerIntegratedGradients(forward, layer) if layer is not None else IntegratedGradients(forward)
     with torch.enable_grad():
         return method.attribute(inputs, baselines=baselines, target=target, n_steps=steps).detach().cpu()
+
+
+def entry_point(handler_class):
+    """The module-level ``handle`` function TorchServe calls for a handler module.
+
+    A handler module here also defines its model class, and TorchServe only accepts a module with exactly one class
+    unless it has a ``handle`` function. TorchServe calls it once with ``data=None`` when the worker loads the model
+    (so a broken archive fails at load, not at the first request), then once per batch.
+    """
+    handler = handler_class()
+
+    def handle(data, context):
+        if not handler.initialized:
+            handler.initialize(context)
+        return None if data is None else handler.handle(data, context)
+
+    handle.handler = handler
+    return handle
