@@ -74,18 +74,22 @@ def configure_threads(model_config):
 
 
 def request_payload(row):
-    """One request's payload: the raw body, a multipart field, or the JSON TorchServe already decoded."""
-    for key in ("data", "body"):
-        if key in row:
-            payload = row[key]
-            break
-    else:
-        payload = next(iter(row.values()), None)
+    """(name, payload) of one request: the raw body, a multipart field, or the JSON TorchServe already decoded."""
+    name = next((key for key in ("data", "body") if key in row), next(iter(row), None))
+    payload = row.get(name)
     if payload is None or (isinstance(payload, (bytes, bytearray, str)) and len(payload) == 0):
         raise RequestError("the request body is empty (send the payload as the raw body, e.g. curl --data-binary @FILE "
                            "or curl -T FILE; TorchServe parses form-encoded bodies, as curl -d sends, into fields)",
                            kind="EmptyBody")
-    return payload
+    return name, payload
+
+
+def is_json(context, idx, name):
+    """Whether request ``idx``'s parameter ``name`` was sent as JSON (any application/json or +json type)."""
+    header = context.get_request_header(idx, name)
+    content_type = header.get("content-type", "") if isinstance(header, dict) else ""
+    media_type = content_type.split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 def decode_json(payload):
@@ -190,7 +194,10 @@ class BundleHandler(BaseHandler):
         for idx, row in enumerate(data):
             context.set_response_content_type(idx, "application/json")
             try:
-                examples, many = self.parse(request_payload(row))
+                name, payload = request_payload(row)
+                if isinstance(payload, (bytes, bytearray)) and is_json(context, idx, name):
+                    payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
+                examples, many = self.parse(payload)
             except RequestError as err:
                 replies[idx] = self.reject(idx, err)
                 continue
