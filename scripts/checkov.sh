@@ -8,7 +8,7 @@
 # .venv-checkov (git-ignored via .venv-*/), created on first use with a pinned version and reused
 # afterwards. Recreate it after changing CHECKOV_VERSION: rm -rf .venv-checkov.
 #
-# Skipped checks, each with its reason, are listed in ONE place: k8s/.checkov.yaml.
+# Skipped checks, each with its reason, are listed in ONE place: k8s/policy/checkov.yaml.
 # Kustomize patches under k8s/overlays/ are fragments, not manifests, so they are never scanned
 # as files; each overlay is rendered with `kubectl kustomize` and the result is scanned instead.
 # Exit status: 0 when no check failed, non-zero otherwise (checkov's own exit code).
@@ -17,7 +17,7 @@ set -euo pipefail
 CHECKOV_VERSION="3.3.30"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CHECKOV_VENV:-$ROOT/.venv-checkov}"
-CONFIG="$ROOT/k8s/.checkov.yaml"
+CONFIG="$ROOT/k8s/policy/checkov.yaml"
 PYTHON="${PYTHON:-python3}"
 
 if [[ ! -x "$VENV/bin/checkov" ]] || ! "$VENV/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
@@ -44,7 +44,9 @@ else
     done
     for overlay in "$ROOT"/k8s/overlays/*/; do
         [[ -n "$KUBECTL" ]] || { echo "checkov.sh: kubectl not found, cannot render $overlay" >&2; exit 2; }
-        "$KUBECTL" kustomize "$overlay" > "$SCAN_DIR/overlay-$(basename "$overlay").yaml"
+        # The base lists files above the overlay's folder: see k8s/base/kustomization.yaml.
+        "$KUBECTL" kustomize --load-restrictor=LoadRestrictionsNone "$overlay" \
+            > "$SCAN_DIR/overlay-$(basename "$overlay").yaml"
     done
     targets=("$SCAN_DIR")
 fi
