@@ -457,7 +457,8 @@ def check_network_policy(objs):
                 for route in of_kind(objs, "HTTPRoute") for ref_ in route["spec"].get("parentRefs", [])}
     for deployment in of_kind(objs, "Deployment"):
         covering = [p for p in policies if namespace_of(p) == namespace_of(deployment)
-                    and matches(p["spec"]["podSelector"].get("matchLabels", {}), pod_labels(deployment))]
+                    and (p["spec"]["podSelector"] == {}  # the empty selector selects every pod
+                         or matches(p["spec"]["podSelector"].get("matchLabels", {}), pod_labels(deployment)))]
         if not covering:
             problems.append(f"{ref(deployment)}: no NetworkPolicy restricts ingress to its pods")
             continue
