@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 READY := $(VENV)/.ready
 ARTIFACTS := artifacts/mnist artifacts/mnist-v2 artifacts/sentiment artifacts/regression
 
-.PHONY: setup train archive serve stop test bench clean
+.PHONY: setup train archive serve stop test bench k8s-check clean
 .DELETE_ON_ERROR:
 
 setup: $(READY)
@@ -47,6 +47,10 @@ test: archive
 
 bench: archive
 	@$(PY) -m tests.load.bench
+
+k8s-check: $(READY)
+	@echo "==> [k8s] offline validation of k8s/ (first run builds .venv-checkov)"
+	@$(PY) -m pytest tests/test_k8s.py -q
 
 clean:
 	rm -rf artifacts model_store/*.mar logs key_file.json
