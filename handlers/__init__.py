@@ -1,0 +1,1 @@
+"""Model definitions, pre-processing and TorchServe handlers of the bundle."""

@@ -1,0 +1,1 @@
+"""Training scripts: python -m train.mnist | train.sentiment | train.regression."""

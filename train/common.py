@@ -1,0 +1,163 @@
+"""Shared training helpers: common flags, seeding, mini-batches, the epoch loop and artifact writing."""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DataError(ValueError):
+    """Unusable training data or arguments; the command line reports it in one line and exits with 2."""
+
+
+def build_parser(description: str, default_out: str, default_epochs: int) -> argparse.ArgumentParser:
+    """Argument parser with the flags every training script shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=positive_int, default=default_epochs, help="training epochs (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the shuffling (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="artifact folder to write (default %(default)s)")
+    parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction of the data (default %(default)s)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a script's main, turning a DataError into one line on stderr and exit code 2 (as argparse does)."""
+    try:
+        main(argv)
+    except DataError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch, pin torch's thread count to the CPUs available; return a torch generator."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return torch.Generator().manual_seed(seed)
+
+
+def shuffled_batches(n_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of a random permutation of range(n_samples), batch_size at a time."""
+    yield from torch.randperm(n_samples, generator=generator).split(batch_size)
+
+
+def ordered_batches(n_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Index tensors of range(n_samples) in order, batch_size at a time (evaluation)."""
+    yield from torch.arange(n_samples).split(batch_size)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    batches: Iterable[Batch],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One pass of gradient steps over (inputs, targets) batches; returns the sample-weighted mean loss.
+
+    scheduler, if given, steps after every batch.
+    """
+    model.train()
+    total_loss, n_seen = 0.0, 0
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(targets)
+        n_seen += len(targets)
+    return total_loss / n_seen
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Model outputs for batches of inputs, concatenated, in evaluation mode."""
+    model.eval()
+    return torch.cat([model(batch) for batch in inputs])
+
+
+def fit(epochs: int, run_epoch: Callable[[], float], evaluate: Callable[[], dict[str, float]]) -> tuple[dict[str, float], float]:
+    """The epoch loop: train, evaluate on held-out data, print one progress line per epoch.
+
+    Returns the last held-out metrics and the training seconds (evaluation included).
+    """
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        loss = run_epoch()
+        metrics = evaluate()
+        shown = "  ".join(f"held-out {name} {value:.4f}" for name, value in metrics.items())
+        print(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  {shown}  {time.perf_counter() - epoch_start:.1f}s", flush=True)
+    return metrics, time.perf_counter() - start
+
+
+def write_artifacts(
+    out_dir: Path,
+    model: nn.Module,
+    manifest: dict,
+    metrics: dict,
+    extra_files: dict[str, object] | None = None,
+) -> None:
+    """Write model.pt (plain state_dict), extra JSON files, manifest.json and metrics.json into out_dir.
+
+    manifest gets the common keys "weights" and "files" (every file the handler loads, manifest.json
+    included) added; extra_files maps a file name to the JSON-serialisable object to write there.
+    """
+    extra_files = extra_files or {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name.removeprefix("module."): tensor for name, tensor in model.state_dict().items()}
+    torch.save(state, out_dir / "model.pt")
+    for name, content in extra_files.items():
+        write_json(out_dir / name, content)
+    manifest = {**manifest, "weights": "model.pt", "files": ["manifest.json", "model.pt", *extra_files]}
+    write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "metrics.json", metrics)
+    print(f"wrote {out_dir}: {', '.join(manifest['files'])}, metrics.json")
+
+
+def write_json(path: Path, content: object) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def metrics_record(model_name: str, dataset: dict, args: argparse.Namespace, train_seconds: float, test: dict) -> dict:
+    """metrics.json content as the contract lays it out."""
+    return {
+        "model": model_name,
+        "dataset": dataset,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "train_seconds": round(train_seconds, 2),
+        "test": {name: round(float(value), 6) for name, value in test.items()},
+        "args": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
+    }
