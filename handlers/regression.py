@@ -1,5 +1,7 @@
 """Tabular regression (the course's linear regression / house-price network): standardised features -> standardised target."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ class TabularRegressor(nn.Module):
     With hidden=() it is plain linear regression; each hidden layer is Linear -> ReLU -> Dropout.
     """
 
-    def __init__(self, n_features: int, hidden: tuple[int, ...] | list[int] = (), dropout: float = 0.1):
+    def __init__(self, n_features: int, hidden: Sequence[int] = (), dropout: float = 0.1):
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
