@@ -26,7 +26,7 @@ def build_parser(description: str, default_out: str, default_epochs: int) -> arg
     parser.add_argument("--epochs", type=positive_int, default=default_epochs, help="training epochs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the shuffling (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="artifact folder to write (default %(default)s)")
-    parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction of the data (default %(default)s)")
+    parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
     return parser
 
@@ -47,10 +47,10 @@ def fraction(text: str) -> float:
     return value
 
 
-def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a script's main, turning a DataError into one line on stderr and exit code 2 (as argparse does)."""
+def run_cli(main: Callable[[list[str] | None], object]) -> None:
+    """Run a script's main on sys.argv, turning a DataError into one line on stderr and exit code 2 (as argparse does)."""
     try:
-        main(argv)
+        main(None)
     except DataError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -61,7 +61,7 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return torch.Generator().manual_seed(seed)
 
 
