@@ -2,7 +2,8 @@
 
 Each model's handler subclasses ``BundleHandler`` and supplies four small methods:
 
-- ``parse(payload)``: one request's payload -> list of model-ready examples (raise ``RequestError`` for bad input);
+- ``parse(payload, as_json)``: one request's payload (a decoded JSON value if ``as_json``, else bytes or text) ->
+  model-ready examples (raise ``RequestError`` for bad input);
 - ``collate(examples)``: examples of every good request in the batch -> one input tensor;
 - ``format(example, output)``: one example and its row of model output -> a JSON-able dict;
 - ``explanations(examples)``: captum attributions for each example -> JSON-able dicts.
@@ -93,9 +94,7 @@ def is_json(context, idx, name):
 
 
 def decode_json(payload):
-    """JSON from a payload TorchServe left undecoded (bytes or str), or the already decoded value."""
-    if isinstance(payload, (dict, list)):
-        return payload
+    """JSON from bytes or text that TorchServe left undecoded."""
     text = decode_text(payload)
     try:
         return json.loads(text)
@@ -165,7 +164,7 @@ class BundleHandler(BaseHandler):
 
     # --- the four methods a model's handler supplies -------------------------------------------------------------
 
-    def parse(self, payload):
+    def parse(self, payload, as_json):
         """One request's payload -> (examples, many): many=True when the request held a list of inputs."""
         raise NotImplementedError
 
@@ -195,9 +194,10 @@ class BundleHandler(BaseHandler):
             context.set_response_content_type(idx, "application/json")
             try:
                 name, payload = request_payload(row)
-                if isinstance(payload, (bytes, bytearray)) and is_json(context, idx, name):
+                as_json = is_json(context, idx, name)
+                if as_json and isinstance(payload, (bytes, bytearray)):
                     payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
-                examples, many = self.parse(payload)
+                examples, many = self.parse(payload, as_json)
             except RequestError as err:
                 replies[idx] = self.reject(idx, err)
                 continue
@@ -218,6 +218,7 @@ class BundleHandler(BaseHandler):
         for idx, request_examples, many in to_explain:
             answers = self.explanations(request_examples)
             replies[idx] = answers if many else answers[0]
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return replies
 
     def predict(self, batch):

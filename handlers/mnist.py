@@ -1,9 +1,15 @@
-"""Handwritten digit classifier: the CNN and MNIST-style canonicalisation shared by training and serving."""
+"""Handwritten digits: the CNN and MNIST-style canonicalisation shared by training, and the TorchServe handler."""
+
+import base64
+import binascii
+import io
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from handlers.common import BundleHandler, RequestError, entry_point, integrated_gradients
 
 CANVAS_SIZE = 28
 DIGIT_BOX = 20
@@ -112,3 +118,89 @@ def _paste_centred_by_mass(digit: np.ndarray) -> np.ndarray:
     canvas = np.zeros((CANVAS_SIZE, CANVAS_SIZE), dtype=np.float32)
     canvas[top : top + height, left : left + width] = np.clip(digit, 0.0, 1.0)
     return canvas
+
+
+# --- TorchServe handler ----------------------------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 25_000_000
+"""Larger images (e.g. decompression bombs) are refused with 413 before they are decoded."""
+
+
+def decode_grayscale(data: bytes) -> np.ndarray:
+    """PNG/JPEG/... bytes -> 2-D uint8 array; transparent pixels count as white paper."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(f"image of {image.width}x{image.height} pixels is larger than "
+                                   f"{MAX_IMAGE_PIXELS} pixels", code=413, kind="ImageTooLarge")
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            elif image.mode not in ("L", "RGB"):
+                image = image.convert("RGB")
+            image.draft("L", image.size)  # JPEG: decode the luma channel only
+            return np.asarray(image.convert("L"))
+    except RequestError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise RequestError(f"the body is not a readable image (PNG, JPEG, ...): {err}", kind="InvalidImage") from None
+
+
+class MnistHandler(BundleHandler):
+    """An image of one handwritten digit -> {"label", "probabilities" (top 3), "model", "version"}.
+
+    Accepts raw image bytes (curl -T digit.png), a multipart form field, or JSON {"data": "<base64 image>"}.
+    """
+
+    model_class = DigitCNN
+
+    def initialize(self, context):
+        super().initialize(context)
+        self.mean, self.std = self.artifact["input"]["mean"], self.artifact["input"]["std"]
+
+    def parse(self, payload, as_json):
+        if as_json and isinstance(payload, dict):
+            payload = self._base64_image(payload)
+        elif as_json or not isinstance(payload, (bytes, bytearray)):
+            raise RequestError('expected image bytes or JSON {"data": "<base64 image>"}, '
+                               f"got JSON {type(payload).__name__}", kind="InvalidInput")
+        try:
+            digit = canonicalize_digit(decode_grayscale(payload))
+        except ValueError as err:
+            raise RequestError(str(err), kind="InvalidImage") from None
+        return [(digit - self.mean) / self.std], False
+
+    @staticmethod
+    def _base64_image(document):
+        encoded = document.get("data")
+        if not isinstance(encoded, str):
+            raise RequestError('JSON body must be {"data": "<base64-encoded image>"}: '
+                               f"field 'data' is {'missing' if encoded is None else type(encoded).__name__}",
+                               kind="InvalidField")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error as err:
+            raise RequestError(f"field 'data' is not valid base64: {err}", kind="InvalidField") from None
+
+    def collate(self, examples):
+        return torch.from_numpy(np.stack(examples)).unsqueeze(1)
+
+    def format(self, example, output):
+        probabilities = torch.softmax(output, dim=0)
+        top = probabilities.topk(3)
+        return {"label": self.labels[top.indices[0]],
+                "probabilities": {self.labels[i]: round(p, 4) for p, i in zip(top.values.tolist(), top.indices.tolist())},
+                "model": self.model_name, "version": self.version}
+
+    def explanations(self, examples):
+        """Integrated Gradients of the predicted class over the 28x28 canonical image (black as baseline)."""
+        images = self.collate(examples).to(self.device)
+        with torch.inference_mode():
+            predicted = self.model(images).argmax(dim=1)
+        baseline = torch.full_like(images, -self.mean / self.std)
+        maps = integrated_gradients(self.model, images.clone(), predicted, baseline)
+        return [{"label": self.labels[label], "attributions": attribution[0].numpy().round(5).tolist(),
+                 "shape": [28, 28], "method": "IntegratedGradients", "model": self.model_name, "version": self.version}
+                for label, attribution in zip(predicted.tolist(), maps)]
+
+
+handle = entry_point(MnistHandler)

@@ -2,8 +2,11 @@
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from handlers.common import BundleHandler, RequestError, decode_json, entry_point, finite_number, integrated_gradients
 
 
 class TabularRegressor(nn.Module):
@@ -24,3 +27,79 @@ class TabularRegressor(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).squeeze(-1)
+
+
+# --- TorchServe handler ----------------------------------------------------------------------------------------------
+
+MAX_ROWS = 1024
+"""Rows in one JSON list; longer lists are refused with 413 (split them into several requests)."""
+
+
+class RegressionHandler(BundleHandler):
+    """A JSON object of named features -> {"prediction": y}; a JSON list of such objects -> a list, in order.
+
+    Every feature of the manifest must be present, known and a finite number; otherwise 400 naming the field.
+    """
+
+    model_class = TabularRegressor
+
+    def initialize(self, context):
+        super().initialize(context)
+        self.features = self.artifact["features"]
+        self.mean = np.asarray(self.artifact["feature_mean"], dtype=np.float32)
+        self.std = np.asarray(self.artifact["feature_std"], dtype=np.float32)
+        self.target_mean, self.target_std = self.artifact["target_mean"], self.artifact["target_std"]
+
+    def parse(self, payload, as_json):
+        document = payload if as_json else decode_json(payload)
+        if isinstance(document, list):
+            if not document:
+                raise RequestError("the JSON list of rows is empty", kind="InvalidInput")
+            if len(document) > MAX_ROWS:
+                raise RequestError(f"{len(document)} rows in one request; at most {MAX_ROWS}", code=413,
+                                   kind="TooManyRows")
+            return [self._row(row, f"[{i}]") for i, row in enumerate(document)], True
+        return [self._row(document, "")], False
+
+    def _row(self, row, where):
+        """Standardised features of one JSON object; ``where`` locates it in a list for error messages."""
+        if not isinstance(row, dict):
+            raise RequestError(f"row{where} must be a JSON object of features {self.features}, "
+                               f"got {type(row).__name__}", kind="InvalidInput")
+        unknown = sorted(set(row) - set(self.features))
+        if unknown:
+            raise RequestError(f"row{where}: unknown feature '{unknown[0]}' (expected {self.features})",
+                               kind="InvalidField")
+        missing = [name for name in self.features if name not in row]
+        if missing:
+            raise RequestError(f"row{where}: missing feature '{missing[0]}'", kind="InvalidField")
+        values = np.array([finite_number(row[name], name) for name in self.features], dtype=np.float32)
+        return (values - self.mean) / self.std
+
+    def collate(self, examples):
+        return torch.from_numpy(np.stack(examples))
+
+    def format(self, example, output):
+        return {"prediction": round(self._unscale(output), 4)}
+
+    def label_of(self, reply):
+        return None  # a number, not a label: PredictionsByLabel does not count regressions
+
+    def _unscale(self, standardised):
+        return float(standardised) * self.target_std + self.target_mean
+
+    def explanations(self, examples):
+        """Per-feature Integrated Gradients in target units, from the training mean (all-zero input) as baseline."""
+        rows = self.collate(examples).to(self.device)
+        baseline = torch.zeros_like(rows)
+        with torch.inference_mode():
+            predictions, baseline_prediction = self.model(rows), self.model(baseline[:1])
+        attributions = integrated_gradients(self.model, rows, None, baseline) * self.target_std
+        return [{"prediction": round(self._unscale(prediction), 4),
+                 "baseline_prediction": round(self._unscale(baseline_prediction[0]), 4),
+                 "method": "IntegratedGradients",
+                 "attributions": {name: round(float(value), 4) for name, value in zip(self.features, row)}}
+                for prediction, row in zip(predictions.cpu(), attributions)]
+
+
+handle = entry_point(RegressionHandler)

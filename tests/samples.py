@@ -52,7 +52,14 @@ def heldout_patients(count=20):
     record = training_record("artifacts/regression")
     split = load_split(seed=record["seed"], test_fraction=record["args"]["test_fraction"])
     rows = [dict(zip(split.feature_names, map(float, row))) for row in split.test_features[:count]]
-    return rows, [float(y) for y in split.test_targets[:count]]
+    return rows, [float(y) for y in split.test_target[:count]]
+
+
+def encode_image(pixels, fmt="PNG"):
+    """A 2-D uint8 array as image bytes, pixel for pixel."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def render_digit(image, size=28, dark_on_light=False, fmt="PNG", mode="L"):

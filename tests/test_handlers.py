@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.samples import CROSS_DOMAIN_REVIEWS, heldout_digits, heldout_patients, heldout_reviews, render_digit
+from tests.samples import CROSS_DOMAIN_REVIEWS, encode_image, heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request
 
 JSON = "application/json"
@@ -27,7 +27,7 @@ def json_request(document, content_type=JSON):
 
 @pytest.mark.parametrize("size, dark_on_light, fmt, mode", [
     (28, False, "PNG", "L"),      # MNIST's own geometry
-    (8, False, "PNG", "L"),       # the 8x8 source
+    (16, False, "PNG", "L"),      # low resolution, near the 8x8 source
     (200, True, "PNG", "RGB"),    # dark ink on light paper, colour
     (640, True, "JPEG", "RGB"),   # a photo-sized JPEG
 ])
@@ -82,7 +82,7 @@ def corrupt_png():
 
 
 def one_pixel_png():
-    return render_digit(np.zeros((1, 1), np.uint8), size=1)
+    return encode_image(np.full((1, 1), 255))
 
 
 @pytest.mark.parametrize("request_, code, kind", [

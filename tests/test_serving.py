@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+from tests.samples import encode_image, heldout_digits, heldout_patients, heldout_reviews, render_digit
 
 TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 JSON = {"Content-Type": "application/json"}
@@ -88,7 +88,7 @@ def test_metrics_endpoint_has_torchserve_and_custom_metrics(server):
     server.predict("regression", b"{}", headers=JSON)
     metrics = server.metrics()
     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds",
-                 "PredictionsByLabel", "RejectedRequests", "PreprocessTime", "HandlerTime"):
+                 "PredictionsByLabel", "RejectedRequests", "PreprocessTime", "HandlerTime", "PredictionTime"):
         assert f"\n{name}{{" in metrics, name
     assert 'RejectedRequests{ModelName="regression",ModelVersion="1.0",ErrorType="InvalidField"' in metrics
 
@@ -96,7 +96,7 @@ def test_metrics_endpoint_has_torchserve_and_custom_metrics(server):
 BAD_REQUESTS = [  # (model, body, headers, status, error type)
     ("mnist", b"", {}, 400, "EmptyBody"),
     ("mnist", b"\x89PNG\r\n\x1a\n truncated", {"Content-Type": "image/png"}, 400, "InvalidImage"),
-    ("mnist", render_digit(np.zeros((1, 1), np.uint8), 1), {"Content-Type": "image/png"}, 400, "InvalidImage"),
+    ("mnist", encode_image(np.full((1, 1), 255)), {"Content-Type": "image/png"}, 400, "InvalidImage"),
     ("mnist", b'{"data": 12}', JSON, 400, "InvalidField"),
     ("sentiment", b"\xff\xfe\xfa", TEXT, 400, "InvalidEncoding"),
     ("sentiment", b"  ", TEXT, 400, "EmptyText"),
@@ -136,5 +136,5 @@ def test_mixed_batch_good_and_bad_requests_concurrently(server):
 
 def test_customized_describe_shows_training_metrics(server):
     described = server.management("GET", "/models/regression?customized=true").json()[0]
-    custom = json.loads(described["customizedMetadata"])
+    custom = described["customizedMetadata"]
     assert custom["training"]["test"]["r2"] >= 0.40
