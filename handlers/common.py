@@ -171,6 +171,10 @@ class BundleHandler(BaseHandler):
     def collate(self, examples):
         raise NotImplementedError
 
+    def output_rows(self, outputs):
+        """The model's batch output -> one item per example, handed to ``format`` (default: the tensor's rows)."""
+        return outputs
+
     def format(self, example, output):
         raise NotImplementedError
 
@@ -207,14 +211,18 @@ class BundleHandler(BaseHandler):
 
         if to_predict:
             examples = [example for _, request_examples, _ in to_predict for example in request_examples]
-            outputs = self.predict(self.collate(examples))
+            outputs = self.output_rows(self.predict(self.collate(examples)))
             position = 0
+            labels = {}
             for idx, request_examples, many in to_predict:
                 answers = [self.format(example, outputs[position + i]) for i, example in enumerate(request_examples)]
                 position += len(request_examples)
                 for answer in answers:
-                    self._count_label(answer)
+                    label = self.label_of(answer)
+                    if label is not None:
+                        labels[label] = labels.get(label, 0) + 1
                 replies[idx] = answers if many else answers[0]
+            self._count_labels(labels)
         for idx, request_examples, many in to_explain:
             answers = self.explanations(request_examples)
             replies[idx] = answers if many else answers[0]
@@ -239,10 +247,11 @@ class BundleHandler(BaseHandler):
         return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
                 "torch_threads": self.threads, "training": training}
 
-    def _count_label(self, answer):
-        label = self.label_of(answer)
-        if label is not None:
-            self.metric_predictions.add_or_update(1, self._dims(label))
+    def _count_labels(self, counts):
+        """Add a batch's {label: predictions} to PredictionsByLabel: one metric line per label, not per answer
+        (each line is a log record the frontend parses; the counter's totals are the same)."""
+        for label, count in counts.items():
+            self.metric_predictions.add_or_update(count, self._dims(label))
 
     def _dims(self, *extra):
         return [self.model_name, self.version, *map(str, extra)]
@@ -269,7 +278,23 @@ def entry_point(handler_class):
     def handle(data, context):
         if not handler.initialized:
             handler.initialize(context)
-        return None if data is None else handler.handle(data, context)
+        if data is None:
+            return None
+        replies = handler.handle(data, context)
+        if context.get_request_header(0, "describe") == "True":
+            return replies  # the management API parses the customized description itself
+        return [compact_json(reply) for reply in replies]
 
     handle.handler = handler
     return handle
+
+
+def compact_json(reply):
+    """A dict or list reply as compact JSON bytes (TorchServe would json.dumps it with indent=2 in pure Python).
+
+    Same JSON as TorchServe sends, without the indentation: several times faster to encode (the C encoder) and a
+    fraction of the bytes for explanations, which are long lists of numbers. Bytes and text pass through.
+    """
+    if isinstance(reply, (dict, list)):
+        return json.dumps(reply, separators=(",", ":")).encode("utf-8")
+    return reply

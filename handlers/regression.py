@@ -58,23 +58,27 @@ class RegressionHandler(BundleHandler):
             if len(document) > MAX_ROWS:
                 raise RequestError(f"{len(document)} rows in one request; at most {MAX_ROWS}", code=413,
                                    kind="TooManyRows")
-            return [self._row(row, f"[{i}]") for i, row in enumerate(document)], True
+            return [self._row(row, f"row {i}") for i, row in enumerate(document)], True
         return [self._row(document, "")], False
 
     def _row(self, row, where):
         """Standardised features of one JSON object; ``where`` locates it in a list for error messages."""
         if not isinstance(row, dict):
-            raise RequestError(f"row{where} must be a JSON object of features {self.features}, "
+            raise RequestError(f"{where or 'the body'} must be a JSON object of features {self.features}, "
                                f"got {type(row).__name__}", kind="InvalidInput")
-        unknown = sorted(set(row) - set(self.features))
-        if unknown:
-            raise RequestError(f"row{where}: unknown feature '{unknown[0]}' (expected {self.features})",
+        problems = [f"unknown feature '{name}'" for name in row if name not in self.features]
+        problems += [f"missing feature '{name}'" for name in self.features if name not in row]
+        values = []
+        for name in self.features:
+            if name in row:
+                try:
+                    values.append(finite_number(row[name], name))
+                except RequestError as err:
+                    problems.append(err.message)
+        if problems:
+            raise RequestError(f"{where + ': ' if where else ''}{'; '.join(problems)} (features: {self.features})",
                                kind="InvalidField")
-        missing = [name for name in self.features if name not in row]
-        if missing:
-            raise RequestError(f"row{where}: missing feature '{missing[0]}'", kind="InvalidField")
-        values = np.array([finite_number(row[name], name) for name in self.features], dtype=np.float32)
-        return (values - self.mean) / self.std
+        return (np.array(values, dtype=np.float32) - self.mean) / self.std
 
     def collate(self, examples):
         return torch.from_numpy(np.stack(examples))

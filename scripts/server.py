@@ -180,8 +180,10 @@ def start_daemon():
     """`make serve`: TorchServe from the repo root as a daemon with the root config.properties."""
     properties = read_properties(CONFIG)
     subprocess.run(["torchserve", "--stop"], cwd=ROOT, capture_output=True)
-    subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(CONFIG), "--models", "all"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    (ROOT / "logs").mkdir(exist_ok=True)
+    with open(ROOT / "logs" / "console.log", "ab") as console:  # the daemon must not hold the caller's terminal/pipe
+        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(CONFIG), "--models", "all"], cwd=ROOT,
+                       check=True, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
     server = TorchServe(ROOT)
     server.ports = {name: int(re.search(r":(\d+)$", properties[key]).group(1)) for name, key in PORT_KEYS.items()}
     print("==> [serve] waiting for the workers (logs/ts_log.log)...", flush=True)

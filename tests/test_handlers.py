@@ -244,7 +244,19 @@ def test_handler_runs_on_cpu_with_one_torch_thread(worker, stem):
 
 
 def test_describe_reports_training_metrics(worker):
+    from tests.samples import training_record
+
     handler = worker("sentiment").handler
     described = handler.describe_handle()
-    assert described["architecture"] == "FastTextClassifier"
-    assert described["training"]["test"]["accuracy"] >= 0.88
+    assert described["architecture"] == "FastTextClassifier" and described["labels"] == ["negative", "positive"]
+    assert described["training"] == training_record("artifacts/sentiment")
+
+
+def test_regression_error_lists_every_problem_of_a_row(worker):
+    reply = worker("regression").run_one(json_request([regression_row(), {"age": 50, "bmi": "high", "height": 1}]))
+    assert reply.status == 400
+    message = reply.body["message"]
+    assert message.startswith("row 1: ")
+    for problem in ("unknown feature 'height'", "missing feature 'bp'", "missing feature 's6'",
+                    "field 'bmi' must be a number, got str"):
+        assert problem in message
