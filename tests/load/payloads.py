@@ -1,0 +1,152 @@
+"""Real request bodies with known answers for the load tests and the benchmark.
+
+- digits: held-out digits (never seen in training) rendered as PNG at several sizes and both polarities;
+- reviews: held-out Chinese reviews as UTF-8 text;
+- patients: held-out rows of the regression data set as JSON objects.
+
+"Easy" samples only: a digit or review is kept when the trained models in artifacts/ (loaded here, in-process,
+with the handlers' own preprocessing) give the known label with a clear margin. A served reply that disagrees
+with the known label is then a serving fault (a mixed-up batch, a broken decode), not a model error, and the
+load tests count it as a failure. Run from the repo root (artifacts/ and the training data must be there).
+"""
+
+import json
+from dataclasses import dataclass
+from functools import cache
+
+from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+
+MNIST_ARTIFACTS = ("artifacts/mnist", "artifacts/mnist-v2")  # both versions are served as "mnist"
+SENTIMENT_ARTIFACT = "artifacts/sentiment"
+MIN_CONFIDENCE = 0.9
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+
+DIGIT_RENDERINGS = {  # name: (size px, dark ink on light paper)
+    "digit-28px": (28, False),    # MNIST's own geometry
+    "digit-64px-paper": (64, True),
+    "digit-128px": (128, False),
+    "digit-300px-paper": (300, True),  # a scan-sized image: decoding dominates
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # the request name in reports, e.g. "digit-28px"
+    body: bytes
+    content_type: str
+    expected: object  # the known label, or None where any valid reply is right (regression)
+
+
+def _mnist_models():
+    import torch
+
+    from handlers.mnist import DigitCNN
+    from scripts.server import ROOT
+
+    models = []
+    for folder in MNIST_ARTIFACTS:
+        manifest = json.loads((ROOT / folder / "manifest.json").read_text())
+        model = DigitCNN(**manifest.get("arch_kwargs", {}))
+        model.load_state_dict(torch.load(ROOT / folder / manifest["weights"], weights_only=True))
+        models.append((model.eval(), manifest["input"]["mean"], manifest["input"]["std"]))
+    return models
+
+
+@cache
+def digits(renderings=tuple(DIGIT_RENDERINGS), count=40):
+    """Held-out digits, each rendering of ``renderings``, that every served mnist version labels confidently."""
+    import numpy as np
+    import torch
+
+    from handlers.mnist import canonicalize_digit, decode_grayscale
+
+    images, labels = heldout_digits(count=count)
+    models = _mnist_models()
+    samples = []
+    for name in renderings:
+        size, dark_on_light = DIGIT_RENDERINGS[name]
+        bodies = [render_digit(image, size, dark_on_light) for image in images]
+        canonical = torch.from_numpy(np.stack([canonicalize_digit(decode_grayscale(b)) for b in bodies])).unsqueeze(1)
+        easy = np.ones(len(bodies), dtype=bool)
+        with torch.inference_mode():
+            for model, mean, std in models:
+                probabilities = torch.softmax(model((canonical - mean) / std), dim=1)
+                confidence, predicted = probabilities.max(dim=1)
+                easy &= (predicted.numpy() == labels) & (confidence.numpy() >= MIN_CONFIDENCE)
+        samples += [Sample(name, body, "image/png", str(label))
+                    for body, label, keep in zip(bodies, labels, easy) if keep]
+    return samples
+
+
+@cache
+def reviews(count=120):
+    """Held-out reviews that the trained sentiment model labels correctly with probability >= MIN_CONFIDENCE."""
+    import torch
+
+    from handlers.sentiment import FastTextClassifier, encode, tokenize
+    from scripts.server import ROOT
+
+    folder = ROOT / SENTIMENT_ARTIFACT
+    manifest = json.loads((folder / "manifest.json").read_text())
+    vocab_index = {token: i for i, token in enumerate(json.loads((folder / manifest["vocab"]).read_text()))}
+    model = FastTextClassifier(**manifest["arch_kwargs"])
+    model.load_state_dict(torch.load(folder / manifest["weights"], weights_only=True))
+    model.eval()
+    texts, labels = heldout_reviews(count=count)
+    samples = []
+    with torch.inference_mode():
+        for text, label in zip(texts, labels):
+            ids = encode(tokenize(text), vocab_index, manifest["max_tokens"])
+            if not ids:
+                continue
+            probabilities = torch.softmax(model(torch.tensor([ids])), dim=1)[0]
+            best = int(probabilities.argmax())
+            if manifest["labels"][best] == label and float(probabilities[best]) >= MIN_CONFIDENCE:
+                samples.append(Sample("review", text.encode("utf-8"), TEXT, label))
+    return samples
+
+
+@cache
+def patients(count=20):
+    """Held-out rows of the regression data set; any finite prediction is a valid answer."""
+    rows, _ = heldout_patients(count=count)
+    return [Sample("patient", json.dumps(row).encode(), JSON, None) for row in rows]
+
+
+# --- a payload file, so that a load generator needs neither torch nor the training data -------------------------
+
+def save(path, samples):
+    """Write {kind: [sample, ...]} to ``path`` as JSON (bodies base64-encoded)."""
+    import base64
+
+    document = {kind: [{"name": s.name, "body": base64.b64encode(s.body).decode(), "content_type": s.content_type,
+                        "expected": s.expected} for s in items] for kind, items in samples.items()}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(document, f)
+
+
+def load(path):
+    """{kind: [Sample, ...]} from a file written by ``save``."""
+    import base64
+
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    return {kind: [Sample(item["name"], base64.b64decode(item["body"]), item["content_type"], item["expected"])
+                   for item in items] for kind, items in document.items()}
+
+
+def build_all():
+    return {"digits": digits(), "reviews": reviews(), "patients": patients()}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the load tests' payloads (with known answers) to a file.")
+    parser.add_argument("--out", default="payloads.json")
+    out = parser.parse_args().out
+    built = build_all()
+    save(out, built)
+    print(f"{out}: " + ", ".join(f"{len(items)} {kind}" for kind, items in built.items()))

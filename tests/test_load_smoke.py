@@ -1,0 +1,76 @@
+"""Load smoke test: the locustfile's users against the session TorchServe for a fixed number of requests.
+
+Bounded (a few seconds, 300 requests from 6 users) and without timing assertions: every reply must be a 200 with
+the right content (tests/load/checks.py), for every model. The checks themselves are tested on wrong answers.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from scripts.server import ROOT
+from tests.load import checks, payloads
+from tests.load.checks import WrongAnswer
+
+REQUESTS = 300
+
+
+def test_locust_users_get_correct_answers_from_every_model(server, tmp_path):
+    samples = tmp_path / "payloads.json"
+    payloads.save(samples, payloads.build_all())  # built here, so the locust process needs no torch
+    command = [sys.executable, "-m", "locust", "-f", str(ROOT / "tests/load/locustfile.py"), "--headless",
+               "-u", "6", "-r", "6", "-t", "20s", "--stop-timeout", "5", "--host", server.url("inference"),
+               "--key-file", str(server.workdir / "key_file.json"), "--payloads", str(samples),
+               "--max-requests", str(REQUESTS), "--json-file", str(tmp_path / "stats"), "--only-summary"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    report = run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, report  # locust exits 1 when any request failed
+
+    stats = {entry["name"]: entry for entry in json.loads((tmp_path / "stats.json").read_text())}
+    assert sum(entry["num_requests"] for entry in stats.values()) >= REQUESTS, report
+    assert sum(entry["num_failures"] for entry in stats.values()) == 0, report
+    for model in ("mnist", "sentiment", "regression"):  # every user class sent requests
+        assert any(name.startswith(f"/predictions/{model} ") for name in stats), (model, report)
+    sizes = {name.split(" ", 1)[1] for name in stats if name.startswith("/predictions/mnist ")}
+    assert len(sizes) >= 3, sizes  # digits of several sizes
+
+
+MNIST = {"label": "7", "probabilities": {"7": 0.98, "1": 0.015, "2": 0.004}, "model": "mnist", "version": "1.0"}
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ({**MNIST, "label": "1"}, "7"),                                         # label is not the top class
+    (MNIST, "3"),                                                           # wrong label for the sample
+    ({**MNIST, "probabilities": {"7": 0.5, "1": 0.6, "2": 0.0}}, "7"),      # not sorted
+    ({**MNIST, "probabilities": {"7": 0.9, "1": 0.2, "2": 0.1}}, "7"),      # sums to more than 1
+    ({**MNIST, "probabilities": {"7": 1.2}}, "7"),                          # not a probability
+    ({**MNIST, "probabilities": {"7": 0.9, "x": 0.05}}, "7"),               # unknown class
+    ({"probabilities": MNIST["probabilities"]}, "7"),                      # no label
+    ({**MNIST, "model": "sentiment"}, "7"),                                 # another model answered
+])
+def test_mnist_check_rejects_wrong_answers(reply, expected):
+    assert checks.check_mnist(json.dumps(MNIST), "7") == "7"
+    with pytest.raises(WrongAnswer):
+        checks.check_mnist(json.dumps(reply), expected)
+
+
+@pytest.mark.parametrize("check, good, bad, expected", [
+    (checks.check_sentiment, {"label": "positive", "score": 0.93}, {"label": "negative", "score": 0.93}, "positive"),
+    (checks.check_sentiment, {"label": "negative", "score": 0.71}, {"label": "neutral", "score": 0.9}, None),
+    (checks.check_sentiment, {"label": "negative", "score": 0.71}, {"label": "negative", "score": 0.2}, None),
+    (checks.check_regression, {"prediction": 151.2}, {"prediction": None}, None),
+    (checks.check_regression, {"prediction": -3}, {"prediction": "1.0"}, None),
+    (checks.check_stock_mnist, {"7": 0.9, "1": 0.05, "2": 0.02, "3": 0.01, "4": 0.01}, {"7": 0.9, "1": 0.05}, None),
+])
+def test_other_checks_accept_right_and_reject_wrong_answers(check, good, bad, expected):
+    check(json.dumps(good).encode(), expected)
+    with pytest.raises(WrongAnswer):
+        check(json.dumps(bad).encode(), expected)
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>", b"NaN", b'{"prediction": NaN}', b'{"prediction": Infinity}'])
+def test_regression_check_rejects_non_json_and_non_finite(body):
+    with pytest.raises(WrongAnswer):
+        checks.check_regression(body)
