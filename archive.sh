@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 #  archive      model       version  artifact folder        training command
 ARCHIVES="
 mnist         mnist       1.0      artifacts/mnist        python -m train.mnist --out artifacts/mnist
-mnist_v2      mnist       2.0      artifacts/mnist-v2     python -m train.mnist --out artifacts/mnist-v2 --seed 2 --augment strong
+mnist_v2      mnist       2.0      artifacts/mnist-v2     python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong
 sentiment     sentiment   1.0      artifacts/sentiment    python -m train.sentiment --out artifacts/sentiment
 regression    regression  1.0      artifacts/regression   python -m train.regression --out artifacts/regression
 "
