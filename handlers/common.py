@@ -115,6 +115,16 @@ def decode_text(payload):
     raise RequestError(f"expected text, got JSON {type(payload).__name__}", kind="InvalidInput")
 
 
+def bounded_list(items, limit, what):
+    """A JSON list of 1..``limit`` ``what`` (e.g. "texts"); an empty one is a 400, a longer one a 413."""
+    if not items:
+        raise RequestError(f"the JSON list of {what} is empty", kind="InvalidInput")
+    if len(items) > limit:
+        raise RequestError(f"{len(items)} {what} in one request; at most {limit} (split them into several requests)",
+                           code=413, kind=f"TooMany{what.title()}")
+    return items
+
+
 def finite_number(value, field):
     """A JSON number as float; strings, booleans, NaN and infinities are rejected naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

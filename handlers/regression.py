@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from handlers.common import BundleHandler, RequestError, decode_json, entry_point, finite_number, integrated_gradients
+from handlers.common import (BundleHandler, RequestError, bounded_list, decode_json, entry_point, finite_number,
+                             integrated_gradients)
 
 
 class TabularRegressor(nn.Module):
@@ -32,7 +33,7 @@ class TabularRegressor(nn.Module):
 # --- TorchServe handler ----------------------------------------------------------------------------------------------
 
 MAX_ROWS = 1024
-"""Rows in one JSON list; longer lists are refused with 413 (split them into several requests)."""
+"""Rows in one JSON list; longer lists are refused with 413."""
 
 
 class RegressionHandler(BundleHandler):
@@ -53,12 +54,8 @@ class RegressionHandler(BundleHandler):
     def parse(self, payload, as_json):
         document = payload if as_json else decode_json(payload)
         if isinstance(document, list):
-            if not document:
-                raise RequestError("the JSON list of rows is empty", kind="InvalidInput")
-            if len(document) > MAX_ROWS:
-                raise RequestError(f"{len(document)} rows in one request; at most {MAX_ROWS}", code=413,
-                                   kind="TooManyRows")
-            return [self._row(row, f"row {i}") for i, row in enumerate(document)], True
+            rows = bounded_list(document, MAX_ROWS, "rows")
+            return [self._row(row, f"row {i}") for i, row in enumerate(rows)], True
         return [self._row(document, "")], False
 
     def _row(self, row, where):

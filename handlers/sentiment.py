@@ -21,7 +21,7 @@ import unicodedata
 import torch
 from torch import nn
 
-from handlers.common import BundleHandler, RequestError, decode_text, entry_point, integrated_gradients
+from handlers.common import BundleHandler, RequestError, bounded_list, decode_text, entry_point, integrated_gradients
 
 PAD_ID = 0
 UNK_ID = 1
@@ -69,7 +69,7 @@ class FastTextClassifier(nn.Module):
 # --- TorchServe handler ----------------------------------------------------------------------------------------------
 
 MAX_TEXTS = 256
-"""Texts in one JSON list; longer lists are refused with 413 (split them into several requests)."""
+"""Texts in one JSON list; longer lists are refused with 413."""
 
 
 class SentimentHandler(BundleHandler):
@@ -90,12 +90,8 @@ class SentimentHandler(BundleHandler):
         if not as_json:
             return [self._example(decode_text(payload), "body")], False
         if isinstance(payload, list):
-            if not payload:
-                raise RequestError("the JSON list of texts is empty", kind="InvalidInput")
-            if len(payload) > MAX_TEXTS:
-                raise RequestError(f"{len(payload)} texts in one request; at most {MAX_TEXTS}", code=413,
-                                   kind="TooManyTexts")
-            return [self._example(text, f"[{i}]") for i, text in enumerate(payload)], True
+            texts = bounded_list(payload, MAX_TEXTS, "texts")
+            return [self._example(text, f"text {i}") for i, text in enumerate(texts)], True
         if isinstance(payload, dict):
             if set(payload) != {"text"}:
                 raise RequestError('JSON body must be {"text": "..."} or a list of texts; got keys '
@@ -106,10 +102,10 @@ class SentimentHandler(BundleHandler):
     def _example(self, text, field):
         """(tokens, ids) of one text; ``field`` names it in error messages."""
         if not isinstance(text, str):
-            raise RequestError(f"'{field}' must be a string, got {type(text).__name__}", kind="InvalidField")
+            raise RequestError(f"{field} must be a string, got {type(text).__name__}", kind="InvalidField")
         tokens = tokenize(text)[: self.max_tokens]
         if not tokens:
-            raise RequestError(f"'{field}' is empty: nothing to classify", kind="EmptyText")
+            raise RequestError(f"{field} is empty: nothing to classify", kind="EmptyText")
         return tokens, encode(tokens, self.vocab_index, self.max_tokens)
 
     def collate(self, examples):
