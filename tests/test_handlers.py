@@ -260,3 +260,32 @@ def test_regression_error_lists_every_problem_of_a_row(worker):
     for problem in ("unknown feature 'height'", "missing feature 'bp'", "missing feature 's6'",
                     "field 'bmi' must be a number, got str"):
         assert problem in message
+
+
+def test_device_is_the_gpu_torchserve_assigned_when_cuda_is_available(monkeypatch):
+    import torch
+
+    from handlers.common import select_device
+
+    assert select_device({"gpu_id": 1}) == torch.device("cpu") or torch.cuda.is_available()
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    assert select_device({"gpu_id": 1}) == torch.device("cuda:1") and selected == [torch.device("cuda:1")]
+    assert select_device({"gpu_id": None}) == torch.device("cpu")  # TorchServe started without GPUs
+
+
+def test_torch_threads_fit_workers_into_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from handlers.common import configure_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        assert configure_threads({"minWorkers": 2}) == 4 and torch.get_num_threads() == 4
+        assert configure_threads({"minWorkers": 16}) == 1
+        assert configure_threads({"minWorkers": 2, "handler": {"torch_threads": 3}}) == 3
+    finally:
+        torch.set_num_threads(1)
