@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from ts.protocol.otf_message_handler import create_predict_response
 
+from tests.fixtures.bugs import (BUG_BASE64_NON_ASCII, BUG_FLOAT32_OVERFLOW, BUG_HUGE_INT, BUG_NESTED_JSON,
+                                 BUG_SURROGATE_MESSAGE)
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request
 
@@ -39,28 +41,6 @@ CONTENT_TYPES = ["application/octet-stream", "application/json", "application/js
                  "image/jpeg", "application/x-www-form-urlencoded", "", "*/*"]
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
-
-
-# --- open bugs found by this file -----------------------------------------------------------------------------------
-# Each is reproduced deterministically below (test_hostile_documents) and reported to the lead. strict=True: once a
-# bug is fixed its tests XPASS and fail - then delete the mark.
-BUG_NESTED_JSON = pytest.mark.xfail(strict=True, reason=(
-    "handlers/common.decode_json catches ValueError only: JSON nested deeper than Python's recursion limit raises "
-    "RecursionError -> 503 'Prediction failed' instead of 400 InvalidJSON"))
-BUG_SURROGATE_MESSAGE = pytest.mark.xfail(strict=True, reason=(
-    "handlers/regression echoes an unknown JSON key in the error message; a key with a lone surrogate ('\\ud800', "
-    "valid JSON) makes TorchServe's create_predict_response raise UnicodeEncodeError: the worker process dies "
-    "(500 'Worker died.', worker restarted) - a 13-byte request kills the regression worker"))
-BUG_FLOAT32_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
-    "handlers/regression accepts finite numbers that overflow float32 after standardisation (e.g. 1e300, 3.5e38): "
-    "200 with {\"prediction\": Infinity/NaN}, which is not JSON"))
-BUG_HUGE_INT = pytest.mark.xfail(strict=True, reason=(
-    "handlers/common.finite_number: float(int) raises OverflowError for JSON integers above 1.8e308 -> 503 "
-    "'Prediction failed' instead of 400 InvalidField"))
-
-BUG_BASE64_NON_ASCII = pytest.mark.xfail(strict=True, reason=(
-    "handlers/mnist._base64_image catches binascii.Error only: a non-ASCII character in {\"data\": ...} makes "
-    "base64.b64decode raise ValueError -> 503 'Prediction failed' instead of 400 InvalidField"))
 
 
 # --- what a reply may be -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from scripts.server import CONFIG, ROOT, read_properties
+from tests.fixtures.bugs import BUG_FLOAT32_OVERFLOW, BUG_HUGE_INT, BUG_NESTED_JSON, BUG_SURROGATE_MESSAGE
 from tests.fixtures.servers import LocalListener, PrivateTorchServe, build_slow_archive, rezip, store_with
 from tests.samples import heldout_patients
 
@@ -360,3 +361,40 @@ def test_grpc_ports_use_tls_too(https, certificate):
         with socket.create_connection(("127.0.0.1", int(https.properties[key])), timeout=10) as raw, \
                 context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.selected_alpn_protocol() == "h2"
+
+
+# --- hostile bodies over HTTP (last: a bug here restarts the secured server's worker) -----------------------------
+
+def strict_json(text):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def hostile_row(value):
+    row = dict(heldout_patients()[0][0])
+    row[next(iter(row))] = value
+    return json.dumps(row)
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b'{"\\ud800": 1}', id="surrogate-key", marks=BUG_SURROGATE_MESSAGE),
+    pytest.param(b"[" * 5000 + b"]" * 5000, id="nested-5000", marks=BUG_NESTED_JSON),
+    pytest.param(hostile_row(1e300), id="1e300", marks=BUG_FLOAT32_OVERFLOW),
+    pytest.param(hostile_row(10 ** 400), id="int-1e400", marks=BUG_HUGE_INT),
+    pytest.param(b'{"age": NaN}', id="NaN"),
+    pytest.param(b"\xff\xfe" + "{}".encode("utf-16-le"), id="utf-16"),
+    pytest.param(b'{"age": 1, "age": "x"}', id="duplicate-key"),
+])
+def test_hostile_requests_never_kill_a_worker(secured, row, body):
+    """A hostile body gets a clean 4xx JSON error over HTTP, the worker process survives and keeps serving."""
+    pid = secured.worker_pids("regression")
+    reply = secured.predict("regression", body, headers=JSON)
+    try:
+        assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
+        assert set(strict_json(reply.text)) == {"code", "type", "message"}, reply.text
+        assert secured.worker_pids("regression") == pid, "the worker process was replaced"
+    finally:  # a crashed worker is back before the next test
+        secured.wait_for(lambda: ("regression", "1.0") in secured.ready_versions(), timeout=60, what="regression READY")
+    assert secured.predict("regression", row, headers=JSON).status_code == 200
