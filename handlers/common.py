@@ -32,6 +32,8 @@ class RequestError(Exception):
     """A client error: answered with its HTTP ``code`` and a JSON body; the worker keeps serving."""
 
     def __init__(self, message, code=400, kind="InvalidInput"):
+        # Messages may quote client input: lone surrogates (valid in JSON) must not reach TorchServe's UTF-8 encoder.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         self.code = code
@@ -100,6 +102,8 @@ def decode_json(payload):
         return json.loads(text)
     except ValueError as err:
         raise RequestError(f"the body is not valid JSON: {err}", kind="InvalidJSON") from None
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply", kind="InvalidJSON") from None
 
 
 def decode_text(payload):
@@ -129,7 +133,10 @@ def finite_number(value, field):
     """A JSON number as float; strings, booleans, NaN and infinities are rejected naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"field '{field}' must be a number, got {type(value).__name__}", kind="InvalidField")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
     if not math.isfinite(number):
         raise RequestError(f"field '{field}' must be a finite number, got {value}", kind="InvalidField")
     return number
@@ -162,7 +169,11 @@ class BundleHandler(BaseHandler):
             raise RuntimeError(f"manifest architecture {expected!r} does not match handler's {self.model_class!r}")
         model = self.model_class(**self.artifact.get("arch_kwargs", {}))
         weights = os.path.join(self.model_dir, self.artifact["weights"])
-        model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        try:
+            model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+        except Exception as err:
+            raise RuntimeError(f"{self.model_name} {self.version}: cannot load weights {self.artifact['weights']}: "
+                               f"{type(err).__name__}: {err}") from err
         return model.to(self.device).eval()
 
     def _init_metrics(self, metrics):

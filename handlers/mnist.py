@@ -1,7 +1,6 @@
 """Handwritten digits: the CNN and MNIST-style canonicalisation shared by training, and the TorchServe handler."""
 
 import base64
-import binascii
 import copy
 import io
 import logging
@@ -147,10 +146,12 @@ def decode_grayscale(data: bytes) -> np.ndarray:
             return np.array(image)  # one copy of the pixels (np.asarray of an Image takes two)
     except RequestError:
         raise
+    except Image.DecompressionBombError as err:  # Pillow refuses before we can read the size
+        raise RequestError(f"image refused as too large: {err}", code=413, kind="ImageTooLarge") from None
     except UnidentifiedImageError:
         raise RequestError("the body is not an image in a format Pillow reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)",
                            kind="InvalidImage") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise RequestError(f"the image could not be decoded: {err}", kind="InvalidImage") from None
 
 
@@ -212,7 +213,7 @@ class MnistHandler(BundleHandler):
                                kind="InvalidField")
         try:
             return base64.b64decode(encoded, validate=True)
-        except binascii.Error as err:
+        except ValueError as err:  # binascii.Error, or non-ASCII characters
             raise RequestError(f"field 'data' is not valid base64: {err}", kind="InvalidField") from None
 
     def collate(self, examples):

@@ -32,6 +32,10 @@ class TabularRegressor(nn.Module):
 
 # --- TorchServe handler ----------------------------------------------------------------------------------------------
 
+MAX_STANDARD_SCORE = 1e6
+"""Features further than this many training standard deviations from the mean are refused: the linear model
+would extrapolate to meaningless (or, past float32's range, infinite) predictions."""
+
 MAX_ROWS = 1024
 """Rows in one JSON list; longer lists are refused with 413."""
 
@@ -72,10 +76,14 @@ class RegressionHandler(BundleHandler):
                     values.append(finite_number(row[name], name))
                 except RequestError as err:
                     problems.append(err.message)
+        if not problems:
+            standardised = (np.array(values) - self.mean) / self.std  # float64: huge values must not overflow here
+            problems = [f"field '{name}' = {value} is far outside the range this model was trained on"
+                        for name, value, z in zip(self.features, values, standardised) if abs(z) > MAX_STANDARD_SCORE]
         if problems:
             raise RequestError(f"{where + ': ' if where else ''}{'; '.join(problems)} (features: {self.features})",
                                kind="InvalidField")
-        return (np.array(values, dtype=np.float32) - self.mean) / self.std
+        return standardised.astype(np.float32)
 
     def collate(self, examples):
         return torch.from_numpy(np.stack(examples))

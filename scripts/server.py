@@ -54,11 +54,14 @@ class TorchServe:
         self.ports = {name: free_port() for name in PORT_KEYS}
         self.properties = read_properties(config)
         self.properties.update({key: f"{scheme}://127.0.0.1:{self.ports[name]}" for name, key in PORT_KEYS.items()})
-        self.properties.update({"model_store": str(self.model_store), "metrics_config": str(ROOT / "metrics.yaml")})
+        self.properties.update({"model_store": str(self.model_store), "metrics_config": str(ROOT / "metrics.yaml"),
+                                # TorchServe always opens gRPC ports: private ones, so instances can run side by side
+                                "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())})
         self.properties.update(overrides or {})
         self.process = None
         self.session = requests.Session()
         self.session.verify = False  # TLS tests use a self-signed certificate
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE or proxies in the environment would override that
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -68,7 +71,9 @@ class TorchServe:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.properties"
         config.write_text("".join(f"{key}={value}\n" for key, value in self.properties.items()))
-        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), LOG_LOCATION=str(self.workdir / "logs"),
+        # TMPDIR: the launcher's pid file; TEMP: java.io.tmpdir, where worker sockets and unpacked models live.
+        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), TEMP=str(self.workdir / "tmp"),
+                   LOG_LOCATION=str(self.workdir / "logs"),
                    METRICS_LOCATION=str(self.workdir / "logs"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         command = ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config),
                    "--model-store", str(self.model_store), "--models", self.models]

@@ -388,10 +388,6 @@ def test_handler_that_raises_on_load_is_logged_with_model_and_reason(broken):
     print("\n" + lines[-1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "handlers/common.BundleHandler.load_model lets torch.load's own error through: for a corrupt model.pt the log "
-    "says only 'IndexError: pop from empty list' (or an UnpicklingError), naming neither the weights file nor the "
-    "problem; wrap it: RuntimeError('<model> <version>: cannot load weights model.pt: ...') from err"))
 def test_corrupt_weights_are_logged_with_model_and_reason(broken):
     """The last exception line of mnist_corrupt's failed load names the weights file it could not load."""
     weights = serialized_file(STORE / "mnist.mar")
