@@ -232,7 +232,7 @@ def test_scaling_down_under_load_fails_no_request(mnist_v2_scaling, digits):
     That is upstream, outside what the bundle can fix, so when it happens this test is marked XFAIL with what
     was seen. What TorchServe does guarantee is asserted: only requests in flight on the removed workers are
     affected (at most batchSize x removed workers, all "Worker died." or unanswered), every other request gets
-    its correct answer. docs/security.md: scale down when idle, and clients retry idempotent predictions.
+    its correct answer. README.md (Security model): scale down when idle, and clients retry idempotent predictions.
     """
     server = mnist_v2_scaling
     expected = labels_of(server, digits, "2.0")
@@ -270,7 +270,7 @@ def test_response_timeout_gives_an_error_and_the_worker_recovers(faults, digits)
 
     TorchServe 0.12 answers a response timeout with 500 {"type": "InternalServerException", "message": "Worker
     died."} - the same answer as a crashed worker; the frontend log names the cause ("did not respond in given
-    time"). docs/security.md tells clients to treat it as retryable.
+    time"). README.md (Security model) tells clients to treat it as retryable.
     """
     server = faults.server
     config = server.describe("slow", "1.0")

@@ -3,7 +3,7 @@
 Each test runs its own TorchServe from the bundle's config.properties (``PrivateTorchServe``: free ports, own
 sockets, own key_file.json), so tokens can be rotated and registration attempted without touching the session
 server. Every URL points at 127.0.0.1; the "remote" archive URLs point at a local listener that counts connections.
-See docs/security.md for the model behind each default.
+See README.md (Security model) for the model behind each default.
 """
 
 import json

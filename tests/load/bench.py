@@ -93,9 +93,9 @@ def staged_extra(staging, *files):
     return extra
 
 
-def model_config(name, overrides):
+def model_config(name, overrides, folder=ROOT / "handlers"):
     """handlers/<name>.yaml with ``overrides`` ({key: value}; "handler.torch_threads" reaches into handler:)."""
-    config = yaml.safe_load((ROOT / "handlers" / f"{name}.yaml").read_text())
+    config = yaml.safe_load((Path(folder) / f"{name}.yaml").read_text())
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
@@ -105,18 +105,30 @@ def model_config(name, overrides):
     return config
 
 
-def build_mnist(store, staging, overrides):
-    """mnist.mar from the working tree's handlers/ and artifacts/mnist, as archive.sh builds it, with
-    handlers/mnist.yaml changed by ``overrides``."""
+def build_mnist(store, staging, overrides, rev=None):
+    """mnist.mar from handlers/ and artifacts/mnist as archive.sh builds it, with handlers/mnist.yaml changed by
+    ``overrides``; the handlers of git revision ``rev`` if given (to measure a change against its parent)."""
     folder = ROOT / "artifacts/mnist"
-    config = Path(staging) / "mnist.yaml"
-    config.write_text(yaml.safe_dump(model_config("mnist", overrides)))
     files = [f for f in folder.iterdir() if f.name != "model.pt"]
-    return archiver(store, "mnist", ROOT / "handlers/mnist.py", serialized=folder / "model.pt",
-                    extra=staged_extra(staging, *files), config=config)
+    extra = staged_extra(staging, *files)
+    handler, source = ROOT / "handlers/mnist.py", ROOT / "handlers"
+    if rev:
+        names = subprocess.run(["git", "ls-tree", "--name-only", rev, "handlers/"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.split()
+        source = Path(tempfile.mkdtemp(dir=staging)) / "handlers"
+        source.mkdir()
+        for name in names:
+            shown = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True)
+            (source / Path(name).name).write_bytes(shown.stdout)
+            if name.endswith(".py"):
+                (extra / "handlers" / Path(name).name).write_bytes(shown.stdout)
+        handler = source / "mnist.py"
+    config = Path(staging) / "mnist.yaml"
+    config.write_text(yaml.safe_dump(model_config("mnist", overrides, source)))
+    return archiver(store, "mnist", handler, serialized=folder / "model.pt", extra=extra, config=config)
 
 
-def build_archive(path, store, staging, mnist_overrides, ours_archive=None):
+def build_archive(path, store, staging, mnist_overrides, ours_archive=None, ours_rev=None):
     """The .mar file name of ``path`` in ``store``, built or copied there."""
     if path.name == "ceiling":
         config = Path(staging) / "noop.yaml"
@@ -133,8 +145,8 @@ def build_archive(path, store, staging, mnist_overrides, ours_archive=None):
     if path.name == "ours" and ours_archive:
         shutil.copy(ours_archive, Path(store) / "mnist.mar")
         return "mnist.mar"
-    if path.name == "ours" and mnist_overrides:  # a variant of our archive: archive.sh's recipe, another yaml
-        return build_mnist(store, staging, mnist_overrides)
+    if path.name == "ours" and (mnist_overrides or ours_rev):  # a variant: archive.sh's recipe, other yaml/code
+        return build_mnist(store, staging, mnist_overrides, ours_rev)
     source = ROOT / "model_store" / f"{stem}.mar"
     if not source.exists():
         raise SystemExit(f"{source} not found: run `make archive` first")
@@ -374,12 +386,13 @@ def main(argv=None):
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--users", default=",".join(map(str, USERS)), help="concurrencies (default 1,4,16,32)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measurement window per concurrency")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before a path's first window")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before a path's first window")
     parser.add_argument("--model-config", action="append", metavar="KEY=VALUE",
                         help="override handlers/mnist.yaml for ours and the ceiling, e.g. batchSize=8")
     parser.add_argument("--ts-config", action="append", metavar="KEY=VALUE",
                         help="override config.properties for every path, e.g. async_logging=true")
     parser.add_argument("--ours-archive", help="serve this .mar as ours instead of model_store/mnist.mar")
+    parser.add_argument("--ours-rev", help="build ours from the handlers/ of this git revision (e.g. 2e5fdaf)")
     parser.add_argument("--out", default="docs", help="folder for benchmark.json and benchmark.png (default docs/)")
     parser.add_argument("--no-client-ceiling", action="store_true", help="skip measuring the client on its own")
     args = parser.parse_args(argv)
@@ -408,7 +421,7 @@ def main(argv=None):
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
                             "model_config_overrides": mnist_overrides, "ts_config_overrides": ts_overrides,
-                            "ours_archive": args.ours_archive,
+                            "ours_archive": args.ours_archive, "ours_rev": args.ours_rev,
                             "digit_payloads": list(DIGIT_RENDERINGS),
                             "samples": {k: len(v) for k, v in sample_sets.items()}},
                "paths": {}}
@@ -428,7 +441,7 @@ def main(argv=None):
         staging.mkdir()
         for name in names:
             path = PATHS[name]
-            archive = build_archive(path, store, staging, mnist_overrides, args.ours_archive)
+            archive = build_archive(path, store, staging, mnist_overrides, args.ours_archive, args.ours_rev)
             results["paths"][name] = measure_path(path, store, archive, tmp, sample_sets[path.samples], users,
                                                   args.seconds, args.warmup, ts_overrides, mnist_overrides, log)
     results["loadavg_after"] = loadavg()
