@@ -143,7 +143,8 @@ def decode_grayscale(data: bytes) -> np.ndarray:
             if image.mode != "L":
                 image.draft("L", image.size)  # JPEG: decode the luma channel only
                 image = image.convert("L")
-            return np.array(image)  # one copy of the pixels (np.asarray of an Image takes two)
+            # One copy of the pixels: np.asarray(image) reads Image.__array_interface__ twice, each a full tobytes().
+            return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.height, image.width)
     except RequestError:
         raise
     except Image.DecompressionBombError as err:  # Pillow refuses before we can read the size

@@ -7,6 +7,9 @@ One run measures, on this machine, with the same load generator (tests/load/clie
 keep-alive connections) and the same weights:
 
   ceiling          a no-op handler (tests/load/noop_handler.py) with mnist's model-config: TorchServe's own cost
+                   per request when the worker round trip is shared by a batch, as ours is
+  ceiling-unbatched  the same no-op with TorchServe's defaults (batchSize 1, one worker per core): the server's
+                   ceiling for one request at a time, the stock handler's own upper bound
   stock            the mnist weights behind TorchServe's stock image_classifier handler, default settings
                    (tests/load/stock_handler.py: batchSize 1, one worker per core, no model-config.yaml)
   ours             model_store/mnist.mar: handlers/mnist.py with handlers/mnist.yaml
@@ -58,6 +61,8 @@ class BenchPath:
 PATHS = {
     "ceiling": BenchPath("ceiling", "noop", "digits", checks.check_noop,
                          "no-op handler, mnist's model-config: TorchServe's own cost per request"),
+    "ceiling-unbatched": BenchPath("ceiling-unbatched", "noop_defaults", "digits", checks.check_noop,
+                                   "no-op handler, TorchServe defaults (batchSize 1, a worker per core)"),
     "stock": BenchPath("stock", "mnist_stock", "digits", checks.check_stock_mnist,
                        "mnist weights, stock image_classifier handler, TorchServe defaults"),
     "ours": BenchPath("ours", "mnist", "digits", checks.check_mnist,
@@ -134,6 +139,8 @@ def build_archive(path, store, staging, mnist_overrides, ours_archive=None, ours
         config = Path(staging) / "noop.yaml"
         config.write_text(yaml.safe_dump(model_config("mnist", mnist_overrides)))
         return archiver(store, "noop", HERE / "noop_handler.py", config=config)
+    if path.name == "ceiling-unbatched":
+        return archiver(store, "noop_defaults", HERE / "noop_handler.py")
     if path.name == "stock":
         return archiver(store, "mnist_stock", HERE / "stock_handler.py", serialized=ROOT / "artifacts/mnist/model.pt",
                         model_file=HERE / "stock_model.py", extra=staged_extra(staging))
@@ -252,7 +259,12 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
                 f"p95 {step['p95_ms']:6.2f}  p99 {step['p99_ms']:6.2f} ms  failed {step['failed']}  "
                 f"client {step['client_cpu_pct']}%  server {step['server_cpu_pct']}%  "
                 f"others {step['others_cpu_pct']}%")
-        return {"description": path.description, "server": setup, "steps": steps}
+        description = path.description
+        if path.name in ("ours", "ceiling") and mnist_overrides:
+            description += f"; model-config changed: {mnist_overrides}"
+        if ts_overrides:
+            description += f"; config.properties changed: {ts_overrides}"
+        return {"description": description, "server": setup, "steps": steps}
     finally:
         server.stop()
         if server.process is not None:  # workers left behind by a TorchServe that exited on its own
@@ -275,8 +287,13 @@ def ratios(results, users=16):
         out["ours_vs_ceiling"] = round(ours["rps"] / ceiling["rps"], 3)
     if ours and stock:
         out["ours_vs_stock"] = round(ours["rps"] / stock["rps"], 2)
+    unbatched = at(results, "ceiling-unbatched", users)
+    if ours and unbatched:
+        out["ours_vs_ceiling_unbatched"] = round(ours["rps"] / unbatched["rps"], 3)
     if stock and ceiling:
         out["stock_vs_ceiling"] = round(stock["rps"] / ceiling["rps"], 3)
+    if stock and unbatched:
+        out["stock_vs_ceiling_unbatched"] = round(stock["rps"] / unbatched["rps"], 3)
     if sentiment and naive:
         out["sentiment_vs_naive"] = round(sentiment["rps"] / naive["rps"], 2)
     if ours:
@@ -304,8 +321,10 @@ def table(results):
     r = results["ratios"]
     lines.append("")
     summary = [f"At {r['users']} users:"]
-    for key, label in (("ours_vs_ceiling", "ours ÷ ceiling"), ("ours_vs_stock", "ours ÷ stock"),
-                       ("stock_vs_ceiling", "stock ÷ ceiling"), ("sentiment_vs_naive", "sentiment ÷ naive")):
+    for key, label in (("ours_vs_ceiling", "ours ÷ ceiling"), ("ours_vs_ceiling_unbatched", "ours ÷ ceiling-unbatched"),
+                       ("ours_vs_stock", "ours ÷ stock"), ("stock_vs_ceiling", "stock ÷ ceiling"),
+                       ("stock_vs_ceiling_unbatched", "stock ÷ ceiling-unbatched"),
+                       ("sentiment_vs_naive", "sentiment ÷ naive")):
         if key in r:
             summary.append(f"{label} **{r[key]}**;")
     if "ours_p99_ms" in r:
@@ -385,8 +404,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--users", default=",".join(map(str, USERS)), help="concurrencies (default 1,4,16,32)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measurement window per concurrency")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before a path's first window")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per concurrency")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds of load before a path's first window (the JVM's JIT settles in ~20 s)")
     parser.add_argument("--model-config", action="append", metavar="KEY=VALUE",
                         help="override handlers/mnist.yaml for ours and the ceiling, e.g. batchSize=8")
     parser.add_argument("--ts-config", action="append", metavar="KEY=VALUE",
