@@ -98,9 +98,9 @@ def staged_extra(staging, *files):
     return extra
 
 
-def model_config(name, overrides, folder=ROOT / "handlers"):
+def model_config(name, overrides):
     """handlers/<name>.yaml with ``overrides`` ({key: value}; "handler.torch_threads" reaches into handler:)."""
-    config = yaml.safe_load((Path(folder) / f"{name}.yaml").read_text())
+    config = yaml.safe_load((ROOT / "handlers" / f"{name}.yaml").read_text())
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
@@ -112,24 +112,24 @@ def model_config(name, overrides, folder=ROOT / "handlers"):
 
 def build_mnist(store, staging, overrides, rev=None):
     """mnist.mar from handlers/ and artifacts/mnist as archive.sh builds it, with handlers/mnist.yaml changed by
-    ``overrides``; the handlers of git revision ``rev`` if given (to measure a change against its parent)."""
+    ``overrides``; with the handler code of git revision (or folder) ``rev`` if given, to measure a code change."""
     folder = ROOT / "artifacts/mnist"
     files = [f for f in folder.iterdir() if f.name != "model.pt"]
     extra = staged_extra(staging, *files)
-    handler, source = ROOT / "handlers/mnist.py", ROOT / "handlers"
-    if rev:
+    handler = ROOT / "handlers/mnist.py"
+    if rev and Path(rev).is_dir():  # a folder of handler modules (e.g. a snapshot between two commits)
+        for module in Path(rev).glob("*.py"):
+            shutil.copy(module, extra / "handlers")
+        handler = extra / "handlers" / "mnist.py"
+    elif rev:
         names = subprocess.run(["git", "ls-tree", "--name-only", rev, "handlers/"], cwd=ROOT, check=True,
                                capture_output=True, text=True).stdout.split()
-        source = Path(tempfile.mkdtemp(dir=staging)) / "handlers"
-        source.mkdir()
-        for name in names:
+        for name in (n for n in names if n.endswith(".py")):
             shown = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True)
-            (source / Path(name).name).write_bytes(shown.stdout)
-            if name.endswith(".py"):
-                (extra / "handlers" / Path(name).name).write_bytes(shown.stdout)
-        handler = source / "mnist.py"
-    config = Path(staging) / "mnist.yaml"
-    config.write_text(yaml.safe_dump(model_config("mnist", overrides, source)))
+            (extra / "handlers" / Path(name).name).write_bytes(shown.stdout)
+        handler = extra / "handlers" / "mnist.py"
+    config = Path(staging) / "mnist.yaml"  # the working tree's model-config: only the code differs
+    config.write_text(yaml.safe_dump(model_config("mnist", overrides)))
     return archiver(store, "mnist", handler, serialized=folder / "model.pt", extra=extra, config=config)
 
 
@@ -250,7 +250,7 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
             result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0, server_pgid=server.process.pid,
                                 keep_answers=True)
             step = result.summary()
-            if result.answers:
+            if result.answers and path.check is not checks.check_noop:  # the no-op's reply has no label
                 correct = sum(str(expected) == str(answer) for expected, answer in result.answers)
                 step["label_accuracy"] = round(correct / len(result.answers), 4)
             step["loadavg"] = loadavg()[0]
@@ -412,7 +412,8 @@ def main(argv=None):
     parser.add_argument("--ts-config", action="append", metavar="KEY=VALUE",
                         help="override config.properties for every path, e.g. async_logging=true")
     parser.add_argument("--ours-archive", help="serve this .mar as ours instead of model_store/mnist.mar")
-    parser.add_argument("--ours-rev", help="build ours from the handlers/ of this git revision (e.g. 2e5fdaf)")
+    parser.add_argument("--ours-rev", help="build ours with the handler code of this git revision (e.g. 2e5fdaf) or "
+                                           "folder of handler modules, and the working tree's handlers/mnist.yaml")
     parser.add_argument("--out", default="docs", help="folder for benchmark.json and benchmark.png (default docs/)")
     parser.add_argument("--no-client-ceiling", action="store_true", help="skip measuring the client on its own")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.load.levers                  # every variant below, ~6 min; bench_results/levers.json
     .venv/bin/python -m tests.load.levers batch-8 delay-1  # some of them
+    .venv/bin/python -m tests.load.levers /path/to/handlers  # ours with the handler modules of that folder
 
 Each variant is a tests.load.bench run of one path with one change against the shipped setup (HEAD's handlers,
 handlers/mnist.yaml, config.properties): its own TorchServe, the same client, payloads and windows as `make bench`.
@@ -9,6 +10,7 @@ The results table is what docs/benchmark.md's "what each lever bought" section q
 """
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,25 +21,36 @@ from tests.load import bench
 LEAN_LOG4J = f"-Dlog4j.configurationFile=file://{Path(__file__).resolve().parent / 'log4j2-lean.xml'}"
 BEFORE = "2e5fdaf"  # handlers before the performance work (plain eager model, per-request post-processing)
 
-VARIANTS = {  # name: (path, extra bench arguments, what changes)
-    "shipped": ("ours", [], "handlers/mnist.py + handlers/mnist.yaml as shipped"),
-    "handlers-before": ("ours", ["--ours-rev", BEFORE], f"handlers of {BEFORE}: eager NCHW model, per-item softmax, "
-                                                        "per-answer metric lines, indent=2 JSON"),
-    "batch-1": ("ours", ["--model-config", "batchSize=1"], "no batching"),
-    "batch-8": ("ours", ["--model-config", "batchSize=8"], "batchSize 8"),
-    "batch-32": ("ours", ["--model-config", "batchSize=32"], "batchSize 32"),
-    "delay-1": ("ours", ["--model-config", "maxBatchDelay=1"], "maxBatchDelay 1 ms"),
-    "delay-20": ("ours", ["--model-config", "maxBatchDelay=20"], "maxBatchDelay 20 ms"),
-    "workers-2": ("ours", ["--model-config", "minWorkers=2"], "2 workers (1 torch thread each)"),
-    "threads-2": ("ours", ["--model-config", "handler.torch_threads=2"], "2 torch threads in the one worker"),
-    "async-logging": ("ours", ["--ts-config", "async_logging=true"], "config.properties async_logging=true"),
+VARIANTS = {  # name: (path, extra bench arguments, what changes, environment of TorchServe)
+    "shipped": ("ours", [], "handlers/mnist.py + handlers/mnist.yaml as shipped", {}),
+    "handlers-before": ("ours", ["--ours-rev", BEFORE], f"handler code of {BEFORE}: eager NCHW model, per-item "
+                                                        "softmax, per-answer metric lines, indent=2 JSON", {}),
+    "delay-5": ("ours", ["--model-config", "maxBatchDelay=5"], "maxBatchDelay 5 ms (before: 2)", {}),
+    "delay-1": ("ours", ["--model-config", "maxBatchDelay=1"], "maxBatchDelay 1 ms", {}),
+    "batch-1": ("ours", ["--model-config", "batchSize=1"], "no batching", {}),
+    "batch-8": ("ours", ["--model-config", "batchSize=8"], "batchSize 8", {}),
+    "batch-32": ("ours", ["--model-config", "batchSize=32"], "batchSize 32", {}),
+    "workers-2": ("ours", ["--model-config", "minWorkers=2"], "2 workers (1 torch thread each)", {}),
+    "workers-2-batch-8": ("ours", ["--model-config", "minWorkers=2", "--model-config", "batchSize=8"],
+                          "2 workers, batchSize 8", {}),
+    "threads-2": ("ours", ["--model-config", "handler.torch_threads=2"], "2 torch threads in the one worker", {}),
+    "async-logging": ("ours", ["--ts-config", "async_logging=true"], "config.properties async_logging=true", {}),
     "lean-log4j": ("ours", ["--ts-config", f"vmargs={LEAN_LOG4J}"],
-                   "tests/load/log4j2-lean.xml: every log record written once"),
-    "ceiling": ("ceiling", [], "no-op handler, mnist's model-config"),
-    "ceiling-batch-1": ("ceiling", ["--model-config", "batchSize=1"], "no-op handler, no batching"),
-    "ceiling-lean-log4j": ("ceiling", ["--ts-config", f"vmargs={LEAN_LOG4J}"], "no-op handler, lean log4j2"),
+                   "tests/load/log4j2-lean.xml: every log record written once", {}),
+    "ceiling": ("ceiling", [], "no-op handler, mnist's model-config", {}),
+    "ceiling-batch-1": ("ceiling", ["--model-config", "batchSize=1"], "no-op handler, no batching, 1 worker", {}),
+    "ceiling-async-logging": ("ceiling", ["--ts-config", "async_logging=true"], "no-op handler, async_logging", {}),
+    "ceiling-lean-log4j": ("ceiling", ["--ts-config", f"vmargs={LEAN_LOG4J}"], "no-op handler, lean log4j2", {}),
+    "stock": ("stock", [], "stock image_classifier handler, TorchServe defaults", {}),
+    "stock-1-thread": ("stock", [], "stock handler with OMP_NUM_THREADS=1 (1 torch thread per worker)",
+                       {"OMP_NUM_THREADS": "1"}),
 }
 USERS = "1,16,32"
+
+
+def snapshot(folder):
+    """A variant for a folder of handler modules (a state of handlers/ between commits): ours with that code."""
+    return "ours", ["--ours-rev", folder], f"handler code from {folder}", {}
 
 
 def main(names):
@@ -45,13 +58,21 @@ def main(names):
     results = {}
     with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
         for name in names:
-            path, extra, what = VARIANTS[name]
-            out = Path(tmp) / name
+            path, extra, what, env = VARIANTS[name] if name in VARIANTS else snapshot(name)
+            out = Path(tmp) / Path(name).name
             print(f"=== {name}: {what}", flush=True)
-            bench.main(["--paths", path, "--users", USERS, "--no-client-ceiling",
-                        "--out", str(out), *extra])
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)  # TorchServe inherits it
+            try:
+                bench.main(["--paths", path, "--users", USERS, "--no-client-ceiling", "--out", str(out), *extra])
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
             data = json.loads((out / "benchmark.json").read_text())
-            results[name] = {"what": what, "path": path, "args": extra,
+            results[name] = {"what": what, "path": path, "args": extra, "env": env,
                              "server": data["paths"][path]["server"], "steps": data["paths"][path]["steps"],
                              "loadavg": [data["loadavg_before"], data["loadavg_after"]]}
     target = ROOT / "bench_results"

@@ -11,11 +11,13 @@ label, top-3 probabilities sorted, in [0, 1], summing to <= 1; the review's labe
 
 Options (also as environment variables LOCUST_KEY_FILE, LOCUST_NO_TOKEN, ...):
   --key-file PATH     TorchServe's key_file.json to read the inference token from (default ./key_file.json, written
-                      by `make serve` at the repo root); re-read after a 401, when TorchServe rotated the key
+                      by `make serve` at the repo root); re-read when TorchServe refuses it (it rotates keys)
   --no-token          send no Authorization header (in the cluster, where token authorization is off)
   --payloads FILE     samples written by `python -m tests.load.payloads --out FILE` (default: build them here,
                       which needs artifacts/ and the training data, i.e. the repo root as working directory)
   --mnist-version V   send digits to /predictions/mnist/V instead of the default version
+  --header "N: V"     an extra header on every request, repeatable (in the cluster: x-model-version: b pins the
+                      candidate variant at the gateway; the gateway's own credentials go here too)
   --max-requests N    stop after N requests in all (the test suite's smoke test uses it)
   --think-time S      seconds each user waits between requests (default 0)
 """
@@ -47,6 +49,9 @@ def _options(parser):
                         help="payload file from `python -m tests.load.payloads --out FILE` (default: build them)")
     parser.add_argument("--mnist-version", default="", env_var="LOCUST_MNIST_VERSION",
                         help="mnist version to address, e.g. 2.0 (default: the default version)")
+    parser.add_argument("--header", action="append", default=[], env_var="LOCUST_HEADER",
+                        help='extra request header "Name: value", repeatable (e.g. x-model-version: b behind the '
+                             "cluster's gateway, or the gateway's own credentials)")
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOCUST_MAX_REQUESTS",
                         help="stop after this many requests in all (0: no limit)")
     parser.add_argument("--think-time", type=float, default=0.0, env_var="LOCUST_THINK_TIME",
@@ -119,6 +124,9 @@ class ModelUser(FastHttpUser):
 
     def headers(self, sample, refresh=False):
         headers = {"Content-Type": sample.content_type}
+        for header in (self.options.header if self.options else None) or []:
+            name, _, value = header.partition(":")
+            headers[name.strip()] = value.strip()
         if not (self.options and self.options.no_token):
             headers["Authorization"] = f"Bearer {inference_token(self.options, refresh)}"
         return headers
@@ -127,8 +135,8 @@ class ModelUser(FastHttpUser):
         name = f"{self.path} {sample.name}"
         with self.client.post(self.path, data=sample.body, headers=self.headers(sample), name=name,
                               catch_response=True) as response:
-            if response.status_code == 401:
-                self.headers(sample, refresh=True)  # the next request uses a rotated key
+            if response.status_code in (400, 401) and b"Token Authorization" in (response.content or b""):
+                self.headers(sample, refresh=True)  # TorchServe rotated the key: the next request reads it again
             if response.status_code != 200:
                 body = (response.content or b"")[:200].decode("utf-8", errors="replace")
                 response.failure(f"HTTP {response.status_code}: {body}")

@@ -1,0 +1,97 @@
+"""Worker-side CPU cost of the mnist handler per request, in-process: the part of a request our code decides.
+
+    .venv/bin/python -m tests.load.handler_cost                          # the working tree's handlers/
+    .venv/bin/python -m tests.load.handler_cost 2e5fdaf HEAD some/folder # git revisions or folders of handler modules
+
+For each version of the handler code, a fresh process loads model_store/mnist.mar's artifacts with that code and
+times batches of 16 held-out digit PNGs (28 px and 64 px, as `make bench` sends) through what a TorchServe worker
+runs per batch: TorchServe's own input decoding (tests/worker.py), the module's ``handle`` entry point, the
+metric log lines at INFO (to /dev/null, as a worker writes them to the frontend) and TorchServe's reply encoding
+(``create_predict_response``). Socket I/O and the Java frontend are left out, so the figures isolate handler
+changes from the run-to-run noise of a whole server on a shared 2-core machine. Versions are run alternately,
+several rounds, and the best round is kept.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from scripts.server import ROOT
+
+CHILD = r'''
+import importlib, json, logging, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])  # the handlers/ package under test comes first
+logging.basicConfig(stream=open("/dev/null", "w"), format="%(message)s", level=logging.INFO)
+from ts.protocol.otf_message_handler import create_predict_response
+from ts.service import Service
+from ts.protocol.otf_message_handler import _retrieve_input_data
+from tests.worker import Worker, _Frame, Request
+from tests.load import payloads
+import handlers.mnist as module
+assert module.__file__.startswith(sys.argv[1]), module.__file__
+worker = Worker(sys.argv[2], tempfile.mkdtemp(), 16)
+digits = payloads.digits(("digit-28px", "digit-64px-paper"))
+batch = (digits[:8] + digits[-8:])  # 8 of each size
+context = worker.context
+
+def run():
+    frames = [{"requestId": f"req-{i}".encode(), "headers": [],
+               "parameters": [_retrieve_input_data(_Frame(Request(s.body, s.content_type)))]}
+              for i, s in enumerate(batch)]
+    headers, inputs, ids = Service.retrieve_data_for_inference(frames)
+    context.request_ids, context.request_processor, worker.metrics.request_ids = ids, headers, ids
+    replies = module.handle(inputs, context)
+    return create_predict_response(replies, ids, "Prediction success", 200, context=context)
+
+for _ in range(20):
+    run()
+best = []
+for _ in range(int(sys.argv[3])):
+    start = time.perf_counter()
+    for _ in range(25):
+        run()
+    best.append((time.perf_counter() - start) / 25 / len(batch) * 1e6)
+print(json.dumps(best))
+'''
+
+
+def source_folder(version, staging):
+    """A folder holding a ``handlers`` package with the mnist code of ``version`` (a git revision or a folder)."""
+    target = Path(tempfile.mkdtemp(dir=staging))
+    package = target / "handlers"
+    package.mkdir()
+    if version is None:
+        modules = {p.name: p.read_bytes() for p in (ROOT / "handlers").glob("*.py")}
+    elif Path(version).is_dir():
+        modules = {p.name: p.read_bytes() for p in Path(version).glob("*.py")}
+    else:
+        names = subprocess.run(["git", "ls-tree", "--name-only", version, "handlers/"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.split()
+        modules = {Path(n).name: subprocess.run(["git", "show", f"{version}:{n}"], cwd=ROOT, check=True,
+                                                capture_output=True).stdout for n in names if n.endswith(".py")}
+    for name, content in modules.items():
+        (package / name).write_bytes(content)
+    (package / "__init__.py").touch()
+    return target
+
+
+def main(versions, rounds=3, per_round=3):
+    versions = versions or [None]
+    mar = ROOT / "model_store" / "mnist.mar"
+    results = {str(v): [] for v in versions}
+    with tempfile.TemporaryDirectory(prefix="handler-cost-") as staging:
+        folders = {str(v): source_folder(v, staging) for v in versions}
+        for _ in range(rounds):
+            for version, folder in folders.items():
+                run = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(mar), str(per_round)], cwd=ROOT,
+                                     capture_output=True, text=True, check=True)
+                results[version] += json.loads(run.stdout.strip().splitlines()[-1])
+    for version, times in results.items():
+        print(f"{min(times):7.1f} µs/request   {version if version != 'None' else 'working tree'}")
+    return {version: round(min(times), 1) for version, times in results.items()}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
