@@ -1,17 +1,23 @@
 # Two commands for a fresh machine (see README):
 #   make serve   train every model on its embedded data, build the archives, start TorchServe, print curl lines
 #   make test    the whole pytest suite
-# Each step is skipped when its inputs did not change, so re-running is quick.
+# Each step is skipped when its inputs did not change, so re-running is quick. What each artifact folder and
+# archive is built from comes from registry.py (`python3 registry.py makefile` writes .make/rules.mk).
 
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 READY := $(VENV)/.ready
-ARTIFACTS := artifacts/mnist artifacts/mnist-v2 artifacts/sentiment artifacts/regression
 
-.PHONY: setup train archive serve stop test bench k8s-check clean
+.PHONY: setup train archive serve stop test test-fast bench k8s-check clean
 .DELETE_ON_ERROR:
+
+include .make/rules.mk
+
+.make/rules.mk: registry.py
+	@mkdir -p $(@D)
+	@python3 registry.py makefile > $@
 
 setup: $(READY)
 
@@ -25,14 +31,7 @@ $(READY): requirements.txt scripts/ensure_java.sh
 
 train: $(ARTIFACTS:%=%/manifest.json)
 
-# The training command of each artifact folder is listed once, in archive.sh's table.
-artifacts/%/manifest.json: $(READY) $(wildcard train/*.py) archive.sh
-	@echo "==> [train] $(@D)"
-	@$$(./archive.sh --train-command $(@D))
-
-archive: train
-	@echo "==> [archive] model_store/"
-	@./archive.sh
+archive: $(ARCHIVES)
 
 serve: archive
 	@echo "==> [serve] TorchServe with every archive in model_store/"
@@ -45,6 +44,10 @@ test: archive
 	@echo "==> [test] pytest"
 	@$(PY) -m pytest
 
+# The tests that start no TorchServe (about a minute).
+test-fast: archive
+	@$(PY) -m pytest -m "not slow"
+
 bench: archive
 	@$(PY) -m tests.load.bench
 
@@ -53,4 +56,4 @@ k8s-check: $(READY)
 	@$(PY) -m pytest tests/test_k8s.py -q
 
 clean:
-	rm -rf artifacts model_store/*.mar logs key_file.json
+	rm -rf artifacts model_store/*.mar logs key_file.json .make

@@ -1,80 +1,76 @@
-"""Shared layer of the bundle's handlers: artifacts, typed 4xx errors, device and threads, batching, explanations.
+"""The handler contract: a TorchServe batch in, one reply per request out, and a bad request fails alone.
 
-Each model's handler subclasses ``BundleHandler`` and supplies four small methods:
+A model's handler module holds one class, a ``BundleHandler`` subclass; TorchServe creates it, calls
+``initialize(context)`` when the worker loads the archive and ``handle(data, context)`` for every batch.
+The subclass supplies three hooks:
 
-- ``parse(payload, as_json)``: one request's payload (a decoded JSON value if ``as_json``, else bytes or text) ->
-  model-ready examples (raise ``RequestError`` for bad input);
-- ``collate(examples)``: examples of every good request in the batch -> one input tensor;
-- ``format(example, output)``: one example and its row of model output -> a JSON-able dict;
-- ``explanations(examples)``: captum attributions for each example -> JSON-able dicts.
+- ``parse(payload, as_json) -> (examples, many)``: one request's body (decoded JSON if ``as_json``, else bytes or
+  text) -> model-ready examples, ``many`` when the request held a list. Bad input raises ``RequestError``.
+- ``collate(examples)``: examples -> whatever the model takes (a tensor, a list of tensors, ...).
+- ``format(example, output)``: one example and its output row -> a JSON-able reply.
 
-``handle`` runs a TorchServe batch: each request is parsed on its own, so a bad request fails alone with its 4xx
-while the others are answered from one forward pass, in request order.
+and may override ``predict(batch)`` (default: the model on ``self.device``, outputs back on the CPU, nested
+structures too), ``output_rows(outputs)`` (default: one item per row) and ``explain(examples)`` (default ``None``:
+``/explanations`` answers 404 ``ExplanationsNotSupported``).
+
+Why not ``BaseHandler``: its ``preprocess``/``inference``/``postprocess`` see the whole batch, so one bad request
+fails them all, and its ``initialize`` loads weights by file-name convention. Subclassing it and bypassing those
+would leave overrides that silently do nothing. TorchServe's names are kept where they mean the same thing:
+``initialize``, ``handle``, ``describe_handle``, ``context.metrics``.
+
+Limits, from ``handler:`` in model-config.yaml (each with a default here): ``max_forward_examples`` examples per
+forward pass (default: ``batchSize``), ``max_explain_examples`` items per explanation request, ``max_reply_bytes``
+per reply (below config.properties' ``max_response_size``, which would otherwise kill the worker).
 """
 
+import http
 import json
 import logging
 import math
-import os
 import time
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
-from ts.torch_handler.base_handler import BaseHandler
+
+from models import METRICS_FILE, available_cpus, load_model, read_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.json"
+DEFAULT_MAX_EXPLAIN_EXAMPLES = 16
+DEFAULT_MAX_REPLY_BYTES = 2 * 1024 * 1024
+QUOTE_LIMIT = 60
+"""Characters of client text quoted in an error message; the rest is elided."""
 
 
 class RequestError(Exception):
-    """A client error: answered with its HTTP ``code`` and a JSON body; the worker keeps serving."""
+    """A client error: its HTTP ``code``, a fixed reason phrase, and a JSON body naming the problem."""
 
     def __init__(self, message, code=400, kind="InvalidInput"):
-        # Messages may quote client input: lone surrogates (valid in JSON) must not reach TorchServe's UTF-8 encoder.
+        # Messages may quote client input: lone surrogates (valid in JSON) must not reach the UTF-8 encoder.
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         self.code = code
         self.kind = kind
 
+    @property
+    def reason(self):
+        """The HTTP reason phrase: fixed per status code, never client text (TorchServe's frontend puts it on the
+        status line, where a CR or LF kills the worker)."""
+        return http.HTTPStatus(self.code).phrase
+
     def to_json(self):
         return {"code": self.code, "type": self.kind, "message": self.message}
 
 
-def load_artifact(model_dir):
-    """The artifact manifest written by ``train/`` next to the weights, checked for the files it names."""
-    path = os.path.join(model_dir, MANIFEST_FILE)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    missing = [name for name in manifest.get("files", []) if not os.path.isfile(os.path.join(model_dir, name))]
-    if missing:
-        raise FileNotFoundError(f"{path} names files that are not in the archive: {missing}")
-    return manifest
+def quote(value, limit=QUOTE_LIMIT):
+    """Client text for an error message: JSON-escaped (no raw control characters), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    shown = json.dumps(text[:limit])
+    return shown[:-1] + f'..." ({len(text)} characters)' if len(text) > limit else shown
 
 
-def select_device(properties):
-    """The GPU TorchServe assigned to this worker (``gpu_id``) when CUDA is available, else the CPU."""
-    gpu_id = properties.get("gpu_id")
-    if gpu_id is not None and torch.cuda.is_available():
-        device = torch.device(f"cuda:{gpu_id}")
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def configure_threads(model_config):
-    """Set torch's intra-op threads so that this model's workers x threads fit the machine's cores.
-
-    ``handler.torch_threads`` in model-config.yaml wins; otherwise cores are divided among ``minWorkers``.
-    """
-    configured = (model_config.get("handler") or {}).get("torch_threads")
-    workers = max(1, int(model_config.get("minWorkers", 1)))
-    threads = int(configured) if configured else max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(threads)
-    return threads
-
+# --- request bodies ----------------------------------------------------------------------------------------------
 
 def request_payload(row):
     """(name, payload) of one request: the raw body, a multipart field, or the JSON TorchServe already decoded."""
@@ -132,150 +128,62 @@ def bounded_list(items, limit, what):
 def finite_number(value, field):
     """A JSON number as float; strings, booleans, NaN and infinities are rejected naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"field '{field}' must be a number, got {type(value).__name__}", kind="InvalidField")
+        raise RequestError(f"field {quote(field)} must be a number, got {type(value).__name__}", kind="InvalidField")
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise RequestError(f"field '{field}' must be a finite number, got {value}", kind="InvalidField")
+        raise RequestError(f"field {quote(field)} must be a finite number, got {quote(str(value))}",
+                           kind="InvalidField")
     return number
 
 
-class BundleHandler(BaseHandler):
-    """BaseHandler with artifact loading, per-request errors in a batch, custom metrics and explanations."""
+# --- device, threads, outputs --------------------------------------------------------------------------------------
 
-    model_class = None  # the nn.Module class named in the artifact manifest
+def select_device(properties):
+    """The GPU TorchServe assigned to this worker (``gpu_id``) when CUDA is available, else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        device = torch.device(f"cuda:{gpu_id}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
 
-    def initialize(self, context):
-        properties = context.system_properties
-        self.model_dir = properties["model_dir"]
-        self.model_config = context.model_yaml_config or {}
-        self.artifact = load_artifact(self.model_dir)
-        self.device = select_device(properties)
-        self.threads = configure_threads(self.model_config)
-        self.model_name = context.manifest["model"]["modelName"]
-        self.version = context.manifest["model"].get("modelVersion", "")
-        self.model = self.load_model()
-        self.labels = self.artifact.get("labels")
-        self._init_metrics(context.metrics)
-        logger.info("%s %s ready on %s with %d torch threads", self.model_name, self.version, self.device, self.threads)
-        self.initialized = True
 
-    def load_model(self):
-        """Build ``model_class`` from the manifest's arch_kwargs and load the plain state_dict onto the device."""
-        expected = self.artifact["architecture"]
-        if self.model_class is None or self.model_class.__name__ != expected:
-            raise RuntimeError(f"manifest architecture {expected!r} does not match handler's {self.model_class!r}")
-        model = self.model_class(**self.artifact.get("arch_kwargs", {}))
-        weights = os.path.join(self.model_dir, self.artifact["weights"])
-        try:
-            model.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
-        except Exception as err:
-            raise RuntimeError(f"{self.model_name} {self.version}: cannot load weights {self.artifact['weights']}: "
-                               f"{type(err).__name__}: {err}") from err
-        return model.to(self.device).eval()
+def configure_threads(model_config):
+    """Set torch's intra-op threads so that this model's workers x threads fit the CPUs this process may use.
 
-    def _init_metrics(self, metrics):
-        dims = ["ModelName", "ModelVersion"]
-        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"])
-        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"])
-        self.metric_preprocess = metrics.add_metric_to_cache(
-            "PreprocessTime", "ms", dims, metric_type=MetricTypes.GAUGE)
+    ``handler.torch_threads`` in model-config.yaml wins; otherwise the CPUs are divided among ``minWorkers``.
+    """
+    configured = (model_config.get("handler") or {}).get("torch_threads")
+    workers = max(1, int(model_config.get("minWorkers", 1)))
+    threads = int(configured) if configured else max(1, available_cpus() // workers)
+    torch.set_num_threads(threads)
+    return threads
 
-    # --- the four methods a model's handler supplies -------------------------------------------------------------
 
-    def parse(self, payload, as_json):
-        """One request's payload -> (examples, many): many=True when the request held a list of inputs."""
-        raise NotImplementedError
+def to_device(value, device):
+    """``value`` with every tensor in it (nested in lists, tuples and dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return value
 
-    def collate(self, examples):
-        raise NotImplementedError
 
-    def output_rows(self, outputs):
-        """The model's batch output -> one item per example, handed to ``format`` (default: the tensor's rows)."""
-        return outputs
+def compact_json(reply):
+    """A reply as compact UTF-8 JSON bytes (TorchServe would json.dumps it with indent=2 and ASCII escapes).
 
-    def format(self, example, output):
-        raise NotImplementedError
-
-    def explanations(self, examples):
-        raise NotImplementedError
-
-    def label_of(self, reply):
-        """The label a reply is counted under in PredictionsByLabel (None: not counted)."""
-        return reply.get("label")
-
-    # --- batch handling --------------------------------------------------------------------------------------------
-
-    def handle(self, data, context):
-        self.context = context
-        if context.get_request_header(0, "describe") == "True":
-            return [self.describe_handle()]
-        started = time.perf_counter()
-        replies = [None] * len(data)
-        to_predict, to_explain = [], []
-        for idx, row in enumerate(data):
-            context.set_response_content_type(idx, "application/json")
-            try:
-                name, payload = request_payload(row)
-                as_json = is_json(context, idx, name)
-                if as_json and isinstance(payload, (bytes, bytearray)):
-                    payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
-                examples, many = self.parse(payload, as_json)
-            except RequestError as err:
-                replies[idx] = self.reject(idx, err)
-                continue
-            wants_explanation = context.get_request_header(idx, "explain") == "True"
-            (to_explain if wants_explanation else to_predict).append((idx, examples, many))
-        self.metric_preprocess.add_or_update((time.perf_counter() - started) * 1000, self._dims())
-
-        if to_predict:
-            examples = [example for _, request_examples, _ in to_predict for example in request_examples]
-            outputs = self.output_rows(self.predict(self.collate(examples)))
-            position = 0
-            labels = {}
-            for idx, request_examples, many in to_predict:
-                answers = [self.format(example, outputs[position + i]) for i, example in enumerate(request_examples)]
-                position += len(request_examples)
-                for answer in answers:
-                    label = self.label_of(answer)
-                    if label is not None:
-                        labels[label] = labels.get(label, 0) + 1
-                replies[idx] = answers if many else answers[0]
-            self._count_labels(labels)
-        for idx, request_examples, many in to_explain:
-            answers = self.explanations(request_examples)
-            replies[idx] = answers if many else answers[0]
-        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
-        return replies
-
-    def predict(self, batch):
-        with torch.inference_mode():
-            return self.model(batch.to(self.device)).cpu()
-
-    def reject(self, idx, err):
-        """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
-        self.context.set_response_status(err.code, err.message, idx)
-        self.metric_rejected.add_or_update(1, self._dims(err.kind))
-        logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
-        return err.to_json()
-
-    def describe_handle(self):
-        """The customized part of `GET /models/<name>/<version>?customized=true`: what was trained, how well."""
-        with open(os.path.join(self.model_dir, METRICS_FILE), encoding="utf-8") as f:
-            training = json.load(f)
-        return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
-                "torch_threads": self.threads, "training": training}
-
-    def _count_labels(self, counts):
-        """Add a batch's {label: predictions} to PredictionsByLabel: one metric line per label, not per answer
-        (each line is a log record the frontend parses; the counter's totals are the same)."""
-        for label, count in counts.items():
-            self.metric_predictions.add_or_update(count, self._dims(label))
-
-    def _dims(self, *extra):
-        return [self.model_name, self.version, *map(str, extra)]
+    Non-ASCII text stays as UTF-8 (a third of the bytes of ``\\uXXXX`` escapes for Chinese); text holding lone
+    surrogates, which UTF-8 cannot carry, falls back to ASCII escapes.
+    """
+    try:
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(reply, separators=(",", ":")).encode("utf-8")
 
 
 def integrated_gradients(forward, inputs, target, baselines, layer=None, steps=32):
@@ -287,35 +195,172 @@ def integrated_gradients(forward, inputs, target, baselines, layer=None, steps=3
         return method.attribute(inputs, baselines=baselines, target=target, n_steps=steps).detach().cpu()
 
 
-def entry_point(handler_class):
-    """The module-level ``handle`` function TorchServe calls for a handler module.
+# --- the handler ---------------------------------------------------------------------------------------------------
 
-    A handler module here also defines its model class, and TorchServe only accepts a module with exactly one class
-    unless it has a ``handle`` function. TorchServe calls it once with ``data=None`` when the worker loads the model
-    (so a broken archive fails at load, not at the first request), then once per batch.
-    """
-    handler = handler_class()
+class BundleHandler:
+    """Loads the archive's artifact, answers each request of a batch on its own, counts what it did."""
 
-    def handle(data, context):
-        if not handler.initialized:
-            handler.initialize(context)
-        if data is None:
-            return None
-        replies = handler.handle(data, context)
-        if context.get_request_header(0, "describe") == "True":
-            return replies  # the management API parses the customized description itself
-        return [compact_json(reply) for reply in replies]
+    explain = None
+    """Optional hook: ``explain(examples)`` -> one JSON-able reply per example (captum attributions)."""
 
-    handle.handler = handler
-    return handle
+    def __init__(self):
+        self.initialized = False
 
+    def initialize(self, context):
+        properties = context.system_properties
+        self.model_dir = properties["model_dir"]
+        self.model_config = context.model_yaml_config or {}
+        self.artifact = read_manifest(self.model_dir)
+        self.device = select_device(properties)
+        self.threads = configure_threads(self.model_config)
+        self.model_name = context.manifest["model"]["modelName"]
+        self.version = context.manifest["model"].get("modelVersion", "")
+        limits = self.model_config.get("handler") or {}
+        self.max_forward_examples = int(limits.get("max_forward_examples") or self.model_config.get("batchSize") or 1)
+        self.max_explain_examples = int(limits.get("max_explain_examples", DEFAULT_MAX_EXPLAIN_EXAMPLES))
+        self.max_reply_bytes = int(limits.get("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES))
+        try:
+            self.model = self.load_model()
+        except Exception as err:
+            raise RuntimeError(f"{self.model_name} {self.version}: {err}") from err
+        self.labels = self.artifact.get("labels")
+        self._init_metrics(context.metrics)
+        logger.info("%s %s ready on %s with %d torch threads", self.model_name, self.version, self.device, self.threads)
+        self.initialized = True
 
-def compact_json(reply):
-    """A dict or list reply as compact JSON bytes (TorchServe would json.dumps it with indent=2 in pure Python).
+    def load_model(self):
+        """The manifest's architecture and weights on the device (override to add an inference copy)."""
+        return load_model(self.model_dir, self.artifact, self.device)
 
-    Same JSON as TorchServe sends, without the indentation: several times faster to encode (the C encoder) and a
-    fraction of the bytes for explanations, which are long lists of numbers. Bytes and text pass through.
-    """
-    if isinstance(reply, (dict, list)):
-        return json.dumps(reply, separators=(",", ":")).encode("utf-8")
-    return reply
+    def _init_metrics(self, metrics):
+        dims = ["ModelName", "ModelVersion"]
+        counter = MetricTypes.COUNTER
+        self.metric_requests = metrics.add_metric_to_cache("HandlerRequests", "Count", dims, metric_type=counter)
+        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"])
+        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"])
+        self.metric_preprocess = metrics.add_metric_to_cache("PreprocessTime", "ms", dims, metric_type=counter)
+
+    # --- hooks -----------------------------------------------------------------------------------------------------
+
+    def parse(self, payload, as_json):
+        raise NotImplementedError
+
+    def collate(self, examples):
+        raise NotImplementedError
+
+    def format(self, example, output):
+        raise NotImplementedError
+
+    def predict(self, batch):
+        """The model's output for a collated batch, on the CPU."""
+        with torch.inference_mode():
+            return to_device(self.model(to_device(batch, self.device)), "cpu")
+
+    def output_rows(self, outputs):
+        """The model's batch output -> one item per example, handed to ``format``."""
+        return list(outputs)
+
+    def label_of(self, reply):
+        """The label a reply is counted under in PredictionsByLabel (None: not counted)."""
+        return reply.get("label")
+
+    # --- a batch ---------------------------------------------------------------------------------------------------
+
+    def handle(self, data, context):
+        self.context = context
+        if self.is_describe(data, context):
+            return [compact_json(self.describe_handle())]
+        started = time.perf_counter()
+        replies = [None] * len(data)
+        to_predict, to_explain = [], []
+        for idx, row in enumerate(data):
+            context.set_response_content_type(idx, "application/json")
+            try:
+                name, payload = request_payload(row)
+                as_json = is_json(context, idx, name)
+                if as_json and isinstance(payload, (bytes, bytearray)):
+                    payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
+                explaining = context.get_request_header(idx, "explain") == "True"
+                if explaining and self.explain is None:
+                    raise RequestError(f"model {self.model_name} has no explanations; use /predictions",
+                                       code=404, kind="ExplanationsNotSupported")
+                examples, many = self.parse(payload, as_json)
+                if explaining and len(examples) > self.max_explain_examples:
+                    raise RequestError(f"{len(examples)} items in one explanation request; at most "
+                                       f"{self.max_explain_examples}", code=413, kind="TooManyExamples")
+            except RequestError as err:
+                replies[idx] = self.reject(idx, err)
+                continue
+            (to_explain if explaining else to_predict).append((idx, examples, many))
+        self.metric_requests.add_or_update(len(data), self._dims())
+        self.metric_preprocess.add_or_update((time.perf_counter() - started) * 1000, self._dims())
+
+        if to_predict:
+            self._answer_predictions(to_predict, replies)
+        for idx, examples, many in to_explain:  # after every prediction of the batch is ready
+            try:
+                answers = self.explain(examples)
+            except RequestError as err:
+                replies[idx] = self.reject(idx, err)
+                continue
+            replies[idx] = answers if many else answers[0]
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return [self._bounded(idx, reply) for idx, reply in enumerate(replies)]
+
+    def _answer_predictions(self, to_predict, replies):
+        """Predict every example of the batch, ``max_forward_examples`` per forward pass, and fill in the replies."""
+        examples = [example for _, request_examples, _ in to_predict for example in request_examples]
+        outputs = []
+        for start in range(0, len(examples), self.max_forward_examples):
+            chunk = examples[start : start + self.max_forward_examples]
+            outputs += self.output_rows(self.predict(self.collate(chunk)))
+        position, labels = 0, {}
+        for idx, request_examples, many in to_predict:
+            answers = [self.format(example, outputs[position + i]) for i, example in enumerate(request_examples)]
+            position += len(request_examples)
+            for answer in answers:
+                label = self.label_of(answer)
+                if label is not None:
+                    labels[label] = labels.get(label, 0) + 1
+            replies[idx] = answers if many else answers[0]
+        for label, count in labels.items():  # one metric line per label, not per answer
+            self.metric_predictions.add_or_update(count, self._dims(label))
+
+    def _bounded(self, idx, reply):
+        """``reply`` as JSON bytes, or a 413 in its place when it is larger than ``max_reply_bytes``."""
+        body = compact_json(reply)
+        if len(body) > self.max_reply_bytes:
+            err = RequestError(f"the reply would be {len(body)} bytes, over this model's limit of "
+                               f"{self.max_reply_bytes}; send fewer or shorter items", code=413, kind="ReplyTooLarge")
+            body = compact_json(self.reject(idx, err))
+        return body
+
+    def reject(self, idx, err):
+        """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
+        self.context.set_response_status(err.code, err.reason, idx)
+        self.metric_rejected.add_or_update(1, self._dims(err.kind))
+        logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
+        return err.to_json()
+
+    @staticmethod
+    def is_describe(data, context):
+        """Whether this batch is the management API's describe call (``GET /models/<m>?customized=true``).
+
+        The frontend sends it alone, with a ``describe`` header and no parameters. Client headers reach the handler
+        as sent, so a client could add ``describe`` to a prediction: that request has a body parameter, or (an empty
+        form) a content type, and is answered as a prediction.
+        """
+        if len(data) != 1 or data[0] or context.get_request_header(0, "describe") != "True":
+            return False
+        headers = context.get_all_request_header(0) or {}
+        return not any(name.lower() == "content-type" for name in headers)
+
+    def describe_handle(self):
+        """The customized part of `GET /models/<name>/<version>?customized=true`: what was trained, how well."""
+        with open(f"{self.model_dir}/{METRICS_FILE}", encoding="utf-8") as f:
+            training = json.load(f)
+        return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
+                "torch_threads": self.threads, "training": training}
+
+    def _dims(self, *extra):
+        return [self.model_name, self.version, *map(str, extra)]

@@ -1,36 +1,10 @@
-"""Tabular regression (the course's linear regression / house-price network): standardised features -> standardised target."""
-
-from collections.abc import Sequence
+"""Tabular regression: a JSON object of named features -> {"prediction": y}; a list of objects -> a list, in order."""
 
 import numpy as np
 import torch
-from torch import nn
 
-from handlers.common import (BundleHandler, RequestError, bounded_list, decode_json, entry_point, finite_number,
-                             integrated_gradients)
-
-
-class TabularRegressor(nn.Module):
-    """Multi-layer perceptron over standardised features: x[B, n_features] -> y[B] (standardised target).
-
-    With hidden=() it is plain linear regression; each hidden layer is Linear -> ReLU -> Dropout.
-    """
-
-    def __init__(self, n_features: int, hidden: Sequence[int] = (), dropout: float = 0.1):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = n_features
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-            width = size
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(-1)
-
-
-# --- TorchServe handler ----------------------------------------------------------------------------------------------
+from handlers.common import (BundleHandler, RequestError, bounded_list, decode_json, finite_number,
+                             integrated_gradients, quote)
 
 MAX_STANDARD_SCORE = 1e6
 """Features further than this many training standard deviations from the mean are refused: the linear model
@@ -39,14 +13,12 @@ would extrapolate to meaningless (or, past float32's range, infinite) prediction
 MAX_ROWS = 1024
 """Rows in one JSON list; longer lists are refused with 413."""
 
+MAX_UNKNOWN_SHOWN = 5
+"""Unknown keys of a row quoted in its error message (every missing or invalid feature is named)."""
+
 
 class RegressionHandler(BundleHandler):
-    """A JSON object of named features -> {"prediction": y}; a JSON list of such objects -> a list, in order.
-
-    Every feature of the manifest must be present, known and a finite number; otherwise 400 naming the field.
-    """
-
-    model_class = TabularRegressor
+    """Every feature of the manifest must be present, known and a finite number; otherwise 400 naming the field."""
 
     def initialize(self, context):
         super().initialize(context)
@@ -67,8 +39,11 @@ class RegressionHandler(BundleHandler):
         if not isinstance(row, dict):
             raise RequestError(f"{where or 'the body'} must be a JSON object of features {self.features}, "
                                f"got {type(row).__name__}", kind="InvalidInput")
-        problems = [f"unknown feature '{name}'" for name in row if name not in self.features]
-        problems += [f"missing feature '{name}'" for name in self.features if name not in row]
+        unknown = [name for name in row if name not in self.features]
+        problems = [f"unknown feature {quote(name)}" for name in unknown[:MAX_UNKNOWN_SHOWN]]
+        if len(unknown) > MAX_UNKNOWN_SHOWN:
+            problems.append(f"{len(unknown) - MAX_UNKNOWN_SHOWN} more unknown features")
+        problems += [f"missing feature {quote(name)}" for name in self.features if name not in row]
         values = []
         for name in self.features:
             if name in row:
@@ -78,7 +53,7 @@ class RegressionHandler(BundleHandler):
                     problems.append(err.message)
         if not problems:
             standardised = (np.array(values) - self.mean) / self.std  # float64: huge values must not overflow here
-            problems = [f"field '{name}' = {value} is far outside the range this model was trained on"
+            problems = [f"field {quote(name)} = {value} is far outside the range this model was trained on"
                         for name, value, z in zip(self.features, values, standardised) if abs(z) > MAX_STANDARD_SCORE]
         if problems:
             raise RequestError(f"{where + ': ' if where else ''}{'; '.join(problems)} (features: {self.features})",
@@ -97,7 +72,7 @@ class RegressionHandler(BundleHandler):
     def _unscale(self, standardised):
         return float(standardised) * self.target_std + self.target_mean
 
-    def explanations(self, examples):
+    def explain(self, examples):
         """Per-feature Integrated Gradients in target units, from the training mean (all-zero input) as baseline."""
         rows = self.collate(examples).to(self.device)
         baseline = torch.zeros_like(rows)
@@ -109,6 +84,3 @@ class RegressionHandler(BundleHandler):
                  "method": "IntegratedGradients",
                  "attributions": {name: round(float(value), 4) for name, value in zip(self.features, row)}}
                 for prediction, row in zip(predictions.cpu(), attributions)]
-
-
-handle = entry_point(RegressionHandler)

@@ -1,24 +1,16 @@
 """Fixtures shared by the suite: the built archives, in-process workers, and one real TorchServe per session."""
 
-import subprocess
-
 import pytest
 
+import registry
 from scripts.server import ROOT, TorchServe
 from tests.worker import Worker
 
 STORE = ROOT / "model_store"
 
 
-def archive_table():
-    """`./archive.sh --list` as {archive file stem: (model, version, artifact dir)}."""
-    listing = subprocess.run([str(ROOT / "archive.sh"), "--list"], capture_output=True, text=True, check=True).stdout
-    rows = (line.split() for line in listing.splitlines())
-    return {file.removesuffix(".mar"): (model, version, folder) for model, version, file, folder in rows}
-
-
 def require_archives():
-    missing = [f"{stem}.mar" for stem in archive_table() if not (STORE / f"{stem}.mar").exists()]
+    missing = [f"{v.archive}.mar" for _, v in registry.served() if not (STORE / f"{v.archive}.mar").exists()]
     if missing:
         pytest.fail(f"model_store/ lacks {', '.join(missing)}: run `make archive` (or `make test`)", pytrace=False)
 

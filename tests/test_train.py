@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from handlers.mnist import NORMALIZE, DigitCNN, canonicalize_digit
-from handlers.regression import TabularRegressor
-from handlers.sentiment import UNK_ID, FastTextClassifier, encode, tokenize
+from models.mnist import NORMALIZE, DigitCNN, canonicalize_digit
+from models.regression import TabularRegressor
+from models.sentiment import UNK_ID, FastTextClassifier, encode, tokenize
 from train import mnist, regression, sentiment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMON_METRICS_KEYS = {"model", "dataset", "seed", "epochs", "train_seconds", "test", "args"}
-COMMON_MANIFEST_KEYS = {"model", "weights", "architecture", "arch_kwargs", "files"}
+COMMON_MANIFEST_KEYS = {"model", "weights", "model_module", "architecture", "arch_kwargs", "files"}
 
 
 def read_json(path: Path):
@@ -31,6 +31,7 @@ def load_artifact_model(out: Path, model_class: type[torch.nn.Module]) -> torch.
     manifest = read_json(out / "manifest.json")
     assert COMMON_MANIFEST_KEYS <= manifest.keys()
     assert manifest["weights"] == "model.pt" and manifest["architecture"] == model_class.__name__
+    assert manifest["model_module"] == model_class.__module__
     assert all((out / name).is_file() for name in manifest["files"]) and "model.pt" in manifest["files"]
     state = torch.load(out / "model.pt", weights_only=True)
     assert not any(name.startswith("module.") for name in state)

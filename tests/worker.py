@@ -1,26 +1,24 @@
 """A model archive loaded in-process the way a TorchServe worker loads it, for handler tests without a server.
 
-The request path is TorchServe's own code: the worker's input decoding (``_retrieve_input_data``, fed the wire
-frame the frontend sends), ``Service.retrieve_data_for_inference``, a real ``Context`` and the real metrics cache.
-Only the socket and the Java frontend are left out.
+The code path is TorchServe's own: ``ts.model_loader`` resolves the archive's handler entry point and initialises
+it with a real ``Context`` and metrics cache, the frontend's wire frame goes through the worker's input decoding
+(``_retrieve_input_data``) and ``Service.retrieve_data_for_inference``, and each reply is encoded with
+``create_predict_response``, as the worker answers the frontend. Only the socket and the Java frontend are left out.
 """
 
-import importlib
+import http
 import io
 import json
 import struct
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ts
-import yaml
-from ts.context import Context
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-from ts.protocol.otf_message_handler import _retrieve_input_data
+from ts.model_loader import ModelLoaderFactory
+from ts.protocol.otf_message_handler import _retrieve_input_data, create_predict_response
 from ts.service import Service
-
-from handlers.common import BundleHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,13 +28,14 @@ class Request:
     body: bytes | str | None
     content_type: str = "application/octet-stream"
     headers: dict = field(default_factory=dict)
-    name: str = "body"  # the parameter name: "body" for a raw body, the field name for multipart
+    name: str = "body"  # the parameter name: "body" for a raw body, the field name for multipart; None: no parameter
 
 
 @dataclass
 class Reply:
     status: int
-    body: object  # the JSON-able value the handler returned
+    body: object  # the decoded JSON reply
+    reason: str = ""
 
 
 class _Frame:
@@ -52,38 +51,48 @@ class _Frame:
 
 
 class Worker:
-    """One archive's handler, initialised from the unpacked .mar with its model-config.yaml."""
+    """One archive, unpacked and loaded by TorchServe's model loader with its model-config.yaml."""
 
     def __init__(self, mar_path, unpack_dir, batch_size=8):
         with zipfile.ZipFile(mar_path) as archive:
             archive.extractall(unpack_dir)
-        manifest = json.loads((Path(unpack_dir) / "MAR-INF" / "MANIFEST.json").read_text())
-        model = manifest["model"]
-        model_config = yaml.safe_load((Path(unpack_dir) / model["configFile"]).read_text())
-        self.metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
-        self.metrics.initialize_cache()
-        self.context = Context(model["modelName"], str(unpack_dir), manifest, batch_size, None, ts.__version__,
-                               True, self.metrics, model_config)
-        module = importlib.import_module("handlers." + Path(model["handler"]).stem)
-        handler_class = next(obj for obj in vars(module).values()
-                             if isinstance(obj, type) and issubclass(obj, BundleHandler) and obj is not BundleHandler)
-        self.handler = handler_class()
-        self.handler.initialize(self.context)
+        model = json.loads((Path(unpack_dir) / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+        metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
+        metrics.initialize_cache()
+        sys.path.append(str(unpack_dir))  # as the worker process has the model folder on its path
+        try:
+            self.service = ModelLoaderFactory.get_model_loader().load(
+                model["modelName"], str(unpack_dir), model["handler"], None, batch_size, metrics_cache=metrics)
+        finally:
+            sys.path.remove(str(unpack_dir))
+        self.context = self.service.context
+        self.handler = self.service._entry_point.__self__  # the handler instance TorchServe created
 
     def run(self, *requests):
-        """Send ``requests`` as one batch; replies in request order with their HTTP status."""
+        """Send ``requests`` as one batch; replies in request order with their HTTP status and reason phrase."""
         batch = []
         for i, request in enumerate(requests):
             headers = [{"name": k.encode(), "value": v.encode()} for k, v in request.headers.items()]
-            batch.append({"requestId": f"req-{i}".encode(), "parameters": [_retrieve_input_data(_Frame(request))],
-                          "headers": headers})
+            parameters = [] if request.name is None else [_retrieve_input_data(_Frame(request))]
+            batch.append({"requestId": f"req-{i}".encode(), "parameters": parameters, "headers": headers})
         headers, inputs, request_ids = Service.retrieve_data_for_inference(batch)
         self.context.request_ids = request_ids
         self.context.request_processor = headers
-        self.metrics.request_ids = request_ids
-        bodies = self.handler.handle(inputs, self.context)
-        assert len(bodies) == len(requests), "one reply per request"
-        return [Reply(self.context.get_response_status(i)[0], body) for i, body in enumerate(bodies)]
+        self.context.metrics.request_ids = request_ids
+        bodies = self.service._entry_point(inputs, self.context)  # what Service.predict calls
+        assert isinstance(bodies, list) and len(bodies) == len(requests), "one reply per request"
+        create_predict_response(bodies, request_ids, "Prediction success", 200, self.context)  # must encode
+        replies = []
+        for i, body in enumerate(bodies):
+            status, reason = self.context.get_response_status(i)
+            assert body is not None, f"request {i} got no reply"
+            replies.append(Reply(status, json.loads(body), reason or ""))
+        return replies
 
     def run_one(self, request):
         return self.run(request)[0]
+
+
+def valid_reason(reply):
+    """A reason phrase the frontend can put on a status line: the fixed phrase of its status code."""
+    return reply.reason in ("", http.HTTPStatus(reply.status).phrase)

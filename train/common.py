@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from models import available_cpus
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,7 +62,7 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(available_cpus())
     return torch.Generator().manual_seed(seed)
 
 
@@ -131,8 +132,9 @@ def write_artifacts(
 ) -> None:
     """Write model.pt (plain state_dict), extra JSON files, manifest.json and metrics.json into out_dir.
 
-    manifest gets the common keys "weights" and "files" (every file the handler loads, manifest.json
-    included) added; extra_files maps a file name to the JSON-serialisable object to write there.
+    manifest (which names the architecture, see models.architecture) gets the common keys "weights" and "files"
+    (every file the handler loads, manifest.json included) added; extra_files maps a file name to the
+    JSON-serialisable object to write there.
     """
     extra_files = extra_files or {}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""Train the digit CNN (handlers.mnist.DigitCNN) on scikit-learn's digits (offline) or on MNIST.
+"""Train the digit CNN (models.mnist.DigitCNN) on scikit-learn's digits (offline) or on MNIST.
 
-Every image goes through handlers.mnist.canonicalize_digit, the function the served model applies
+Every image goes through models.mnist.canonicalize_digit, the function the served model applies
 to each request, so training and serving see the same geometry. Random affine augmentation (and,
 with --augment strong, stroke-thickness and blur variation) makes the 8x8-sourced digits transfer
 to real MNIST digits and photos.
@@ -17,7 +17,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from handlers.mnist import CANVAS_SIZE, NORMALIZE, DigitCNN, canonicalize_digit
+from models import architecture, build
+from models.mnist import CANVAS_SIZE, NORMALIZE, canonicalize_digit
 from train.common import (
     DataError,
     build_parser,
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_images, test_images = canonical_batch(split.train_images), normalize(canonical_batch(split.test_images))
     train_labels, test_labels = torch.from_numpy(split.train_labels).long(), torch.from_numpy(split.test_labels).long()
 
-    arch_kwargs = {"width": args.width}
-    model = DigitCNN(**arch_kwargs)
+    spec = architecture("models.mnist", "DigitCNN", width=args.width)
+    model = build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -196,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean, std = NORMALIZE
     manifest = {
         "model": "mnist",
-        "architecture": DigitCNN.__name__,
-        "arch_kwargs": arch_kwargs,
+        **spec,
         "labels": LABELS,
         "input": {"size": CANVAS_SIZE, "mean": mean, "std": std},
     }

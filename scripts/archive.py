@@ -1,0 +1,107 @@
+"""Build TorchServe archives (.mar) into model_store/ from the training artifacts that registry.py lists.
+
+    ./archive.sh                   every archive in registry.py
+    ./archive.sh NAME [NAME ...]   only these: an archive (mnist_v2) or a model (mnist: all of its versions)
+    ./archive.sh --list            ARCHIVE MODEL VERSION ARTIFACT_DIR, one line per archive
+
+An archive holds the model's handler module as entry point, the handlers/ and models/ packages, every file of the
+artifact folder (the weights as the serialized file) and the model's model-config.yaml. Any failure (an untrained
+model, a missing file, the archiver failing) stops the build with exit status 1, names the archive, and leaves
+the archive already in model_store/ as it was.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import registry
+from models import read_manifest
+
+ROOT = registry.ROOT
+STORE = ROOT / "model_store"
+PACKAGES = ("handlers", "models")
+
+
+class BuildError(RuntimeError):
+    """An archive could not be built; the message says which and why."""
+
+
+def build(entry, version, store=STORE, config=None):
+    """model_store/<archive>.mar for ``version`` of ``entry``; ``config`` replaces its cpu model-config."""
+    artifacts = ROOT / version.artifacts
+    label = f"{version.archive} ({entry.name} {version.version})"
+    if not (artifacts / "manifest.json").is_file():
+        raise BuildError(f"{label}: {version.artifacts}/manifest.json not found - train it first: {version.train}  "
+                         "(or: make train)")
+    try:
+        manifest = read_manifest(artifacts)
+    except (OSError, ValueError) as err:
+        raise BuildError(f"{label}: {err}") from err
+    archiver = Path(sys.executable).parent / "torch-model-archiver"
+    with tempfile.TemporaryDirectory(dir=store) as staging:
+        extra = Path(staging) / "extra"
+        for package in PACKAGES:
+            shutil.copytree(ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+        for name in manifest["files"]:
+            if name != manifest["weights"]:
+                shutil.copy2(artifacts / name, extra / name)
+        shutil.copy2(artifacts / "metrics.json", extra / "metrics.json")
+        command = [str(archiver), "--force", "--model-name", entry.name, "--version", version.version,
+                   "--handler", str(ROOT / entry.handler), "--serialized-file", str(artifacts / manifest["weights"]),
+                   "--extra-files", str(extra), "--config-file", str(config or ROOT / entry.configs["cpu"]),
+                   "--export-path", staging]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as err:
+            raise BuildError(f"{label}: cannot run {archiver.name}: {err}") from err
+        built = Path(staging) / f"{entry.name}.mar"
+        if result.returncode != 0 or not built.is_file():
+            raise BuildError(f"{label}: torch-model-archiver exited with {result.returncode}: "
+                             f"{(result.stderr or result.stdout).strip()[-2000:]}")
+        target = Path(store) / f"{version.archive}.mar"
+        os.replace(built, target)  # same folder: the old archive is replaced whole or not at all
+    return target
+
+
+def selected(names):
+    """The (model, version) pairs that ``names`` select: an archive name selects that archive, another model name
+    every version of the model; no names select everything."""
+    served = registry.served()
+    chosen = []
+    for name in names or [version.archive for _, version in served]:
+        matches = ([pair for pair in served if pair[1].archive == name]
+                   or [pair for pair in served if pair[0].name == name])
+        if not matches:
+            raise BuildError(f"no archive or model named {name!r} (see ./archive.sh --list)")
+        chosen += [pair for pair in matches if pair not in chosen]
+    return chosen
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="archive.sh", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("names", nargs="*", help="archives or models to build (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the archives and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        return registry.main(["archives"])
+    STORE.mkdir(exist_ok=True)
+    try:
+        for entry, version in selected(args.names):
+            target = build(entry, version)
+            size = target.stat().st_size / 1024
+            print(f"archive.sh: {target.relative_to(ROOT)}  ({entry.name} {version.version} from "
+                  f"{version.artifacts}, {size:.0f} KiB)", flush=True)
+    except BuildError as err:
+        print(f"archive.sh: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
