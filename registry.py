@@ -12,6 +12,7 @@ Standard library only: the Makefile reads it before the venv exists.
     python3 registry.py makefile            the Makefile's rules: what each artifact and archive is built from
 """
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,28 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Sample:
-    """A request body in samples/ with the reply it must get (``label``; None where any valid reply will do)."""
+    """A request body in samples/ with the reply it must get (``label``; None where any valid reply will do),
+    sent to ``version`` (None: the default version). Each one is a curl line of ``make serve`` and the README."""
 
     file: str
     content_type: str
     label: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Load:
+    """How the load tests and the benchmark exercise a model (tests/load/): held-out payloads with known answers.
+
+    ``payloads`` and ``check`` are "module:function" names: ``payloads()`` returns ``[tests.load.payloads.Sample]``,
+    ``check(body, expected)`` raises ``tests.load.checks.WrongAnswer``. ``weight`` is this model's share of locust
+    users; ``mix`` weighs sample names (default: every sample alike).
+    """
+
+    payloads: str
+    check: str
+    weight: int = 1
+    mix: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class Model:
     versions: tuple[Version, ...]
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
+    load: Load | None = None
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -69,7 +88,9 @@ MODELS = (
                     "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong"),
         ),
         samples=(Sample("samples/digit_7.png", "image/png", "7"),
-                 Sample("samples/digit_3_photo.jpg", "image/jpeg", "3")),
+                 Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
+        load=Load("tests.load.payloads:digits", "tests.load.checks:check_mnist", weight=3,
+                  mix={"digit-28px": 4, "digit-64px-paper": 3, "digit-128px": 2, "digit-300px-paper": 1}),
     ),
     Model(
         name="sentiment",
@@ -81,6 +102,7 @@ MODELS = (
                           "python -m train.sentiment --out artifacts/sentiment"),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
+        load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
     ),
     Model(
         name="regression",
@@ -91,6 +113,7 @@ MODELS = (
         versions=(Version("1.0", "regression", "artifacts/regression",
                           "python -m train.regression --out artifacts/regression"),),
         samples=(Sample("samples/patient.json", "application/json"),),
+        load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
     ),
 )
 
@@ -116,23 +139,30 @@ def archive(stem: str) -> tuple[Model, Version]:
 
 
 def curl_examples(inference: str) -> list[str]:
-    """Working curl lines for each model's samples ($TOKEN holds the inference key)."""
+    """A working curl line for every sample ($TOKEN holds the inference key), then an explanation of the first."""
     lines = []
     for entry in MODELS:
-        for position, sample in enumerate(entry.samples[:2]):
-            path = f"/predictions/{entry.name}"
-            if position and len(entry.versions) > 1:
-                path += f"/{entry.versions[1].version}"
-            elif position:
-                continue
-            if sample.content_type.startswith("image/"):
-                body = f"-T {sample.file}"
-            else:
-                body = f"-H 'Content-Type: {sample.content_type}' --data-binary @{sample.file}"
-            lines.append(f'curl -H "Authorization: Bearer $TOKEN" {body} {inference}{path}')
+        for sample in entry.samples:
+            version = f"/{sample.version}" if sample.version else ""
+            lines.append(curl(sample, f"{inference}/predictions/{entry.name}{version}"))
     first = MODELS[0]
-    lines.append(f'curl -H "Authorization: Bearer $TOKEN" -T {first.samples[0].file} {inference}/explanations/{first.name}')
+    lines.append(curl(first.samples[0], f"{inference}/explanations/{first.name}"))
     return lines
+
+
+def curl(sample: Sample, url: str) -> str:
+    """The curl command that sends ``sample`` to ``url`` as its raw body."""
+    if sample.content_type.startswith("image/"):
+        body = f"-T {sample.file}"
+    else:
+        body = f"-H 'Content-Type: {sample.content_type}' --data-binary @{sample.file}"
+    return f'curl -H "Authorization: Bearer $TOKEN" {body} {url}'
+
+
+def resolve(name: str):
+    """The object a "module:attribute" name (as ``Load`` holds them) refers to."""
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def makefile_rules() -> str:

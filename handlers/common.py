@@ -236,9 +236,11 @@ class BundleHandler:
         dims = ["ModelName", "ModelVersion"]
         counter = MetricTypes.COUNTER
         self.metric_requests = metrics.add_metric_to_cache("HandlerRequests", "Count", dims, metric_type=counter)
-        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"])
-        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"])
-        self.metric_preprocess = metrics.add_metric_to_cache("PreprocessTime", "ms", dims, metric_type=counter)
+        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"],
+                                                              metric_type=counter)
+        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"],
+                                                           metric_type=counter)
+        self.metric_preprocess = metrics.add_metric_to_cache("PreprocessMilliseconds", "ms", dims, metric_type=counter)
 
     # --- hooks -----------------------------------------------------------------------------------------------------
 

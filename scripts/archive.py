@@ -7,7 +7,7 @@
 An archive holds the model's handler module as entry point, the handlers/ and models/ packages, every file of the
 artifact folder (the weights as the serialized file) and the model's model-config.yaml. Any failure (an untrained
 model, a missing file, the archiver failing) stops the build with exit status 1, names the archive, and leaves
-the archive already in model_store/ as it was.
+the archive already in model_store/ as it was; an unknown name exits with 2.
 """
 
 import argparse
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 import registry
 from models import read_manifest
@@ -30,6 +32,10 @@ class BuildError(RuntimeError):
     """An archive could not be built; the message says which and why."""
 
 
+class UnknownName(LookupError):
+    """A name on the command line is neither an archive nor a model of registry.py."""
+
+
 def build(entry, version, store=STORE, config=None):
     """model_store/<archive>.mar for ``version`` of ``entry``; ``config`` replaces its cpu model-config."""
     artifacts = ROOT / version.artifacts
@@ -41,18 +47,21 @@ def build(entry, version, store=STORE, config=None):
         manifest = read_manifest(artifacts)
     except (OSError, ValueError) as err:
         raise BuildError(f"{label}: {err}") from err
+    config = Path(config or ROOT / entry.configs["cpu"])
+    check_model_config(config, label)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     with tempfile.TemporaryDirectory(dir=store) as staging:
         extra = Path(staging) / "extra"
         for package in PACKAGES:
             shutil.copytree(ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
+            check_compiles(extra, package, label)
         for name in manifest["files"]:
             if name != manifest["weights"]:
                 shutil.copy2(artifacts / name, extra / name)
         shutil.copy2(artifacts / "metrics.json", extra / "metrics.json")
         command = [str(archiver), "--force", "--model-name", entry.name, "--version", version.version,
                    "--handler", str(ROOT / entry.handler), "--serialized-file", str(artifacts / manifest["weights"]),
-                   "--extra-files", str(extra), "--config-file", str(config or ROOT / entry.configs["cpu"]),
+                   "--extra-files", str(extra), "--config-file", str(config),
                    "--export-path", staging]
         try:
             result = subprocess.run(command, capture_output=True, text=True)
@@ -67,6 +76,25 @@ def build(entry, version, store=STORE, config=None):
     return target
 
 
+def check_model_config(path, label):
+    """A model-config TorchServe can load: a YAML mapping (the archiver copies the file without reading it)."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise BuildError(f"{label}: model-config {path.name} is not readable YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise BuildError(f"{label}: model-config {path.name} must be a YAML mapping, got {type(config).__name__}")
+
+
+def check_compiles(staged, package, label):
+    """Every module of ``package`` compiles: a syntax error would otherwise surface only when a worker loads it."""
+    for path in sorted((staged / package).rglob("*.py")):
+        try:
+            compile(path.read_bytes(), str(path), "exec")
+        except (SyntaxError, ValueError) as err:
+            raise BuildError(f"{label}: {path.relative_to(staged)} does not compile: {err}") from err
+
+
 def selected(names):
     """The (model, version) pairs that ``names`` select: an archive name selects that archive, another model name
     every version of the model; no names select everything."""
@@ -76,7 +104,7 @@ def selected(names):
         matches = ([pair for pair in served if pair[1].archive == name]
                    or [pair for pair in served if pair[0].name == name])
         if not matches:
-            raise BuildError(f"no archive or model named {name!r} (see ./archive.sh --list)")
+            raise UnknownName(f"no archive or model named {name!r} (see ./archive.sh --list)")
         chosen += [pair for pair in matches if pair not in chosen]
     return chosen
 
@@ -92,7 +120,11 @@ def main(argv=None):
         return registry.main(["archives"])
     STORE.mkdir(exist_ok=True)
     try:
-        for entry, version in selected(args.names):
+        chosen = selected(args.names)
+    except UnknownName as err:
+        parser.error(str(err))  # exit status 2, as for any other usage error
+    try:
+        for entry, version in chosen:
             target = build(entry, version)
             size = target.stat().st_size / 1024
             print(f"archive.sh: {target.relative_to(ROOT)}  ({entry.name} {version.version} from "

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import requests
 
+import registry
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.properties"
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
@@ -196,17 +198,14 @@ def start_daemon():
     for model, version in sorted(server.ready_versions()):
         print(f"    READY  {model} {version}")
     inference, management, metrics = (server.url(api) for api in ("inference", "management", "metrics"))
+    examples = "\n".join(f"  {line}" for line in registry.curl_examples(inference))
     print(f"""
 TorchServe is running (stop it with: make stop). Tokens are in key_file.json; try:
 
   TOKEN=$(python3 -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
   MGMT=$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
-  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_7.png {inference}/predictions/mnist
-  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_3_photo.jpg {inference}/predictions/mnist/2.0
-  curl -H "Authorization: Bearer $TOKEN" -H 'Content-Type: text/plain; charset=utf-8' --data-binary @samples/review_positive.txt {inference}/predictions/sentiment
-  curl -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' --data-binary @samples/patient.json {inference}/predictions/regression
-  curl -H "Authorization: Bearer $TOKEN" -T samples/digit_7.png {inference}/explanations/mnist
-  curl -H "Authorization: Bearer $MGMT" {management}/models/mnist/all
+{examples}
+  curl -H "Authorization: Bearer $MGMT" {management}/models/{registry.MODELS[0].name}/all
   curl {metrics}/metrics
 """)
 

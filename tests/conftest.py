@@ -38,3 +38,10 @@ def server(tmp_path_factory):
         yield torchserve.start()
     finally:
         torchserve.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the session TorchServe are ``slow`` (modules with servers of their own mark themselves)."""
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

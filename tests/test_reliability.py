@@ -20,6 +20,8 @@ from tests.fixtures.servers import (FIXTURES, STORE, PrivateTorchServe, build_sl
                                     store_with)
 from tests.samples import heldout_digits, heldout_patients, render_digit
 
+pytestmark = pytest.mark.slow  # starts a real TorchServe
+
 JSON = {"Content-Type": "application/json"}
 HEALTHY = {"status": "Healthy"}
 

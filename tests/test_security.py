@@ -21,6 +21,8 @@ from scripts.server import CONFIG, ROOT, read_properties
 from tests.fixtures.servers import LocalListener, PrivateTorchServe, build_slow_archive, rezip, store_with
 from tests.samples import heldout_patients
 
+pytestmark = pytest.mark.slow  # starts a real TorchServe
+
 JSON = {"Content-Type": "application/json"}
 MAX_REQUEST = int(read_properties(CONFIG)["max_request_size"])
 

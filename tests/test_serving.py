@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+import registry
 from tests.samples import encode_image, heldout_digits, heldout_patients, heldout_reviews, render_digit
 
 TEXT = {"Content-Type": "text/plain; charset=utf-8"}
@@ -13,8 +14,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 def test_every_archive_is_ready_with_its_version(server):
-    assert sorted(server.ready_versions()) == [("mnist", "1.0"), ("mnist", "2.0"), ("regression", "1.0"),
-                                                ("sentiment", "1.0")]
+    assert sorted(server.ready_versions()) == sorted((entry.name, v.version) for entry, v in registry.served())
 
 
 @pytest.mark.parametrize("size, dark_on_light", [(28, False), (28, True), (120, False), (300, True)])
@@ -88,8 +88,11 @@ def test_metrics_endpoint_has_torchserve_and_custom_metrics(server):
     server.predict("regression", b"{}", headers=JSON)
     metrics = server.metrics()
     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds",
-                 "PredictionsByLabel", "RejectedRequests", "PreprocessTime", "HandlerTime", "PredictionTime"):
+                 "PredictionsByLabel", "RejectedRequests", "HandlerRequests", "PreprocessMilliseconds", "HandlerTime",
+                 "PredictionTime"):
         assert f"\n{name}{{" in metrics, name
+    for counter in ("PredictionsByLabel", "RejectedRequests", "HandlerRequests", "PreprocessMilliseconds"):
+        assert f"# TYPE {counter} counter" in metrics, counter  # Prometheus can rate() them
     assert 'RejectedRequests{ModelName="regression",ModelVersion="1.0",ErrorType="InvalidField"' in metrics
 
 
@@ -109,7 +112,7 @@ BAD_REQUESTS = [  # (model, body, headers, status, error type)
 
 
 def test_bad_input_matrix_gets_named_4xx_and_workers_survive(server):
-    pids = {model: server.worker_pids(model) for model in ("mnist", "sentiment", "regression")}
+    pids = {entry.name: server.worker_pids(entry.name) for entry in registry.MODELS}
     for model, body, headers, status, kind in BAD_REQUESTS:
         reply = server.predict(model, body, headers=headers)
         assert reply.status_code == status, (model, body[:20], reply.text)

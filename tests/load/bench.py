@@ -53,23 +53,23 @@ MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 class BenchPath:
     name: str
     model: str  # the model name it is served under
-    samples: str  # "digits" or "reviews"
+    samples: str  # the model whose load-test payloads it sends: "mnist" or "sentiment"
     check: object
     description: str
 
 
 PATHS = {
-    "ceiling": BenchPath("ceiling", "noop", "digits", checks.check_noop,
+    "ceiling": BenchPath("ceiling", "noop", "mnist", checks.check_noop,
                          "no-op handler, mnist's model-config: TorchServe's own cost per request"),
-    "ceiling-unbatched": BenchPath("ceiling-unbatched", "noop_defaults", "digits", checks.check_noop,
+    "ceiling-unbatched": BenchPath("ceiling-unbatched", "noop_defaults", "mnist", checks.check_noop,
                                    "no-op handler, TorchServe defaults (batchSize 1, a worker per core)"),
-    "stock": BenchPath("stock", "mnist_stock", "digits", checks.check_stock_mnist,
+    "stock": BenchPath("stock", "mnist_stock", "mnist", checks.check_stock_mnist,
                        "mnist weights, stock image_classifier handler, TorchServe defaults"),
-    "ours": BenchPath("ours", "mnist", "digits", checks.check_mnist,
+    "ours": BenchPath("ours", "mnist", "mnist", checks.check_mnist,
                       "handlers/mnist.py with handlers/mnist.yaml (model_store/mnist.mar)"),
-    "sentiment": BenchPath("sentiment", "sentiment", "reviews", checks.check_sentiment,
+    "sentiment": BenchPath("sentiment", "sentiment", "sentiment", checks.check_sentiment,
                            "handlers/sentiment.py with handlers/sentiment.yaml (model_store/sentiment.mar)"),
-    "sentiment-naive": BenchPath("sentiment-naive", "sentiment_naive", "reviews", checks.check_sentiment,
+    "sentiment-naive": BenchPath("sentiment-naive", "sentiment_naive", "sentiment", checks.check_sentiment,
                                  "same sentiment model, per-request handler, batching off, TorchServe defaults"),
 }
 
@@ -437,7 +437,7 @@ def main(argv=None):
     if before[0] > 0.5:
         log(f"warning: load average {before} - other work on this machine will show in the figures "
             "(see each step's 'others CPU')")
-    sample_sets = {"digits": payloads.digits(DIGIT_RENDERINGS), "reviews": payloads.reviews()}
+    sample_sets = {"mnist": payloads.digits(DIGIT_RENDERINGS), "sentiment": payloads.reviews()}
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "loadavg_before": before,
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
@@ -449,7 +449,7 @@ def main(argv=None):
 
     if not args.no_client_ceiling:
         def requests_for(host, port, url, check, token):
-            return client.prepare(host, port, url, sample_sets["digits"], check, token)
+            return client.prepare(host, port, url, sample_sets["mnist"], check, token)
 
         results["client_ceiling"] = measure_client(requests_for, [16, 32], 2.0)
         for step in results["client_ceiling"]:

@@ -1,13 +1,14 @@
-"""Locust load test of the bundle's three models, with real payloads and content checks.
+"""Locust load test of every model in registry.py that names a ``Load``, with real payloads and content checks.
 
     .venv/bin/locust -f tests/load/locustfile.py --headless -u 32 -r 8 -t 2m \
         --host http://127.0.0.1:8080 --csv logs/locust --html logs/locust.html
 
-One user class per model, weighted 3 : 2 : 1 (mnist : sentiment : regression); every user sends its next request as
-soon as the last reply arrived (closed loop; --think-time adds a pause). Payloads are held-out samples with known
-answers (tests/load/payloads.py): digit PNGs at 28, 64, 128 and 300 px (both polarities), reviews as UTF-8 text,
-patient rows as JSON. A reply counts as a failure unless it has status 200 AND the right content: the digit's
-label, top-3 probabilities sorted, in [0, 1], summing to <= 1; the review's label; a finite regression prediction.
+One user class per model (``MnistUser``, ...), weighted by its registry entry (mnist : sentiment : regression =
+3 : 2 : 1); every user sends its next request as soon as the last reply arrived (closed loop; --think-time adds a
+pause). Payloads are held-out samples with known answers (tests/load/payloads.py): digit PNGs at 28, 64, 128 and
+300 px (both polarities), reviews as UTF-8 text, patient rows as JSON. A reply counts as a failure unless it has
+status 200 AND the right content (tests/load/checks.py): the digit's label, top-3 probabilities sorted, in [0, 1],
+summing to <= 1; the review's label; a finite regression prediction.
 
 Options (also as environment variables LOCUST_KEY_FILE, LOCUST_NO_TOKEN, ...):
   --key-file PATH     TorchServe's key_file.json to read the inference token from (default ./key_file.json, written
@@ -15,7 +16,7 @@ Options (also as environment variables LOCUST_KEY_FILE, LOCUST_NO_TOKEN, ...):
   --no-token          send no Authorization header (in the cluster, where token authorization is off)
   --payloads FILE     samples written by `python -m tests.load.payloads --out FILE` (default: build them here,
                       which needs artifacts/ and the training data, i.e. the repo root as working directory)
-  --mnist-version V   send digits to /predictions/mnist/V instead of the default version
+  --version MODEL=V   send MODEL's requests to /predictions/MODEL/V instead of the default version, repeatable
   --header "N: V"     an extra header on every request, repeatable (in the cluster: x-model-version: b pins the
                       candidate variant at the gateway; the gateway's own credentials go here too)
   --max-requests N    stop after N requests in all (the test suite's smoke test uses it)
@@ -33,10 +34,10 @@ from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.load.*` under locust -f
 
-from tests.load import checks  # noqa: E402
+import registry  # noqa: E402
 from tests.load.checks import WrongAnswer  # noqa: E402
 
-SAMPLES = {}  # kind -> [payloads.Sample], loaded once per process at init
+SAMPLES = {}  # model -> [payloads.Sample], loaded once per process at init
 
 
 @events.init_command_line_parser.add_listener
@@ -47,8 +48,8 @@ def _options(parser):
                         help="send no Authorization header (token authorization off, e.g. in the cluster)")
     parser.add_argument("--payloads", default="", env_var="LOCUST_PAYLOADS",
                         help="payload file from `python -m tests.load.payloads --out FILE` (default: build them)")
-    parser.add_argument("--mnist-version", default="", env_var="LOCUST_MNIST_VERSION",
-                        help="mnist version to address, e.g. 2.0 (default: the default version)")
+    parser.add_argument("--version", action="append", default=[], env_var="LOCUST_VERSION",
+                        help="MODEL=VERSION to address, e.g. mnist=2.0, repeatable (default: the default versions)")
     parser.add_argument("--header", action="append", default=[], env_var="LOCUST_HEADER",
                         help='extra request header "Name: value", repeatable (e.g. x-model-version: b behind the '
                              "cluster's gateway, or the gateway's own credentials)")
@@ -108,19 +109,21 @@ class ModelUser(FastHttpUser):
     """A client of one model: posts its samples, checks each reply with ``check``."""
 
     abstract = True
-    path = ""
-    kind = ""  # key of SAMPLES
+    model = ""  # its registry name
     check = None
+    mix = {}  # sample name -> weight; empty: every sample alike
 
     def wait_time(self):
         return self.environment.parsed_options.think_time if self.environment.parsed_options else 0.0
 
     def on_start(self):
         self.options = self.environment.parsed_options
-        self.samples = SAMPLES[self.kind]
+        self.samples = SAMPLES[self.model]
         self.by_name = {}
         for sample in self.samples:
             self.by_name.setdefault(sample.name, []).append(sample)
+        versions = dict(item.split("=", 1) for item in (self.options.version if self.options else None) or [])
+        self.path = f"/predictions/{self.model}" + (f"/{versions[self.model]}" if self.model in versions else "")
 
     def headers(self, sample, refresh=False):
         headers = {"Content-Type": sample.content_type}
@@ -148,60 +151,24 @@ class ModelUser(FastHttpUser):
             else:
                 response.success()
 
-    def post_one_of(self, name=None):
-        self.post(random.choice(self.by_name[name] if name else self.samples))
-
-
-class MnistUser(ModelUser):
-    """Digit PNGs of several sizes; the reply's label must be the digit's known label."""
-
-    weight = 3
-    kind = "digits"
-    check = staticmethod(checks.check_mnist)
-
-    def on_start(self):
-        super().on_start()
-        version = self.options.mnist_version if self.options else ""
-        self.path = "/predictions/mnist" + (f"/{version}" if version else "")
-
-    @task(4)
-    def digit_28px(self):
-        self.post_one_of("digit-28px")
-
-    @task(3)
-    def digit_64px_paper(self):
-        self.post_one_of("digit-64px-paper")
-
-    @task(2)
-    def digit_128px(self):
-        self.post_one_of("digit-128px")
-
-    @task(1)
-    def digit_300px_paper(self):
-        self.post_one_of("digit-300px-paper")
-
-
-class SentimentUser(ModelUser):
-    """Easy held-out reviews as text/plain; the reply's label must be the review's known label."""
-
-    weight = 2
-    kind = "reviews"
-    path = "/predictions/sentiment"
-    check = staticmethod(checks.check_sentiment)
-
     @task
-    def review(self):
-        self.post_one_of()
+    def post_a_sample(self):
+        if self.mix:
+            name = random.choices(list(self.mix), weights=list(self.mix.values()))[0]
+            self.post(random.choice(self.by_name[name]))
+        else:
+            self.post(random.choice(self.samples))
 
 
-class RegressionUser(ModelUser):
-    """Held-out patient rows as JSON; the prediction must be a finite number."""
+def _user_class(entry):
+    """``<Model>User``: the locust user of one registry entry."""
+    return type(f"{entry.name.title().replace('_', '')}User", (ModelUser,), {
+        "__doc__": f"A client of {entry.name}: its load-test payloads, each reply checked by {entry.load.check}.",
+        "model": entry.name, "weight": entry.load.weight, "mix": entry.load.mix,
+        "check": staticmethod(registry.resolve(entry.load.check))})
 
-    weight = 1
-    kind = "patients"
-    path = "/predictions/regression"
-    check = staticmethod(checks.check_regression)
 
-    @task
-    def patient(self):
-        self.post_one_of()
+for _entry in registry.MODELS:
+    if _entry.load:
+        _user = _user_class(_entry)
+        globals()[_user.__name__] = _user

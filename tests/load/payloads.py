@@ -117,27 +117,30 @@ def patients(count=20):
 # --- a payload file, so that a load generator needs neither torch nor the training data -------------------------
 
 def save(path, samples):
-    """Write {kind: [sample, ...]} to ``path`` as JSON (bodies base64-encoded)."""
+    """Write {model: [sample, ...]} to ``path`` as JSON (bodies base64-encoded)."""
     import base64
 
-    document = {kind: [{"name": s.name, "body": base64.b64encode(s.body).decode(), "content_type": s.content_type,
-                        "expected": s.expected} for s in items] for kind, items in samples.items()}
+    document = {model: [{"name": s.name, "body": base64.b64encode(s.body).decode(), "content_type": s.content_type,
+                        "expected": s.expected} for s in items] for model, items in samples.items()}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(document, f)
 
 
 def load(path):
-    """{kind: [Sample, ...]} from a file written by ``save``."""
+    """{model: [Sample, ...]} from a file written by ``save``."""
     import base64
 
     with open(path, encoding="utf-8") as f:
         document = json.load(f)
-    return {kind: [Sample(item["name"], base64.b64decode(item["body"]), item["content_type"], item["expected"])
-                   for item in items] for kind, items in document.items()}
+    return {model: [Sample(item["name"], base64.b64decode(item["body"]), item["content_type"], item["expected"])
+                   for item in items] for model, items in document.items()}
 
 
 def build_all():
-    return {"digits": digits(), "reviews": reviews(), "patients": patients()}
+    """{model: samples} for every model the registry load-tests."""
+    import registry
+
+    return {entry.name: registry.resolve(entry.load.payloads)() for entry in registry.MODELS if entry.load}
 
 
 if __name__ == "__main__":
@@ -148,4 +151,4 @@ if __name__ == "__main__":
     out = parser.parse_args().out
     built = build_all()
     save(out, built)
-    print(f"{out}: " + ", ".join(f"{len(items)} {kind}" for kind, items in built.items()))
+    print(f"{out}: " + ", ".join(f"{len(items)} for {model}" for model, items in built.items()))

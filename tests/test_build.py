@@ -1,0 +1,137 @@
+"""The build in a temporary copy of the repository: what make rebuilds, archive.sh failing loudly, adding a model.
+
+The copy holds the tracked files plus the trained artifacts, archives and make stamps (timestamps kept), and links
+the venv, so make starts from "everything up to date" exactly as in the checkout.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import registry
+from scripts.server import ROOT
+
+TINY = ROOT / "tests" / "data" / "tiny_model"
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """A copy of the repository in which make has nothing to do."""
+    copy = tmp_path / "bundle"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    for folder in ("artifacts", "model_store", ".make"):
+        shutil.copytree(ROOT / folder, copy / folder, dirs_exist_ok=True)  # copy2: modification times kept
+    (copy / ".venv").symlink_to(ROOT / ".venv")
+    assert "Nothing to be done" in make(copy, "-n", "archive").stdout, "the checkout itself is not up to date"
+    return copy
+
+
+def make(folder, *args):
+    return subprocess.run(["make", *args], cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+def archive_sh(folder, *args):
+    return subprocess.run([str(folder / "archive.sh"), *args], cwd=folder, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+
+
+def touch(path):
+    os.utime(path)
+
+
+def test_changing_a_model_module_retrains_its_model_only(bundle):
+    touch(bundle / "models" / "mnist.py")
+    dry_run = make(bundle, "-n", "archive").stdout
+    assert "python -m train.mnist --out artifacts/mnist" in dry_run
+    assert "python -m train.mnist --out artifacts/mnist-v2" in dry_run
+    assert "train.sentiment" not in dry_run and "train.regression" not in dry_run
+
+
+def test_changing_a_handler_rebuilds_archives_without_retraining(bundle):
+    touch(bundle / "handlers" / "mnist.py")
+    dry_run = make(bundle, "-n", "archive").stdout
+    assert "./archive.sh mnist" in dry_run and "python -m train" not in dry_run
+
+
+def test_changing_a_training_command_retrains_that_version(bundle):
+    source = (bundle / "registry.py").read_text()
+    (bundle / "registry.py").write_text(source.replace('"python -m train.regression --out artifacts/regression"',
+                                                       '"python -m train.regression --out artifacts/regression '
+                                                       '--epochs 61"'))
+    dry_run = make(bundle, "-n", "archive").stdout
+    assert "python -m train.regression --out artifacts/regression --epochs 61" in dry_run
+    assert "train.mnist" not in dry_run and "train.sentiment" not in dry_run
+
+
+def test_an_untrained_model_fails_the_build_naming_its_train_command(bundle):
+    shutil.rmtree(bundle / "artifacts" / "regression")
+    result = archive_sh(bundle, "regression")
+    assert result.returncode == 1
+    assert "artifacts/regression/manifest.json not found" in result.stderr
+    assert "python -m train.regression --out artifacts/regression" in result.stderr
+    assert archive_sh(bundle, "no-such-model").returncode == 2
+
+
+@pytest.mark.slow  # runs the archiver
+@pytest.mark.parametrize("break_it, message", [
+    pytest.param(lambda b: (b / "artifacts" / "sentiment" / "vocab.json").unlink(), "names files that are not there",
+                 id="artifact-file-missing"),
+    pytest.param(lambda b: (b / "handlers" / "sentiment.yaml").write_text("batchSize: [unclosed"),
+                 "model-config sentiment.yaml is not readable YAML", id="model-config-broken"),
+    pytest.param(lambda b: (b / "handlers" / "sentiment.py").write_text("this is not python ("),
+                 "handlers/sentiment.py does not compile", id="handler-syntax-error"),
+])
+def test_a_failed_build_exits_1_and_keeps_the_old_archive(bundle, break_it, message):
+    archive = bundle / "model_store" / "sentiment.mar"
+    before = archive.read_bytes()
+    break_it(bundle)
+    result = archive_sh(bundle, "sentiment")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "sentiment (sentiment 1.0)" in result.stderr and message in result.stderr, result.stderr
+    assert archive.read_bytes() == before
+    touch(bundle / "handlers" / "sentiment.py")
+    assert make(bundle, "model_store/sentiment.mar").returncode != 0  # make stops too
+
+
+@pytest.mark.slow
+def test_adding_a_model_is_one_registry_entry_and_its_modules(bundle, tmp_path):
+    """The README's "Adding a model", done on a throwaway model: make trains and archives it, and it serves."""
+    for source in TINY.rglob("*"):
+        if source.is_file() and source.suffix != ".txt":
+            shutil.copy(source, bundle / source.relative_to(TINY))
+    text = (bundle / "registry.py").read_text()
+    end_of_models = text.index("\n)\n", text.index("MODELS = ("))
+    (bundle / "registry.py").write_text(text[:end_of_models + 1] + (TINY / "registry_entry.txt").read_text()
+                                        + text[end_of_models + 1:])
+
+    built = make(bundle, "archive")
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    assert "==> [train] artifacts/tiny" in built.stdout and built.stdout.count("==> [train]") == 1, built.stdout
+    listing = archive_sh(bundle, "--list").stdout.splitlines()
+    assert "tiny tiny 1.0 artifacts/tiny" in listing
+    with zipfile.ZipFile(bundle / "model_store" / "tiny.mar") as archive:
+        assert {"handlers/tiny.py", "models/tiny.py", "manifest.json", "model.pt"} <= set(archive.namelist())
+
+    # In the copy's own Python process: this one has already imported the checkout's handlers and models packages.
+    served = subprocess.run([sys.executable, "-c", SERVE_TINY, str(tmp_path / "unpacked")], cwd=bundle,
+                            capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert served.stdout.split() == ["200", '{"y":8.0}', "400", "InvalidInput"], served.stdout
+
+
+SERVE_TINY = """
+import json, sys
+from tests.worker import Request, Worker
+worker = Worker("model_store/tiny.mar", sys.argv[1])
+good, bad = worker.run(Request(b'{"x": [1, 2]}', "application/json"), Request(b'{"x": "no"}', "application/json"))
+print(good.status, json.dumps(good.body, separators=(",", ":")), bad.status, bad.body["type"])
+"""

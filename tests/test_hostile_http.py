@@ -1,0 +1,177 @@
+"""No input may kill a worker: hostile requests over real HTTP against the session TorchServe.
+
+In-process tests never reach the Java frontend, where a CR/LF in a reason phrase or a reply over
+``max_response_size`` kills the worker. Each hostile request here is sent while good requests for the same model
+are in flight (so the frontend batches them together); it must get a 2xx or 4xx with a JSON body, every good
+request must succeed, and the model's worker pids must be unchanged.
+"""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import registry
+from scripts.server import CONFIG, read_properties
+from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+
+pytestmark = pytest.mark.slow
+
+TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+JSON = {"Content-Type": "application/json"}
+MAX_RESPONSE = int(read_properties(CONFIG)["max_response_size"])
+GOOD_ALONGSIDE = 6
+"""Good requests sent together with each hostile one, so that they share its batch."""
+
+CONTROL = "\r\n\x00\x1b\x7f\u0085\u2028 HTTP/1.1 200 OK\r\nX-Injected: 1\r\n\r\n"
+"""Carriage return, line feed, NUL, ESC, DEL, NEL, LINE SEPARATOR, then a forged status line and header."""
+LONG = "k" * 100_000
+
+
+def good_request(model):
+    """A request for ``model`` with its known answer check."""
+    if model == "mnist":
+        return render_digit(heldout_digits()[0][0], 56), {}
+    if model == "sentiment":
+        return heldout_reviews()[0][0].encode("utf-8"), TEXT
+    return json.dumps(heldout_patients()[0][0]).encode(), JSON
+
+
+def row(**changes):
+    """A held-out regression row with ``changes`` (new keys or values)."""
+    return {**heldout_patients()[0][0], **changes}
+
+
+def hostile(name, model, body, headers=None, path="predictions"):
+    return pytest.param(model, body if isinstance(body, bytes) else json.dumps(body).encode(), headers or JSON, path,
+                        id=name)
+
+
+HOSTILE = [  # (model, body, headers, path): every field a handler quotes in an error, and the lists' limits
+    hostile("regression-key-crlf", "regression", row(**{CONTROL: 1})),
+    hostile("regression-key-newline-11-bytes", "regression", b'{"a\\nb": 1}'),
+    hostile("regression-key-lone-surrogate", "regression", b'{"\\ud800\\udfff\\udc00": 1}'),
+    hostile("regression-value-crlf", "regression", row(age=CONTROL)),
+    hostile("regression-value-surrogate", "regression", b'{"age": "\\ud800"}'),
+    hostile("regression-long-key", "regression", row(**{LONG: 1})),
+    hostile("regression-long-value", "regression", row(age=LONG)),
+    hostile("regression-many-unknown-keys", "regression", {f"{CONTROL}{i}": i for i in range(5000)}),
+    hostile("regression-list-item-crlf", "regression", [row(), CONTROL]),
+    hostile("regression-rows-over-limit", "regression", [row()] * 1025),
+    hostile("sentiment-keys-crlf", "sentiment", {CONTROL: "x", "text": "好"}),
+    hostile("sentiment-long-key", "sentiment", {LONG: "x"}),
+    hostile("sentiment-surrogate-text", "sentiment", b'{"text": "\\ud800\\ud800"}'),
+    hostile("sentiment-control-text", "sentiment", CONTROL.encode("utf-8"), TEXT),
+    hostile("sentiment-nul-only", "sentiment", b"\x00\x00", TEXT),
+    hostile("sentiment-texts-over-limit", "sentiment", ["好"] * 257),
+    hostile("sentiment-list-of-non-strings", "sentiment", [CONTROL, {CONTROL: 1}]),
+    hostile("mnist-data-crlf", "mnist", {"data": CONTROL}),
+    hostile("mnist-data-surrogate", "mnist", b'{"data": "\\ud800"}'),
+    hostile("mnist-keys-crlf", "mnist", {CONTROL: 1}),
+    hostile("mnist-text-body", "mnist", CONTROL.encode("utf-8"), TEXT),
+    hostile("mnist-explain-garbage", "mnist", b"\r\n\x00", {"Content-Type": "image/png"}, "explanations"),
+    hostile("regression-explain-crlf", "regression", row(**{CONTROL: 1}), path="explanations"),
+    hostile("sentiment-explain-crlf", "sentiment", {CONTROL: "x"}, path="explanations"),
+}
+
+
+def send(server, model, body, headers, path="predictions"):
+    return server.inference("POST", f"/{path}/{model}", data=body, headers=dict(headers), timeout=60)
+
+
+def pids_of_every_model(server):
+    return {entry.name: server.worker_pids(entry.name) for entry in registry.MODELS}
+
+
+def with_good_requests(server, model, send_hostile):
+    """``send_hostile()`` together with GOOD_ALONGSIDE good requests for ``model``: (hostile reply, good replies)."""
+    body, headers = good_request(model)
+    with ThreadPoolExecutor(GOOD_ALONGSIDE + 1) as pool:
+        good = [pool.submit(send, server, model, body, headers) for _ in range(GOOD_ALONGSIDE // 2)]
+        bad = pool.submit(send_hostile)
+        good += [pool.submit(send, server, model, body, headers) for _ in range(GOOD_ALONGSIDE - len(good))]
+        return bad.result(), [future.result() for future in good]
+
+
+def assert_clean_reply(reply):
+    """A 2xx or a 4xx whose JSON body names the problem; the status line carries only the fixed phrase."""
+    assert 200 <= reply.status_code < 300 or 400 <= reply.status_code < 500, (reply.status_code, reply.text[:300])
+    if reply.status_code >= 400:
+        body = reply.json()
+        assert set(body) == {"code", "type", "message"} and body["code"] == reply.status_code, body
+        assert "\r" not in body["message"] and "\n" not in body["message"] and "\x00" not in body["message"]
+        assert len(body["message"]) < 2000, len(body["message"])
+    assert "X-Injected" not in reply.headers
+    assert len(reply.content) <= MAX_RESPONSE
+
+
+@pytest.mark.parametrize("model, body, headers, path", HOSTILE)
+def test_hostile_request_leaves_the_batch_and_the_worker_alive(server, model, body, headers, path):
+    before = pids_of_every_model(server)
+    bad, good = with_good_requests(server, model, lambda: send(server, model, body, headers, path))
+    assert_clean_reply(bad)
+    assert [reply.status_code for reply in good] == [200] * len(good), [reply.text[:200] for reply in good]
+    assert pids_of_every_model(server) == before, "a worker was replaced"
+
+
+def test_client_text_reaches_the_body_escaped_and_bounded_never_the_status_line(server):
+    reply = send(server, "regression", json.dumps(row(**{CONTROL: 1})).encode(), JSON)
+    assert (reply.status_code, reply.reason) == (400, "Bad Request")
+    assert reply.json()["type"] == "InvalidField"
+    assert json.dumps(CONTROL)[1:30] in reply.json()["message"]  # quoted as a JSON string: \r\n\u0000...
+    long = send(server, "regression", json.dumps(row(**{LONG: 1})).encode(), JSON).json()["message"]
+    assert "(100000 characters)" in long and LONG not in long
+
+
+# --- the largest request each model accepts --------------------------------------------------------------------------
+
+def largest_requests():
+    """(model, path, body, headers): the longest lists each model accepts, on both APIs, with long items."""
+    review = ("这家店的东西质量很好，物流也很快，客服态度非常热情，下次还会再来购买。" * 20)[:400]
+    digit = render_digit(heldout_digits()[0][0], 300)
+    import base64
+
+    digits = json.dumps({"data": base64.b64encode(digit).decode()}).encode()
+    return [("sentiment", "predictions", json.dumps([review] * 256).encode(), JSON),
+            ("sentiment", "explanations", json.dumps([review] * 16).encode(), JSON),
+            ("regression", "predictions", json.dumps([row()] * 1024).encode(), JSON),
+            ("regression", "explanations", json.dumps([row()] * 16).encode(), JSON),
+            ("mnist", "explanations", digits, JSON)]
+
+
+@pytest.mark.parametrize("model, path, body, headers", largest_requests(),
+                         ids=[f"{m}-{p}" for m, p, _, _ in largest_requests()])
+def test_the_largest_accepted_request_gets_a_reply_under_max_response_size(server, model, path, body, headers):
+    before = server.worker_pids(model)
+    reply = send(server, model, body, headers, path)
+    assert reply.status_code == 200, reply.text[:300]
+    assert len(reply.content) <= MAX_RESPONSE
+    assert server.worker_pids(model) == before
+
+
+def test_an_explanation_request_over_the_limit_says_the_limit(server):
+    reply = send(server, "sentiment", json.dumps(["好"] * 17).encode(), JSON, "explanations")
+    assert reply.status_code == 413 and reply.json()["type"] == "TooManyExamples"
+    assert "at most 16" in reply.json()["message"]
+
+
+# --- control headers -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", [entry.name for entry in registry.MODELS])
+def test_a_client_describe_header_is_answered_as_a_prediction(server, model):
+    body, headers = good_request(model)
+    before = server.worker_pids(model)
+    bad, good = with_good_requests(server, model, lambda: send(server, model, body, {**headers, "describe": "True"}))
+    assert bad.status_code == 200 and "training" not in bad.json(), bad.text[:300]
+    assert [reply.status_code for reply in good] == [200] * len(good)
+    assert server.worker_pids(model) == before
+    empty = server.inference("POST", f"/predictions/{model}", headers={"describe": "True"})  # no body at all
+    assert empty.status_code == 400 and "training" not in empty.text, empty.text[:300]
+
+
+def test_a_client_explain_header_on_predictions_gets_a_prediction(server):
+    """The frontend sets ``explain`` itself (True on /explanations only), whatever the client sent."""
+    asked = send(server, "sentiment", "很好".encode(), {**TEXT, "explain": "True"})
+    assert asked.status_code == 200 and set(asked.json()) == {"label", "score"}, asked.text[:300]
+    refused = send(server, "sentiment", "很好".encode(), {**TEXT, "explain": "False"}, "explanations")
+    assert refused.status_code == 200 and "tokens" in refused.json()
