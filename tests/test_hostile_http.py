@@ -72,7 +72,7 @@ HOSTILE = [  # (model, body, headers, path): every field a handler quotes in an 
     hostile("mnist-explain-garbage", "mnist", b"\r\n\x00", {"Content-Type": "image/png"}, "explanations"),
     hostile("regression-explain-crlf", "regression", row(**{CONTROL: 1}), path="explanations"),
     hostile("sentiment-explain-crlf", "sentiment", {CONTROL: "x"}, path="explanations"),
-}
+]
 
 
 def send(server, model, body, headers, path="predictions"):

@@ -262,6 +262,7 @@ CROSS_DOMAIN_REVIEWS = [  # hotels, food delivery, restaurants, shops: none from
 ]
 
 
+@pytest.mark.slow  # trains the full default model
 def test_default_sentiment_model_generalises_to_other_review_domains(tmp_path):
     out = tmp_path / "sentiment"
     metrics = sentiment.main(["--out", str(out)])

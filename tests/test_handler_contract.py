@@ -1,0 +1,65 @@
+"""handlers/common.py's contract, in-process: optional explanations, forward-pass chunks, reply bounds, devices."""
+
+import json
+
+import torch
+
+from handlers.common import RequestError, quote, to_device
+from handlers.mnist import equivalence_tolerance, inference_copy
+from models import architecture, build
+from tests.samples import heldout_patients
+from tests.worker import Request, valid_reason
+
+JSON = "application/json"
+
+
+def test_a_model_without_explanations_answers_them_with_a_typed_404(worker, monkeypatch):
+    regression = worker("regression")
+    monkeypatch.setattr(regression.handler, "explain", None)
+    reply = regression.run_one(Request(json.dumps(heldout_patients()[0][0]), JSON, headers={"explain": "True"}))
+    assert (reply.status, reply.body["type"]) == (404, "ExplanationsNotSupported")
+    assert valid_reason(reply)
+
+
+def test_forward_passes_never_exceed_max_forward_examples(worker, monkeypatch):
+    regression = worker("regression")
+    sizes = []
+    predict = regression.handler.predict
+    monkeypatch.setattr(regression.handler, "predict", lambda batch: sizes.append(len(batch)) or predict(batch))
+    monkeypatch.setattr(regression.handler, "max_forward_examples", 32)
+    rows = heldout_patients()[0]
+    replies = regression.run(Request(json.dumps(rows * 5), JSON), Request(json.dumps(rows[0]), JSON))
+    assert [reply.status for reply in replies] == [200, 200] and len(replies[0].body) == 100
+    assert sizes == [32, 32, 32, 5]  # 101 examples of two requests, in chunks of at most 32
+
+
+def test_a_reply_over_max_reply_bytes_is_a_413_and_its_batch_neighbours_are_answered(worker, monkeypatch):
+    regression = worker("regression")
+    monkeypatch.setattr(regression.handler, "max_reply_bytes", 2000)
+    rows = heldout_patients()[0]
+    big, small = regression.run(Request(json.dumps(rows * 10), JSON), Request(json.dumps(rows[0]), JSON))
+    assert (big.status, big.body["type"]) == (413, "ReplyTooLarge") and "limit of 2000" in big.body["message"]
+    assert small.status == 200 and "prediction" in small.body
+
+
+def test_error_reasons_are_fixed_phrases_and_client_text_is_quoted_escaped_and_bounded():
+    err = RequestError(f"unknown feature {quote('a' + chr(13) + chr(10) + 'b' * 100)}", code=400)
+    assert err.reason == "Bad Request" and "\\r\\n" in err.message and "\r" not in err.message
+    assert err.message.endswith('..." (103 characters)')
+    assert RequestError("x", code=413).reason == "Request Entity Too Large"
+    assert "\\ud800" in RequestError(quote("\ud800")).message.encode("utf-8").decode()  # encodable
+
+
+def test_to_device_moves_tensors_nested_in_lists_tuples_and_dicts():
+    moved = to_device({"images": [torch.ones(1)], "sizes": (torch.zeros(2), 3)}, "meta")
+    assert moved["images"][0].device.type == "meta" and moved["sizes"][0].device.type == "meta"
+    assert moved["sizes"][1] == 3 and isinstance(moved["sizes"], tuple)
+
+
+def test_channels_last_copy_is_checked_with_a_device_aware_tolerance(monkeypatch):
+    assert equivalence_tolerance(torch.device("cpu")) == 1e-4
+    assert equivalence_tolerance(torch.device("cuda", 0)) >= 1e-3  # TF32 convolutions on CUDA
+    model = build(architecture("models.mnist", "DigitCNN", width=4)).eval()
+    assert inference_copy(model, torch.device("cpu")) is not model
+    monkeypatch.setattr("handlers.mnist.equivalence_tolerance", lambda device: -1.0)  # nothing is close enough
+    assert inference_copy(model, torch.device("cpu")) is model  # falls back to the original
