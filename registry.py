@@ -72,7 +72,7 @@ class Model:
     @property
     def sources(self) -> tuple[str, ...]:
         """The files whose change means the model must be retrained."""
-        return (self.model_module, self.train_module, "train/common.py")
+        return (self.model_module, self.train_module, "models/__init__.py", "train/common.py")
 
 
 MODELS = (
@@ -168,7 +168,8 @@ def resolve(name: str):
 def makefile_rules() -> str:
     """Make rules: each artifact folder from its model's sources (and its training command, through a stamp file
     that changes only when the command does), each archive from its artifacts, handler and model-config."""
-    rules = [f"ARTIFACTS := {' '.join(v.artifacts for _, v in served())}",
+    rules = ["PACKAGED := $(shell find handlers models -name '*.py' -not -path '*/__pycache__/*')",
+             f"ARTIFACTS := {' '.join(v.artifacts for _, v in served())}",
              f"ARCHIVES := {' '.join(f'model_store/{v.archive}.mar' for _, v in served())}", ""]
     for entry, version in served():
         stamp = f".make/{version.archive}.train"
@@ -177,7 +178,7 @@ def makefile_rules() -> str:
                   f"\t@echo '==> [train] {version.artifacts}'",
                   f"\t@{version.train}",
                   f"model_store/{version.archive}.mar: {version.artifacts}/manifest.json {entry.handler} "
-                  f"{entry.configs['cpu']} $(wildcard handlers/*.py models/*.py) scripts/archive.py",
+                  f"{entry.configs['cpu']} $(PACKAGED) scripts/archive.py",
                   f"\t@./archive.sh {version.archive}", ""]
     return "\n".join(rules)
 
