@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_EXPLAIN_EXAMPLES = 16
 DEFAULT_MAX_REPLY_BYTES = 2 * 1024 * 1024
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds in seconds of the HandlerLatencySeconds histogram: from a GPU forward pass (0.5 ms) to a CPU
+explanation (10 s). TorchServe 0.12's own ``histogram`` metric type has the Prometheus client's fixed default
+buckets (5 ms to 10 s), too coarse for GPU latencies, so the buckets are counters with an ``le`` label, which is
+what ``histogram_quantile`` reads."""
 QUOTE_LIMIT = 60
 """Characters of client text quoted in an error message; the rest is elided."""
 
@@ -240,7 +245,28 @@ class BundleHandler:
                                                               metric_type=counter)
         self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"],
                                                            metric_type=counter)
+        self.metric_errors = metrics.add_metric_to_cache("HandlerErrors", "Count", dims, metric_type=counter)
         self.metric_preprocess = metrics.add_metric_to_cache("PreprocessMilliseconds", "ms", dims, metric_type=counter)
+        self.metric_latency_buckets = metrics.add_metric_to_cache("HandlerLatencySeconds_bucket", "Count",
+                                                                  dims + ["le"], metric_type=counter)
+        self.metric_latency_count = metrics.add_metric_to_cache("HandlerLatencySeconds_count", "Count", dims,
+                                                                metric_type=counter)
+        self.metric_latency_sum = metrics.add_metric_to_cache("HandlerLatencySeconds_sum", "s", dims,
+                                                              metric_type=counter)
+        # Every counter of a rate() exists from the worker's start, at 0: Prometheus then extrapolates numerator
+        # and denominator of a ratio (error share, quantiles, mean latency) over the same samples.
+        for bound in (*map(str, LATENCY_BUCKETS), "+Inf"):
+            self.metric_latency_buckets.add_or_update(0, self._dims(bound))
+        for metric in (self.metric_requests, self.metric_errors, self.metric_preprocess, self.metric_latency_count,
+                       self.metric_latency_sum):
+            metric.add_or_update(0, self._dims())
+
+    def _observe_latency(self, requests, seconds):
+        """``requests`` requests answered after ``seconds`` in the handler, into the latency histogram."""
+        for bound in (*(b for b in LATENCY_BUCKETS if seconds <= b), "+Inf"):
+            self.metric_latency_buckets.add_or_update(requests, self._dims(str(bound)))
+        self.metric_latency_count.add_or_update(requests, self._dims())
+        self.metric_latency_sum.add_or_update(requests * seconds, self._dims())
 
     # --- hooks -----------------------------------------------------------------------------------------------------
 
@@ -306,7 +332,9 @@ class BundleHandler:
                 replies[idx] = self.reject(idx, err)
                 continue
             replies[idx] = answers if many else answers[0]
-        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        elapsed = time.perf_counter() - started
+        context.metrics.add_time("HandlerTime", round(elapsed * 1000, 2), None, "ms")
+        self._observe_latency(len(data), elapsed)
         return [self._bounded(idx, reply) for idx, reply in enumerate(replies)]
 
     def _answer_predictions(self, to_predict, replies):
@@ -341,6 +369,7 @@ class BundleHandler:
         """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
         self.context.set_response_status(err.code, err.reason, idx)
         self.metric_rejected.add_or_update(1, self._dims(err.kind))
+        self.metric_errors.add_or_update(1, self._dims())
         logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
         return err.to_json()
 
