@@ -41,6 +41,7 @@ stop:
 	@$(PY) -m scripts.server stop
 
 test: archive
+	@scripts/ensure_prometheus.sh
 	@echo "==> [test] pytest"
 	@$(PY) -m pytest
 
