@@ -8,7 +8,7 @@ What is checked, for the plain manifests (`kubectl apply -f k8s`) and for every 
 - checkov reports no failed check (scripts/checkov.sh; skips only in k8s/policy/checkov.yaml);
 - consistency between the objects, written as ``check_*`` functions that return a list of problems
   (empty = fine): selectors, ports, probes, GPUs, route weights, network policy, models against
-  ``./archive.sh --list``, the Dockerfile against the manifests. Each check is also run on a
+  registry.py, the Dockerfile against the manifests. Each check is also run on a
   deliberately broken copy of the bundle, to show that it catches what it claims to.
 """
 
@@ -28,6 +28,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -99,19 +101,14 @@ def render_overlay(overlay_dir):
 
 
 def archive_table():
-    """`./archive.sh --list` ("NAME VERSION FILE ARTIFACT_DIR" per line) as {file: (name, version)}."""
-    script = ROOT / "archive.sh"
-    if not script.exists():
-        pytest.fail("archive.sh is missing: the models of the Deployments are checked against its --list",
-                    pytrace=False)
-    listing = subprocess.run([str(script), "--list"], capture_output=True, text=True, check=True,
-                             timeout=60).stdout
-    table = {}
-    for line in listing.splitlines():
-        if line.strip():
-            name, version, file, _artifact_dir = line.split()
-            table[file] = (name, version)
-    return table
+    """{archive file: (model, version)} for every version registry.py registers (what ./archive.sh builds)."""
+    return {f"{version.archive}.mar": (entry.name, version.version) for entry, version in registry.served()}
+
+
+def required_versions():
+    """The (model, version) pairs the cluster must serve: every registered version not marked optional."""
+    return {(entry.name, version.version) for entry, version in registry.served()
+            if not getattr(version, "optional", False)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,22 +592,28 @@ def check_variants_in_sync(objs):
     return problems
 
 
-def check_models(objs, archives):
-    """Every archive a Deployment loads is one that ./archive.sh builds, under its own model name."""
+def check_models(objs, archives, required=None):
+    """Every archive a Deployment loads is one that registry.py registers, under its own model name, and
+    every version in ``required`` (default: every non-optional registered version) is served by some Deployment."""
     problems = []
     served_names = {}
+    served_pairs = set()
     for deployment in of_kind(objs, "Deployment"):
         served = served_models(containers(deployment)[0])
         if not served:
             problems.append(f"{ref(deployment)}: names no archives (--models)")
         for name, file in served.items():
             if file not in archives:
-                problems.append(f"{ref(deployment)}: loads {file}, which ./archive.sh --list does not build")
+                problems.append(f"{ref(deployment)}: loads {file}, which registry.py does not register")
             elif archives[file][0] != name:
                 problems.append(f"{ref(deployment)}: serves {file} as {name!r}, but it is model {archives[file][0]!r}")
+            else:
+                served_pairs.add(archives[file])
         served_names[deployment["metadata"]["name"]] = set(served)
     if len({frozenset(names) for names in served_names.values()}) > 1:
         problems.append(f"the Deployments serve different model names: {served_names}")
+    for model, version in sorted((required_versions() if required is None else required) - served_pairs):
+        problems.append(f"{model} {version} is registered in registry.py but no Deployment serves it")
     return problems
 
 
@@ -918,7 +921,7 @@ def test_python39_check_catches_newer_code():
 
 
 def test_image_has_every_package_the_handlers_import_pinned_as_in_requirements():
-    third_party = handler_imports() - set(sys.stdlib_module_names) - {"handlers"}
+    third_party = handler_imports() - set(sys.stdlib_module_names) - {"handlers", "models"}
     installed = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([\w.]+)", " ".join(
         line for line in dockerfile().splitlines() if "pip install" in line and not line.lstrip().startswith("#"))))
     missing = [m for m in third_party - BASE_IMAGE_MODULES if IMPORT_TO_DIST.get(m, m) not in installed]
@@ -1078,9 +1081,12 @@ BREAKAGES = {
         "20-torchserve-b.yaml", "Deployment", "torchserve-b",
         _set(CONTAINER + ["resources", "limits", "memory"], "32Gi"),
         "differ beyond their variant at: .spec.template.spec.containers[0].resources.limits.memory"),
-    "archive that archive.sh does not build": (
+    "archive that registry.py does not register": (
         "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist_v3.mar"),
-        "loads mnist_v3.mar, which ./archive.sh --list does not build"),
+        "loads mnist_v3.mar, which registry.py does not register"),
+    "registered version served by no Deployment": (
+        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist.mar"),
+        "mnist 2.0 is registered in registry.py but no Deployment serves it"),
     "archive served under another model's name": (
         "20-torchserve-a.yaml", "Deployment", "torchserve-a", _set(CONTAINER + ["args", 4], "sentiment=regression.mar"),
         "serves regression.mar as 'sentiment'"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+import registry
 from scripts.server import ROOT
 
 ENSURE_JAVA = ROOT / "scripts" / "ensure_java.sh"
@@ -68,22 +69,27 @@ def archive_sh(*args, cwd=ROOT):
 
 def test_archive_list_names_every_version():
     rows = [line.split() for line in archive_sh("--list").stdout.splitlines()]
-    assert rows == [["mnist", "1.0", "mnist.mar", "artifacts/mnist"], ["mnist", "2.0", "mnist_v2.mar", "artifacts/mnist-v2"],
-                    ["sentiment", "1.0", "sentiment.mar", "artifacts/sentiment"],
-                    ["regression", "1.0", "regression.mar", "artifacts/regression"]]
-    assert archive_sh("--train-command", "artifacts/sentiment").stdout.split()[:3] == ["python", "-m", "train.sentiment"]
+    assert rows == [[v.archive, m.name, v.version, v.artifacts] for m, v in registry.served()]
+    assert ["mnist_v2", "mnist", "2.0", "artifacts/mnist-v2"] in rows
+    command = subprocess.run([sys.executable, str(ROOT / "registry.py"), "train-command", "artifacts/sentiment"],
+                             capture_output=True, text=True, check=True).stdout
+    assert command.split()[:3] == ["python", "-m", "train.sentiment"]
 
 
 def test_untrained_model_names_the_train_command(tmp_path):
     copy = tmp_path / "bundle"
     copy.mkdir()
-    shutil.copy(ROOT / "archive.sh", copy)
-    shutil.copytree(ROOT / "handlers", copy / "handlers")
+    for name in ("archive.sh", "registry.py"):  # archive.sh runs `python -m scripts.archive`, which reads registry.py
+        shutil.copy(ROOT / name, copy)
+    for package in ("scripts", "handlers", "models"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     result = archive_sh("regression", cwd=copy)
     assert result.returncode == 1
     assert "artifacts/regression/manifest.json not found" in result.stderr
     assert "python -m train.regression --out artifacts/regression" in result.stderr
-    assert archive_sh("no-such-model", cwd=copy).returncode == 2
+    unknown = archive_sh("no-such-model", cwd=copy)
+    assert unknown.returncode == 1 and "no archive or model named 'no-such-model'" in unknown.stderr
+    assert not (copy / "model_store" / "regression.mar").exists()
 
 
 def test_archive_contents_and_model_config():
