@@ -48,7 +48,7 @@ class BadInput(Exception):
     """What the user asked for cannot be evaluated (exit 2); the message says why."""
 
 
-# --- the labelled examples -------------------------------------------------------------------------------------------
+# --- the labelled examples -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Example:
@@ -143,7 +143,7 @@ TASKS = {
 }
 
 
-# --- the server --------------------------------------------------------------------------------------------------------
+# --- the server ----------------------------------------------------------------------------------------------------
 
 class Server:
     """The inference and management APIs of a running TorchServe, with the tokens of its key_file.json."""
@@ -176,7 +176,7 @@ class Server:
         return reply.json()[0]
 
 
-# --- measuring -----------------------------------------------------------------------------------------------------------
+# --- measuring -----------------------------------------------------------------------------------------------------
 
 @dataclass
 class Observations:
@@ -282,7 +282,7 @@ def rmse(truth, predicted):
     return float(np.sqrt(np.mean((np.asarray(truth) - np.asarray(predicted)) ** 2)))
 
 
-# --- the gates -------------------------------------------------------------------------------------------------------------
+# --- the gates -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Limits:
@@ -349,7 +349,7 @@ def decide(metrics, limits):
     return all(r["passed"] for r in results), results
 
 
-# --- promotion, reports, Kubernetes ----------------------------------------------------------------------------------------
+# --- promotion, reports, Kubernetes --------------------------------------------------------------------------------
 
 def set_default(server, model, candidate, example):
     """Make ``candidate`` the default and check that /predictions/MODEL answers with it; returns what was checked."""
@@ -441,7 +441,7 @@ def plot(path, report, quality):
     plt.close(figure)
 
 
-# --- the command -------------------------------------------------------------------------------------------------------------
+# --- the command ---------------------------------------------------------------------------------------------------
 
 def examples_for(task, server, model, versions, data):
     """The labelled set: --data, or the examples every version's training run held out."""

@@ -113,7 +113,7 @@ def test_kubectl_steps_set_the_route_weights(tmp_path):
     assert status != 0 and "test" in message.lower()
 
 
-# --- against a real TorchServe -------------------------------------------------------------------------------------------
+# --- against a real TorchServe -------------------------------------------------------------------------------------
 
 def shuffled_candidate(folder, version="9.0"):
     """mnist.mar with every weight tensor's entries permuted (same shapes, no skill), as version ``version``."""
