@@ -145,6 +145,12 @@ TASKS = {
 
 # --- the server ----------------------------------------------------------------------------------------------------
 
+def refused_token(reply, api):
+    """TorchServe answers a missing or stale token with 400 InvalidKeyException (401 behind some proxies)."""
+    if reply.status_code == 401 or (reply.status_code == 400 and "InvalidKeyException" in reply.text):
+        raise BadInput(f"the {api} API refused the token: is --key-file the running server's key_file.json?")
+
+
 class Server:
     """The inference and management APIs of a running TorchServe, with the tokens of its key_file.json."""
 
@@ -168,8 +174,7 @@ class Server:
     def describe(self, model, version=None):
         path = f"/models/{model}" + (f"/{version}" if version else "") + "?customized=true"
         reply = self.call("management", "GET", path)
-        if reply.status_code == 401:
-            raise BadInput(f"the management API refused the token: is --key-file the running server's? ({reply.text})")
+        refused_token(reply, "management")
         if reply.status_code == 404:
             raise BadInput(f"TorchServe serves no {model} {version or ''}".strip() + f": {reply.json()['message']}")
         reply.raise_for_status()
@@ -230,6 +235,7 @@ class HeldOutSource:
         reply = self.server.call("inference", "POST", f"/predictions/{model}/{version}", data=example.body,
                                  headers={"Content-Type": example.content_type})
         latency = (time.perf_counter() - started) * 1000
+        refused_token(reply, "inference")
         if reply.status_code != 200:
             return None, latency, f"{reply.status_code} {reply.text[:200]}"
         try:
@@ -269,7 +275,7 @@ def compare(kind, truths, default, candidate):
         for role, predicted in (("default", a), ("candidate", b)):
             metrics[f"{role}.rmse"] = rmse(y, predicted)
             metrics[f"{role}.r2"] = float(1 - np.sum((y - predicted) ** 2) / np.sum((y - y.mean()) ** 2))
-        metrics["pair.disagreement"] = float(np.mean(np.abs(a - b) > 1e-6 * np.maximum(1, np.abs(a))))
+        metrics["pair.mean_abs_difference"] = float(np.mean(np.abs(a - b)))  # how far apart the answers are
         ci = stats.bootstrap((y, a, b), lambda y_, a_, b_: rmse(y_, b_) - rmse(y_, a_), paired=True,
                              vectorized=False, n_resamples=2000, confidence_level=0.95, method="percentile",
                              random_state=0).confidence_interval

@@ -115,21 +115,27 @@ def test_kubectl_steps_set_the_route_weights(tmp_path):
 
 # --- against a real TorchServe -------------------------------------------------------------------------------------
 
+def as_version(stem, target, version, replace=None):
+    """A copy of model_store/<stem>.mar registered as another version of the same model."""
+    source = STORE / f"{stem}.mar"
+    with zipfile.ZipFile(source) as mar:
+        manifest = json.loads(mar.read(MANIFEST))
+    manifest["model"]["modelVersion"] = version
+    return rezip(source, target, manifest["model"]["modelName"],
+                 replace={**(replace or {}), MANIFEST: json.dumps(manifest).encode()})
+
+
 def shuffled_candidate(folder, version="9.0"):
     """mnist.mar with every weight tensor's entries permuted (same shapes, no skill), as version ``version``."""
-    source = STORE / "mnist.mar"
-    weights_name = serialized_file(source)
-    with zipfile.ZipFile(source) as mar:
+    weights_name = serialized_file(STORE / "mnist.mar")
+    with zipfile.ZipFile(STORE / "mnist.mar") as mar:
         state = torch.load(io.BytesIO(mar.read(weights_name)), weights_only=True)
-        manifest = json.loads(mar.read(MANIFEST))
     generator = torch.Generator().manual_seed(0)
     shuffled = {name: t.flatten()[torch.randperm(t.numel(), generator=generator)].reshape(t.shape)
                 for name, t in state.items()}
     buffer = io.BytesIO()
     torch.save(shuffled, buffer)
-    manifest["model"]["modelVersion"] = version
-    return rezip(source, folder / "mnist_bad.mar", "mnist",
-                 replace={weights_name: buffer.getvalue(), MANIFEST: json.dumps(manifest).encode()})
+    return as_version("mnist", folder / "mnist_bad.mar", version, replace={weights_name: buffer.getvalue()})
 
 
 def promote_cli(server, *args, report):
@@ -199,3 +205,56 @@ def test_mnist_2_is_promoted(mnist_server, tmp_path):
     assert list(report["kubectl"]) == list(kubectl_steps()) and kubectl_steps()["A 50 / B 50"] in result.stdout
     reply = mnist_server.predict("mnist", (promote.ROOT / "samples" / "digit_7.png").read_bytes())
     assert reply.json()["version"] == "2.0"
+
+
+@pytest.fixture(scope="module")
+def copies_server(tmp_path_factory):
+    """regression and sentiment 1.0, each with an identical copy registered as 2.0."""
+    store = store_with(tmp_path_factory.mktemp("copies"), "regression", "sentiment")
+    for stem in ("regression", "sentiment"):
+        as_version(stem, store / f"{stem}_copy.mar", "2.0")
+    with running(tmp_path_factory.mktemp("torchserve"), model_store=store, expect_ready=4) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_regression_paired_bootstrap_over_http(copies_server, tmp_path):
+    """The same weights as candidate: the held-out R2 of training, an RMSE increase of exactly 0, a pass."""
+    result = promote_cli(copies_server, "regression", "--candidate", "2.0", "--dry-run", report=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "promote-regression-1.0-vs-2.0.json").read_text())["metrics"]
+    described = copies_server.management("GET", "/models/regression/1.0?customized=true").json()[0]
+    record = described["customizedMetadata"]["training"]
+    assert m["pair.n_compared"] == record["dataset"]["n_test"]
+    assert m["default.r2"] == pytest.approx(record["test"]["r2"], abs=1e-3)
+    assert m["pair.rmse_increase_ci95"] == [0.0, 0.0] and m["pair.mean_abs_difference"] == 0.0
+
+
+@pytest.mark.slow
+def test_sentiment_on_a_labelled_folder_given_with_data(copies_server, tmp_path):
+    """--data: a folder in the layout of the model's own reader (neg.txt, pos.txt), sent over HTTP."""
+    from tests.samples import CROSS_DOMAIN_REVIEWS
+
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    for label in ("neg", "pos"):
+        texts = [text for text, name in CROSS_DOMAIN_REVIEWS if name.startswith(label[:3])]
+        (folder / f"{label}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    result = promote_cli(copies_server, "sentiment", "--candidate", "2.0", "--data", str(folder), "--dry-run",
+                         report=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads((tmp_path / "promote-sentiment-1.0-vs-2.0.json").read_text())["metrics"]
+    assert m["pair.n_compared"] == len(CROSS_DOMAIN_REVIEWS) and m["default.accuracy"] == 1.0
+    assert m["pair.disagreement"] == 0.0 and copies_server.management(
+        "GET", "/models/sentiment").json()[0]["modelVersion"] == "1.0"  # --dry-run changed nothing
+
+
+@pytest.mark.slow
+def test_a_stale_token_is_bad_input_not_a_refusal(copies_server, tmp_path):
+    stale = tmp_path / "key_file.json"
+    stale.write_text(json.dumps({"management": {"key": "stale"}, "inference": {"key": "stale"}}))
+    command = [sys.executable, "-m", "scripts.promote", "regression", "--candidate", "2.0", "--report", str(tmp_path),
+               "--inference", copies_server.url("inference"), "--management", copies_server.url("management"),
+               "--key-file", str(stale)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=promote.ROOT)
+    assert result.returncode == 2 and "refused the token" in result.stderr
