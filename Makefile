@@ -21,12 +21,13 @@ include .make/rules.mk
 
 setup: $(READY)
 
-$(READY): requirements.txt scripts/ensure_java.sh
+$(READY): requirements.txt scripts/ensure_java.sh scripts/venv_hook.sh
 	@echo "==> [setup] Python venv in $(VENV) with pinned requirements"
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@echo "==> [setup] Java >= 17 for TorchServe"
 	@scripts/ensure_java.sh $(VENV)
+	@scripts/venv_hook.sh $(VENV)
 	@touch $@
 
 train: $(ARTIFACTS:%=%/manifest.json)

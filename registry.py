@@ -63,7 +63,7 @@ class Model:
     train_module: str
     handler: str
     configs: dict[str, str]
-    """model-config.yaml per profile ("cpu": what local serving and the CPU overlay use)."""
+    """model-config.yaml per profile ("cpu": local serving and the CPU overlay; "gpu": the image and k8s/)."""
     versions: tuple[Version, ...]
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
@@ -81,7 +81,7 @@ MODELS = (
         model_module="models/mnist.py",
         train_module="train/mnist.py",
         handler="handlers/mnist.py",
-        configs={"cpu": "handlers/mnist.yaml"},
+        configs={"cpu": "handlers/mnist.yaml", "gpu": "handlers/mnist.gpu.yaml"},
         versions=(
             Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist"),
             Version("2.0", "mnist_v2", "artifacts/mnist-v2",
@@ -97,7 +97,7 @@ MODELS = (
         model_module="models/sentiment.py",
         train_module="train/sentiment.py",
         handler="handlers/sentiment.py",
-        configs={"cpu": "handlers/sentiment.yaml"},
+        configs={"cpu": "handlers/sentiment.yaml", "gpu": "handlers/sentiment.gpu.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
                           "python -m train.sentiment --out artifacts/sentiment"),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
@@ -109,7 +109,7 @@ MODELS = (
         model_module="models/regression.py",
         train_module="train/regression.py",
         handler="handlers/regression.py",
-        configs={"cpu": "handlers/regression.yaml"},
+        configs={"cpu": "handlers/regression.yaml", "gpu": "handlers/regression.gpu.yaml"},
         versions=(Version("1.0", "regression", "artifacts/regression",
                           "python -m train.regression --out artifacts/regression"),),
         samples=(Sample("samples/patient.json", "application/json"),),

@@ -3,6 +3,7 @@
     ./archive.sh                   every archive in registry.py
     ./archive.sh NAME [NAME ...]   only these: an archive (mnist_v2) or a model (mnist: all of its versions)
     ./archive.sh --list            ARCHIVE MODEL VERSION ARTIFACT_DIR, one line per archive
+    ./archive.sh --profile gpu     the same archives with each model's GPU model-config, into model_store_gpu/
 
 An archive holds the model's handler module as entry point, the handlers/ and models/ packages, every file of the
 artifact folder (the weights as the serialized file) and the model's model-config.yaml. Any failure (an untrained
@@ -34,6 +35,12 @@ class BuildError(RuntimeError):
 
 class UnknownName(LookupError):
     """A name on the command line is neither an archive nor a model of registry.py."""
+
+
+def profile_store(profile):
+    """Where archives of a model-config profile go: model_store/ for "cpu" (local serving), else model_store_<profile>/
+    (not a folder inside model_store/, which `--models all` would try to load as a model)."""
+    return STORE if profile == "cpu" else ROOT / f"model_store_{profile}"
 
 
 def build(entry, version, store=STORE, config=None):
@@ -115,17 +122,22 @@ def main(argv=None):
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("names", nargs="*", help="archives or models to build (default: all)")
     parser.add_argument("--list", action="store_true", help="list the archives and exit")
+    parser.add_argument("--profile", default="cpu", choices=sorted({p for m in registry.MODELS for p in m.configs}),
+                        help="model-config profile (registry.py configs; default cpu, into model_store/)")
     args = parser.parse_args(argv)
     if args.list:
         return registry.main(["archives"])
-    STORE.mkdir(exist_ok=True)
+    store = profile_store(args.profile)
+    store.mkdir(parents=True, exist_ok=True)
     try:
         chosen = selected(args.names)
     except UnknownName as err:
         parser.error(str(err))  # exit status 2, as for any other usage error
     try:
         for entry, version in chosen:
-            target = build(entry, version)
+            if args.profile not in entry.configs:
+                raise BuildError(f"{entry.name} has no {args.profile!r} model-config in registry.py")
+            target = build(entry, version, store, ROOT / entry.configs[args.profile])
             size = target.stat().st_size / 1024
             print(f"archive.sh: {target.relative_to(ROOT)}  ({entry.name} {version.version} from "
                   f"{version.artifacts}, {size:.0f} KiB)", flush=True)

@@ -77,6 +77,7 @@ class TorchServe:
         env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), TEMP=str(self.workdir / "tmp"),
                    LOG_LOCATION=str(self.workdir / "logs"),
                    METRICS_LOCATION=str(self.workdir / "logs"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        env.pop("TS_CONFIG_FILE", None)  # the activated venv's (scripts/venv_hook.sh) would win over --ts-config
         command = ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config),
                    "--model-store", str(self.model_store), "--models", self.models]
         with open(self.workdir / "logs" / "console.log", "ab") as console:

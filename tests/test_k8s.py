@@ -8,7 +8,7 @@ What is checked, for the plain manifests (`kubectl apply -f k8s`) and for every 
 - checkov reports no failed check (scripts/checkov.sh; skips only in k8s/policy/checkov.yaml);
 - consistency between the objects, written as ``check_*`` functions that return a list of problems
   (empty = fine): selectors, ports, probes, GPUs, route weights, network policy, models against
-  ``./archive.sh --list``, the Dockerfile against the manifests. Each check is also run on a
+  registry.py, the Dockerfile against the manifests. Each check is also run on a
   deliberately broken copy of the bundle, to show that it catches what it claims to.
 """
 
@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -51,11 +54,8 @@ CLUSTER_ONLY_SETTINGS = {
     "load_models",  # each Deployment names its archives with --models
     "number_of_gpu", "default_workers_per_model", "vmargs",  # pod sizing, container JVM
 }
-# Modules the base image pytorch/torchserve:0.12.0-gpu ships (its requirements: torch, torchvision,
-# torchaudio, common.txt) that handlers may import without the Dockerfile installing them.
-BASE_IMAGE_MODULES = {"torch", "torchvision", "torchaudio", "numpy", "PIL", "captum", "yaml", "requests",
-                      "psutil", "packaging", "ts", "model_archiver"}
-IMAGE_PYTHON = (3, 9)  # Python of the official TorchServe 0.12.0 images
+LIVENESS_PATH = "/api-description"  # answered by the frontend itself: no model, no token (tests/test_probes.py)
+READINESS_SCRIPT = "scripts/readiness.py"  # the exec readiness probe (tests/test_probes.py), copied into the image
 IMPORT_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "PyYAML"}
 
 
@@ -99,19 +99,14 @@ def render_overlay(overlay_dir):
 
 
 def archive_table():
-    """`./archive.sh --list` ("NAME VERSION FILE ARTIFACT_DIR" per line) as {file: (name, version)}."""
-    script = ROOT / "archive.sh"
-    if not script.exists():
-        pytest.fail("archive.sh is missing: the models of the Deployments are checked against its --list",
-                    pytrace=False)
-    listing = subprocess.run([str(script), "--list"], capture_output=True, text=True, check=True,
-                             timeout=60).stdout
-    table = {}
-    for line in listing.splitlines():
-        if line.strip():
-            name, version, file, _artifact_dir = line.split()
-            table[file] = (name, version)
-    return table
+    """{archive file: (model, version)} for every version registry.py registers (what ./archive.sh builds)."""
+    return {f"{version.archive}.mar": (entry.name, version.version) for entry, version in registry.served()}
+
+
+def required_versions():
+    """The (model, version) pairs the cluster must serve: every registered version not marked optional."""
+    return {(entry.name, version.version) for entry, version in registry.served()
+            if not getattr(version, "optional", False)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,26 +313,66 @@ def check_services(objs):
 
 
 def check_probes(objs):
-    """startup, readiness and liveness probes GET /ping on the inference port of the pod's config."""
+    """Startup and liveness GET the frontend's LIVENESS_PATH on the inference port (no model involved: one broken model
+    never restarts the pod); readiness runs the image's readiness script on the config the pod starts with."""
     problems = []
+    in_image = docker_copies().get(READINESS_SCRIPT)
     for deployment in of_kind(objs, "Deployment"):
         props, config_problems = torchserve_config(objs, deployment)
         problems += config_problems
         for container in containers(deployment):
+            config = option_values(container.get("args", []), "--ts-config")
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = container.get(probe_name)
                 where = f"{ref(deployment)} {probe_name}"
                 if probe is None:
                     problems.append(f"{where}: missing")
-                    continue
-                http = probe.get("httpGet")
-                if http is None or http.get("path") != "/ping":
-                    problems.append(f"{where}: must be an httpGet on /ping")
-                    continue
-                number = container_port(container, http.get("port"))
-                if props is not None and number != torchserve_ports(props)["inference"]:
-                    problems.append(f"{where}: port {http.get('port')!r} is {number}, but /ping is served on the "
-                                    f"inference port {torchserve_ports(props)['inference']}")
+                elif probe_name == "readinessProbe":
+                    command = probe.get("exec", {}).get("command")
+                    if command != ["python", in_image, "--config", *config[:1]]:
+                        problems.append(f"{where}: must exec `python {in_image} --config <the --ts-config file>`, "
+                                        f"the readiness script the Dockerfile copies (found {command})")
+                else:
+                    http = probe.get("httpGet")
+                    if http is None or http.get("path") != LIVENESS_PATH:
+                        problems.append(f"{where}: must be an httpGet on {LIVENESS_PATH}")
+                        continue
+                    number = container_port(container, http.get("port"))
+                    if props is not None and number != torchserve_ports(props)["inference"]:
+                        problems.append(f"{where}: port {http.get('port')!r} is {number}, but the frontend serves "
+                                        f"{LIVENESS_PATH} on the inference port {torchserve_ports(props)['inference']}")
+    return problems
+
+
+def gpu_request(deployment):
+    resources = containers(deployment)[0].get("resources", {})
+    return int(resources.get("requests", {}).get(GPU, resources.get("limits", {}).get(GPU, 0)))
+
+
+def check_gpu_workers(objs, archives):
+    """In a pod with N GPUs, every served model's GPU profile puts workers on each of the N GPUs: deviceType gpu,
+    deviceIds 0..N-1 and minWorkers a multiple of N (TorchServe gives worker i deviceIds[i % len])."""
+    problems = []
+    for deployment in of_kind(objs, "Deployment"):
+        gpus = gpu_request(deployment)
+        if not gpus:
+            continue
+        for name, file in served_models(containers(deployment)[0]).items():
+            if file not in archives:
+                continue  # check_models reports it
+            entry = registry.model(archives[file][0])
+            where = f"{ref(deployment)} ({gpus} GPUs): {name}"
+            if "gpu" not in entry.configs:
+                problems.append(f"{where}: registry.py names no GPU profile (configs['gpu'])")
+                continue
+            config = yaml.safe_load((ROOT / entry.configs["gpu"]).read_text())
+            workers, devices = int(config.get("minWorkers", 0)), config.get("deviceIds")
+            if config.get("deviceType") != "gpu":
+                problems.append(f"{where}: {entry.configs['gpu']} has deviceType {config.get('deviceType')!r}, not gpu")
+            if devices != list(range(gpus)):
+                problems.append(f"{where}: {entry.configs['gpu']} deviceIds {devices} do not cover GPUs 0..{gpus - 1}")
+            if workers < gpus or workers % gpus:
+                problems.append(f"{where}: minWorkers {workers} in {entry.configs['gpu']} leaves GPUs uneven or idle")
     return problems
 
 
@@ -348,7 +383,7 @@ def check_gpus(objs):
         props, config_problems = torchserve_config(objs, deployment)
         problems += config_problems
         resources = containers(deployment)[0].get("resources", {})
-        requested = int(resources.get("requests", {}).get(GPU, resources.get("limits", {}).get(GPU, 0)))
+        requested = gpu_request(deployment)
         limit = int(resources.get("limits", {}).get(GPU, requested))
         if requested != limit:
             problems.append(f"{ref(deployment)}: {GPU} request {requested} != limit {limit}")
@@ -595,22 +630,28 @@ def check_variants_in_sync(objs):
     return problems
 
 
-def check_models(objs, archives):
-    """Every archive a Deployment loads is one that ./archive.sh builds, under its own model name."""
+def check_models(objs, archives, required=None):
+    """Every archive a Deployment loads is one that registry.py registers, under its own model name, and
+    every version in ``required`` (default: every non-optional registered version) is served by some Deployment."""
     problems = []
     served_names = {}
+    served_pairs = set()
     for deployment in of_kind(objs, "Deployment"):
         served = served_models(containers(deployment)[0])
         if not served:
             problems.append(f"{ref(deployment)}: names no archives (--models)")
         for name, file in served.items():
             if file not in archives:
-                problems.append(f"{ref(deployment)}: loads {file}, which ./archive.sh --list does not build")
+                problems.append(f"{ref(deployment)}: loads {file}, which registry.py does not register")
             elif archives[file][0] != name:
                 problems.append(f"{ref(deployment)}: serves {file} as {name!r}, but it is model {archives[file][0]!r}")
+            else:
+                served_pairs.add(archives[file])
         served_names[deployment["metadata"]["name"]] = set(served)
     if len({frozenset(names) for names in served_names.values()}) > 1:
         problems.append(f"the Deployments serve different model names: {served_names}")
+    for model, version in sorted((required_versions() if required is None else required) - served_pairs):
+        problems.append(f"{model} {version} is registered in registry.py but no Deployment serves it")
     return problems
 
 
@@ -625,7 +666,8 @@ OBJECT_CHECKS = [check_services, check_probes, check_gpus, check_pod_hardening, 
 
 
 def all_problems(objs, archives):
-    return [p for check in OBJECT_CHECKS for p in check(objs)] + check_models(objs, archives)
+    return ([p for check in OBJECT_CHECKS for p in check(objs)] + check_models(objs, archives)
+            + check_gpu_workers(objs, archives))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -810,26 +852,56 @@ def dockerfile():
     return (ROOT / "Dockerfile").read_text()
 
 
+def docker_args():
+    """{name: default} of the Dockerfile's ARG lines."""
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile(), re.M))
+
+
 def docker_copies():
-    """{source: destination} of the Dockerfile's COPY instructions (flags dropped)."""
+    """{source: destination} of the Dockerfile's COPY instructions (flags dropped, ARG defaults filled in)."""
+    args = docker_args()
     copies = {}
     for line in dockerfile().splitlines():
         if line.startswith("COPY "):
+            line = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line)
             words = [w for w in line.split()[1:] if not w.startswith("--")]
             for source in words[:-1]:
                 copies[source] = words[-1]
     return copies
 
 
-def test_image_is_the_official_torchserve_gpu_image():
-    assert re.search(r"^ARG TORCHSERVE_IMAGE=pytorch/torchserve:0\.12\.0-gpu$", dockerfile(), re.M)
-    assert re.search(r"^FROM \$\{TORCHSERVE_IMAGE\}$", dockerfile(), re.M)
+def test_image_is_the_tested_environment():
+    """The image runs the venv's Python (minor version), installs requirements.txt as pinned, and has a Java."""
+    base = re.search(r"^ARG PYTHON_IMAGE=python:(\d+)\.(\d+)\.(\d+)-slim", dockerfile(), re.M)
+    assert base and tuple(map(int, base.groups())) == sys.version_info[:3]
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", dockerfile(), re.M)
+    requirements = docker_copies()["requirements.txt"]
+    assert re.search(rf"^RUN python -m pip install .*-r {re.escape(requirements)}$", dockerfile(), re.M)
+    assert re.search(r"apt-get install .*openjdk-17-jre-headless", dockerfile())
+    assert "torchserve==0.12.0" in (ROOT / "requirements.txt").read_text().splitlines()
+
+
+def test_image_serves_the_gpu_profile_archives():
+    """The image copies what `./archive.sh --profile gpu` builds, and that build puts each model's GPU profile into
+    its archives (regression, the quickest to build, as the example)."""
+    from scripts import archive
+
+    store = archive.profile_store("gpu")
+    assert docker_copies()[f"{store.relative_to(ROOT)}/*.mar"].rstrip("/") == "/opt/torchserve/model-store"
+    entry, version = registry.archive("regression")
+    with tempfile.TemporaryDirectory() as folder:
+        built = archive.build(entry, version, Path(folder), ROOT / entry.configs["gpu"])
+        with zipfile.ZipFile(built) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            config = yaml.safe_load(mar.read(manifest["model"]["configFile"]))
+    assert config == yaml.safe_load((ROOT / entry.configs["gpu"]).read_text())
+    assert config["deviceType"] == "gpu" and config != yaml.safe_load((ROOT / entry.configs["cpu"]).read_text())
 
 
 def test_image_paths_and_user_match_the_manifests(bundle):
     props = parse_properties(named(bundle, "ConfigMap", "torchserve-config")["data"]["config.properties"])
     copies = docker_copies()
-    assert copies["model_store/*.mar"].rstrip("/") == props["model_store"]
+    assert copies[f"{docker_args()['ARCHIVES']}/*.mar"].rstrip("/") == props["model_store"]
     assert copies["metrics.yaml"] == props["metrics_config"]
     user = re.findall(r"^USER (\S+)$", dockerfile(), re.M)[-1]
     for deployment in of_kind(bundle, "Deployment"):
@@ -852,79 +924,61 @@ def dockerignore_includes(path):
 
 
 def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else():
-    for source in docker_copies():
+    copied = {*docker_copies(), "model_store/*.mar"}  # ARCHIVES=model_store: the CPU image
+    for source in copied:
         example = source.replace("*", "mnist")
         assert dockerignore_includes(example), f"{example} is copied by the Dockerfile but excluded from the context"
-    for private in ("artifacts/mnist/model.pt", ".venv/bin/python", ".git/config", "key_file.json"):
+    secrets = ("artifacts/mnist/model.pt", ".venv/bin/python", ".git/config", "key_file.json", "scripts/promote.py")
+    for private in secrets:
         assert not dockerignore_includes(private)
 
 
-def handler_imports():
-    """Top-level modules that handlers/*.py import (absolute imports only)."""
+def code_imports(*folders):
+    """Top-level modules that the Python files of ``folders`` import (absolute imports only)."""
     modules = set()
-    for path in (ROOT / "handlers").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                modules |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                modules.add(node.module.split(".")[0])
+    for folder in folders:
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    modules.add(node.module.split(".")[0])
     return modules
 
 
-def python39_problems(source, filename="<handler>"):
-    """What breaks a module on the image's Python 3.9 although it runs on the repo's 3.11: newer syntax,
-    `X | Y` in annotations (evaluated at import without `from __future__ import annotations`), and the
-    3.10 keywords zip(strict=) and dataclass(slots=, kw_only=)."""
-    try:
-        tree = ast.parse(source, filename=filename, feature_version=IMAGE_PYTHON)
-    except SyntaxError as e:
-        return [f"{filename}:{e.lineno}: {e.msg}"]
-    problems = []
-    postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
-                    any(a.name == "annotations" for a in n.names) for n in tree.body)
-    annotations = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            args = node.args
-            arguments = args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]
-            annotations += [a.annotation for a in arguments if a is not None and a.annotation is not None]
-            annotations += [node.returns] if node.returns is not None else []
-        elif isinstance(node, ast.AnnAssign):
-            annotations.append(node.annotation)
-        elif isinstance(node, ast.Call):
-            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
-            newer = {"zip": {"strict"}, "dataclass": {"slots", "kw_only"}}.get(name, set())
-            problems += [f"{filename}:{node.lineno}: {name}({k.arg}=) needs Python 3.10"
-                         for k in node.keywords if k.arg in newer]
-    if not postponed:
-        problems += [f"{filename}:{n.lineno}: `X | Y` annotation needs Python 3.10 (or postponed annotations)"
-                     for a in annotations for n in ast.walk(a)
-                     if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)]
-    return problems
-
-
-def test_handlers_run_on_the_image_python():
-    """The base image runs Python 3.9: what needs 3.10 fails inside TorchServe only, not in the repo's venv."""
-    problems = [p for path in sorted((ROOT / "handlers").glob("*.py"))
-                for p in python39_problems(path.read_text(), str(path.relative_to(ROOT)))]
-    assert problems == []
-
-
-def test_python39_check_catches_newer_code():
-    assert python39_problems("match x:\n    case 1:\n        pass\n")
-    assert python39_problems("def f(x: int | None) -> str | None:\n    pass\n")
-    assert python39_problems("pairs = zip(a, b, strict=True)\n")
-    assert python39_problems("from __future__ import annotations\ndef f(x: int | None): pass\n") == []
-
-
-def test_image_has_every_package_the_handlers_import_pinned_as_in_requirements():
-    third_party = handler_imports() - set(sys.stdlib_module_names) - {"handlers"}
-    installed = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([\w.]+)", " ".join(
-        line for line in dockerfile().splitlines() if "pip install" in line and not line.lstrip().startswith("#"))))
-    missing = [m for m in third_party - BASE_IMAGE_MODULES if IMPORT_TO_DIST.get(m, m) not in installed]
-    assert missing == [], "the image lacks these handler imports: add them to the Dockerfile's pip install"
+def test_every_package_the_archives_import_is_pinned_in_requirements():
+    """The image installs requirements.txt: every third-party import of handlers/ and models/ must be pinned there."""
+    third_party = code_imports("handlers", "models") - set(sys.stdlib_module_names) - {"handlers", "models"}
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
-    assert {d: v for d, v in installed.items() if pins.get(d) != v} == {}
+    provided = {"ts": "torchserve"}  # TorchServe's own Python package
+    missing = [m for m in third_party if provided.get(m, IMPORT_TO_DIST.get(m, m)) not in pins]
+    assert third_party and missing == []
+
+
+def test_readiness_probe_needs_only_the_standard_library():
+    """It runs in the pod every 10 s as a fresh python: nothing beyond the standard library to import."""
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / READINESS_SCRIPT).read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert imported and imported <= set(sys.stdlib_module_names)
+
+
+def test_hpa_scales_on_the_queue_latency_that_the_adapter_serves(bundle):
+    """The HPAs' Pods metric is the one the prometheus-adapter rule produces, from series TorchServe exports."""
+    values = yaml.safe_load((K8S / "addons" / "prometheus-adapter-values.yaml").read_text())
+    served = {rule["name"]["as"]: rule for rule in values["rules"]["custom"]}
+    declared = yaml.safe_load((ROOT / "metrics.yaml").read_text())
+    exported = {m["name"] for section in ("ts_metrics", "model_metrics")
+                for metrics in declared[section].values() for m in metrics}
+    for hpa in of_kind(bundle, "HorizontalPodAutoscaler"):
+        pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        assert pods, f"{ref(hpa)} does not scale on a Pods metric"
+        rule = served[pods[0]["metric"]["name"]]
+        assert set(re.findall(r"\b(ts_\w+)\{", rule["metricsQuery"])) <= exported
+        assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods", "Resource"}  # CPU: works without the adapter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1034,11 +1088,22 @@ BREAKAGES = {
         "readinessProbe: missing"),
     "probe on the metrics port": (
         "20-torchserve-a.yaml", "Deployment", "torchserve-a",
-        _set(CONTAINER + ["livenessProbe", "httpGet", "port"], "metrics"), "but /ping is served on"),
+        _set(CONTAINER + ["livenessProbe", "httpGet", "port"], "metrics"), "but the frontend serves"),
     "inference port moved in the config only": (
         "10-config.yaml", "ConfigMap", "torchserve-config",
         _config_replace("inference_address=http://0.0.0.0:8080", "inference_address=http://0.0.0.0:8090"),
-        "but /ping is served on the inference port 8090"),
+        "on the inference port 8090"),
+    "liveness on /ping, which fails with one broken model": (
+        "20-torchserve-a.yaml", "Deployment", "torchserve-a",
+        _set(CONTAINER + ["livenessProbe", "httpGet", "path"], "/ping"), "livenessProbe: must be an httpGet on"),
+    "readiness on /ping, blind to non-default versions": (
+        "20-torchserve-b.yaml", "Deployment", "torchserve-b",
+        _set(CONTAINER + ["readinessProbe"], {"httpGet": {"path": "/ping", "port": "inference"}}),
+        "readinessProbe: must exec `python /opt/torchserve/readiness.py"),
+    "more GPUs than every model has workers for": (
+        "20-torchserve-a.yaml", "Deployment", "torchserve-a",
+        _both(_set(CONTAINER + ["resources", "requests", GPU], 4), _set(CONTAINER + ["resources", "limits", GPU], 4)),
+        "(4 GPUs): mnist: handlers/mnist.gpu.yaml deviceIds [0, 1] do not cover GPUs 0..3"),
     "weights do not add up": (
         "40-httproute.yaml", "HTTPRoute", "torchserve", _set(["spec", "rules", 2, "backendRefs", 0, "weight"], 80),
         "weights sum to 90, not 100"),
@@ -1078,9 +1143,12 @@ BREAKAGES = {
         "20-torchserve-b.yaml", "Deployment", "torchserve-b",
         _set(CONTAINER + ["resources", "limits", "memory"], "32Gi"),
         "differ beyond their variant at: .spec.template.spec.containers[0].resources.limits.memory"),
-    "archive that archive.sh does not build": (
+    "archive that registry.py does not register": (
         "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist_v3.mar"),
-        "loads mnist_v3.mar, which ./archive.sh --list does not build"),
+        "loads mnist_v3.mar, which registry.py does not register"),
+    "registered version served by no Deployment": (
+        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist.mar"),
+        "mnist 2.0 is registered in registry.py but no Deployment serves it"),
     "archive served under another model's name": (
         "20-torchserve-a.yaml", "Deployment", "torchserve-a", _set(CONTAINER + ["args", 4], "sentiment=regression.mar"),
         "serves regression.mar as 'sentiment'"),

@@ -1,15 +1,20 @@
-"""Setup and packaging: Java provisioning for TorchServe, and archive.sh's table, archives and errors."""
+"""Setup and packaging: Java provisioning, archive.sh's table, archives and errors, and the README's plain
+`torchserve --start --models all` / `--stop` from an activated venv."""
 
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import pytest
+import requests
 import yaml
 
-from scripts.server import ROOT
+import registry
+from scripts.server import PORT_KEYS, ROOT, TorchServe, free_port, read_properties
 
 ENSURE_JAVA = ROOT / "scripts" / "ensure_java.sh"
 
@@ -68,22 +73,27 @@ def archive_sh(*args, cwd=ROOT):
 
 def test_archive_list_names_every_version():
     rows = [line.split() for line in archive_sh("--list").stdout.splitlines()]
-    assert rows == [["mnist", "1.0", "mnist.mar", "artifacts/mnist"], ["mnist", "2.0", "mnist_v2.mar", "artifacts/mnist-v2"],
-                    ["sentiment", "1.0", "sentiment.mar", "artifacts/sentiment"],
-                    ["regression", "1.0", "regression.mar", "artifacts/regression"]]
-    assert archive_sh("--train-command", "artifacts/sentiment").stdout.split()[:3] == ["python", "-m", "train.sentiment"]
+    assert rows == [[v.archive, m.name, v.version, v.artifacts] for m, v in registry.served()]
+    assert ["mnist_v2", "mnist", "2.0", "artifacts/mnist-v2"] in rows
+    command = subprocess.run([sys.executable, str(ROOT / "registry.py"), "train-command", "artifacts/sentiment"],
+                             capture_output=True, text=True, check=True).stdout
+    assert command.split()[:3] == ["python", "-m", "train.sentiment"]
 
 
 def test_untrained_model_names_the_train_command(tmp_path):
     copy = tmp_path / "bundle"
     copy.mkdir()
-    shutil.copy(ROOT / "archive.sh", copy)
-    shutil.copytree(ROOT / "handlers", copy / "handlers")
+    for name in ("archive.sh", "registry.py"):  # archive.sh runs `python -m scripts.archive`, which reads registry.py
+        shutil.copy(ROOT / name, copy)
+    for package in ("scripts", "handlers", "models"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     result = archive_sh("regression", cwd=copy)
     assert result.returncode == 1
     assert "artifacts/regression/manifest.json not found" in result.stderr
     assert "python -m train.regression --out artifacts/regression" in result.stderr
-    assert archive_sh("no-such-model", cwd=copy).returncode == 2
+    unknown = archive_sh("no-such-model", cwd=copy)
+    assert unknown.returncode == 1 and "no archive or model named 'no-such-model'" in unknown.stderr
+    assert not (copy / "model_store" / "regression.mar").exists()
 
 
 def test_archive_contents_and_model_config():
@@ -94,3 +104,97 @@ def test_archive_contents_and_model_config():
     assert {"mnist.py", "handlers/common.py", "handlers/mnist.py", "manifest.json", "metrics.json", "model.pt"} <= names
     assert manifest["model"]["modelVersion"] == "2.0" and manifest["model"]["handler"] == "mnist.py"
     assert {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"} <= set(config)
+
+
+# --- `torchserve --start --models all` exactly as the README shows it --------------------------------------------
+
+START, STOP = "torchserve --start --models all", "torchserve --stop"
+
+
+def bundle_copy(folder):
+    """The repo as a user has it after `make setup` (config.properties on free ports, the built archives, a venv
+    whose activate script went through scripts/venv_hook.sh), and a TorchServe client for its ports."""
+    folder.mkdir()
+    (folder / "model_store").symlink_to(ROOT / "model_store")
+    shutil.copy(ROOT / "metrics.yaml", folder)
+    server = TorchServe(folder)
+    text = (ROOT / "config.properties").read_text()
+    for name, key in PORT_KEYS.items():
+        text = text.replace(f"{key}=http://127.0.0.1:{8080 + list(PORT_KEYS).index(name)}",
+                            f"{key}=http://127.0.0.1:{server.ports[name]}")
+    text += f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"  # 7070/7071 may be taken
+    (folder / "config.properties").write_text(text)
+    assert read_properties(folder / "config.properties")["inference_address"].endswith(str(server.ports["inference"]))
+    (folder / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(Path(sys.prefix) / "bin" / "activate", folder / ".venv" / "bin")  # VIRTUAL_ENV: the real venv
+    subprocess.run([str(ROOT / "scripts" / "venv_hook.sh"), ".venv"], cwd=folder, check=True, capture_output=True)
+    return server
+
+
+def as_user(folder, command):
+    """``command`` in a fresh bash from the repo root with the venv activated. TMPDIR (the launcher's pid file) and
+    TEMP (worker sockets) are private, so that `torchserve --stop` can only stop this instance."""
+    (folder / "tmp").mkdir(exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if key not in ("TS_CONFIG_FILE", "VIRTUAL_ENV")}
+    env.update(TMPDIR=str(folder / "tmp"), TEMP=str(folder / "tmp"))
+    output = folder / "tmp" / "console.txt"  # a file, not a pipe: the daemon keeps its stdout open
+    with open(output, "w") as console:
+        result = subprocess.run(["bash", "-c", f"source .venv/bin/activate && {command}"], cwd=folder, env=env,
+                                stdout=console, stderr=subprocess.STDOUT, timeout=120, stdin=subprocess.DEVNULL)
+    result.stdout = output.read_text()
+    return result
+
+
+def stop_and_wait(folder, server):
+    result = as_user(folder, STOP)
+    server.process = None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            server.session.get(server.url("inference", "/ping"), timeout=2)
+        except requests.ConnectionError:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"TorchServe still answers 90 s after {STOP}: {result.stdout}")
+
+
+def test_readme_shows_the_plain_start_and_stop_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert f"{START}   #" in readme and f"\n{STOP}\n" in readme and "source .venv/bin/activate" in readme
+    assert "--ncs" not in readme.split("## Serving")[1].split("### Tokens")[0]
+
+
+@pytest.mark.slow
+def test_plain_start_serves_every_archive_and_a_restart_ignores_the_snapshot(tmp_path):
+    folder = tmp_path / "bundle"
+    server = bundle_copy(folder)
+    expected = sorted((m.name, v.version) for m, v in registry.served())
+    try:
+        started = as_user(folder, START)
+        assert started.returncode == 0, started.stdout
+        server.wait_ready(timeout=240, expect_ready=len(expected))
+        assert sorted(server.ready_versions()) == expected
+        assert server.management("GET", "/models/mnist").json()[0]["modelVersion"] == "1.0"
+        # Runtime state that a snapshot records: a new default version and a scaled model.
+        assert server.management("PUT", "/models/mnist/2.0/set-default").status_code == 200
+        scaled = server.management("PUT", "/models/sentiment?min_worker=2&max_worker=2&synchronous=true")
+        assert scaled.status_code == 200, scaled.text
+        assert stop_and_wait(folder, server).stdout.strip().endswith("TorchServe has stopped.")
+        snapshots = sorted((folder / "logs" / "config").glob("*-snapshot.cfg"))
+        assert snapshots and "2.0" in snapshots[-1].read_text()  # there is a stale snapshot to come back from
+
+        restarted = as_user(folder, START)
+        assert restarted.returncode == 0, restarted.stdout
+        server.wait_ready(timeout=240, expect_ready=len(expected))
+        assert server.management("GET", "/models/mnist").json()[0]["modelVersion"] == "1.0"
+        assert len(server.management("GET", "/models/sentiment").json()[0]["workers"]) == 1
+        assert server.predict("mnist", (ROOT / "samples" / "digit_7.png").read_bytes()).json()["version"] == "1.0"
+    finally:
+        stop_and_wait(folder, server)
+    assert as_user(folder, STOP).stdout.strip() == "TorchServe is not currently running."
+
+
+def test_deactivate_forgets_the_config(tmp_path):
+    bundle_copy(tmp_path / "bundle")
+    shown = as_user(tmp_path / "bundle", 'echo "$TS_CONFIG_FILE"; deactivate; echo "[${TS_CONFIG_FILE:-}]"')
+    assert shown.stdout.split() == [str(tmp_path / "bundle" / "config.properties"), "[]"]
