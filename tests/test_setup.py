@@ -80,22 +80,6 @@ def test_archive_list_names_every_version():
     assert command.split()[:3] == ["python", "-m", "train.sentiment"]
 
 
-def test_untrained_model_names_the_train_command(tmp_path):
-    copy = tmp_path / "bundle"
-    copy.mkdir()
-    for name in ("archive.sh", "registry.py"):  # archive.sh runs `python -m scripts.archive`, which reads registry.py
-        shutil.copy(ROOT / name, copy)
-    for package in ("scripts", "handlers", "models"):
-        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
-    result = archive_sh("regression", cwd=copy)
-    assert result.returncode == 1
-    assert "artifacts/regression/manifest.json not found" in result.stderr
-    assert "python -m train.regression --out artifacts/regression" in result.stderr
-    unknown = archive_sh("no-such-model", cwd=copy)
-    assert unknown.returncode == 1 and "no archive or model named 'no-such-model'" in unknown.stderr
-    assert not (copy / "model_store" / "regression.mar").exists()
-
-
 def test_archive_contents_and_model_config():
     with zipfile.ZipFile(ROOT / "model_store" / "mnist_v2.mar") as archive:
         names = set(archive.namelist())
