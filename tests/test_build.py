@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import registry
 from scripts.server import ROOT
 
 TINY = ROOT / "tests" / "data" / "tiny_model"

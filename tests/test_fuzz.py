@@ -12,7 +12,6 @@ values, and images: random modes, formats and sizes, corrupted files, tiny and h
 A fuzzed request always shares its batch with a good one, whose answer must come back unharmed.
 """
 
-import base64
 import io
 import json
 import math

@@ -40,8 +40,6 @@ class Sample:
 
 
 def _mnist_models():
-    import torch
-
     from models import load_model, read_manifest
     from scripts.server import ROOT
 
