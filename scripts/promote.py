@@ -15,14 +15,19 @@ folder (its test set), sentiment a folder with neg.txt and pos.txt, regression a
 Exit status: 0 promoted (--dry-run: the gates pass, nothing changed), 3 refused (nothing changed), 2 bad input
 (unknown model or version, unreadable data, a server that does not answer).
 
-Sources: ``HeldOutSource`` measures by sending requests. A source of live traffic (Prometheus over a window) plugs in
-beside it: anything with ``observe(model, default, candidate) -> Measurements`` whose ``metrics`` carry the keys the
-gates read; a gate whose metric a source cannot measure refuses with "not measured".
+``--prometheus URL --window 5m`` reads live traffic instead (canary analysis, as Flagger or Argo Rollouts do): both
+versions' error ratio and handler p99 over the window, from the queries of scripts/promql.py, by ``ModelVersion`` on
+one TorchServe or, with ``--by variant``, by the cluster's A/B variant (a = default, b = candidate). Live traffic has
+no ground truth, so the quality gate is skipped then, and the report says so.
+
+Sources: ``HeldOutSource`` measures by sending requests, ``PrometheusSource`` reads live metrics; anything with
+``observe(model, default, candidate) -> Measurements`` whose ``metrics`` carry the keys the gates read fits.
 """
 
 import argparse
 import io
 import json
+import math
 import shlex
 import sys
 import time
@@ -36,6 +41,7 @@ import yaml
 from PIL import Image
 from scipy import stats
 
+from scripts.promql import BY_NAME
 from scripts.server import CONFIG, PORT_KEYS, ROOT, read_properties
 
 REFUSED, BAD_INPUT = 3, 2
@@ -244,6 +250,41 @@ class HeldOutSource:
             return None, latency, f"unreadable reply ({err}): {reply.text[:200]}"
 
 
+class PrometheusSource:
+    """Both versions' live request rate, error ratio and handler p99 over ``window``, from Prometheus."""
+
+    def __init__(self, url, window, by="ModelVersion"):
+        self.url, self.window, self.by = url.rstrip("/"), window, by
+
+    def describe(self):
+        return f"live traffic of the last {self.window} in Prometheus at {self.url}, by {self.by}"
+
+    def query(self, name, model):
+        """{value of the ``by`` label: float} of query ``name`` of scripts/promql.py."""
+        promql = BY_NAME[name].render(model, self.window, self.by)
+        try:
+            body = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=30).json()
+        except (requests.RequestException, ValueError) as err:
+            raise BadInput(f"Prometheus at {self.url} does not answer: {err}") from err
+        if body.get("status") != "success":
+            raise BadInput(f"Prometheus refused {promql}: {body.get('error')}")
+        return {item["metric"].get(self.by): float(item["value"][1]) for item in body["data"]["result"]}
+
+    def observe(self, model, default, candidate):
+        labels = {"default": default, "candidate": candidate} if self.by == "ModelVersion" else \
+            {"default": "a", "candidate": "b"}
+        values = {name: self.query(name, model) for name in ("request_rate", "error_ratio", "latency_p99")}
+        metrics = {}
+        for role, label in labels.items():
+            if not values["request_rate"].get(label, 0) > 0:
+                raise BadInput(f"Prometheus saw no traffic for {model} {self.by}={label} in the last {self.window}")
+            p99 = values["latency_p99"].get(label)
+            metrics[f"{role}.requests_per_s"] = values["request_rate"][label]
+            metrics[f"{role}.error_ratio"] = values["error_ratio"].get(label)
+            metrics[f"{role}.p99_ms"] = p99 * 1000 if p99 is not None and math.isfinite(p99) else None
+        return Measurements(self.describe(), 0, metrics)
+
+
 def compare(kind, truths, default, candidate):
     """Per version: quality, latency, errors; for the pair: disagreement and the paired test."""
     truths = list(truths)
@@ -296,6 +337,7 @@ class Limits:
     p99_fraction: float  # how much slower the candidate's p99 may be, as a fraction of the default's
     p99_floor_ms: float  # ... or this many milliseconds, whichever is larger (client-side timing noise)
     alpha: float  # significance level of the paired test
+    error_ratio_margin: float = 0.0  # live traffic: how much higher the candidate's error ratio may be
 
 
 @dataclass(frozen=True)
@@ -319,6 +361,8 @@ def not_worse(m, limits):
         low, high = m["pair.rmse_increase_ci95"]
         return high <= allowed, (f"RMSE {m['candidate.rmse']:.4f} vs {m['default.rmse']:.4f}; 95% bootstrap CI of "
                                  f"the increase [{low:.4f}, {high:.4f}], allowed up to {allowed:.4f}")
+    if "candidate.error_ratio" in m:
+        return None, "skipped: live traffic has no ground truth (run without --prometheus to compare on labelled data)"
     return False, "not measured (no example answered by both versions)"
 
 
@@ -331,6 +375,10 @@ def latency(m, limits):
 
 
 def no_errors(m, limits):
+    if "candidate.error_ratio" in m:  # live traffic: clients' bad requests count for both versions alike
+        allowed = m["default.error_ratio"] + limits.error_ratio_margin
+        return m["candidate.error_ratio"] <= allowed, (f"error ratio {m['candidate.error_ratio']:.4f} vs "
+                                                       f"{m['default.error_ratio']:.4f}, allowed up to {allowed:.4f}")
     if "candidate.errors" not in m:
         return False, "not measured"
     return m["candidate.errors"] == 0, f"{m['candidate.errors']} errors"
@@ -343,16 +391,18 @@ GATES = (
     Gate("latency", "a slower model eats the latency budget and needs more replicas: the candidate's p99 is not worse "
                     "than the default's by more than the stated fraction", latency),
     Gate("errors", "an error is a request lost: the candidate must answer every example (any non-200 or unreadable "
-                   "reply counts)", no_errors),
+                   "reply counts); on live traffic, its error ratio must not exceed the default's", no_errors),
 )
 
 
 def decide(metrics, limits):
+    """(pass, per-gate results): every gate passes or is skipped (``passed`` None: its source cannot measure it)."""
     results = []
     for gate in GATES:
         passed, found = gate.check(metrics, limits)
-        results.append({"gate": gate.name, "passed": bool(passed), "found": found, "reason": gate.reason})
-    return all(r["passed"] for r in results), results
+        results.append({"gate": gate.name, "passed": None if passed is None else bool(passed), "found": found,
+                        "reason": gate.reason})
+    return all(r["passed"] is not False for r in results) and any(r["passed"] for r in results), results
 
 
 # --- promotion, reports, Kubernetes --------------------------------------------------------------------------------
@@ -403,17 +453,20 @@ def write_report(folder, report):
     stem = f"promote-{report['model']}-{report['default']}-vs-{report['candidate']}"
     (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["metrics"]
-    quality = ["accuracy"] if "default.accuracy" in m else ["r2", "rmse"]
+    if "default.error_ratio" in m:  # live traffic
+        quality = ["error_ratio", "requests_per_s"]
+    else:
+        quality = ["accuracy"] if "default.accuracy" in m else ["r2", "rmse"]
     lines = [f"# Promotion of {report['model']} {report['candidate']} over {report['default']}: "
              f"**{report['decision']}**", "", f"Measured on {report['source']}.", "",
              f"| | default {report['default']} | candidate {report['candidate']} |", "|---|---|---|"]
-    for name in quality + ["p50_ms", "p99_ms", "errors"]:
+    for name in quality + [name for name in ("p50_ms", "p99_ms", "errors") if f"default.{name}" in m]:
         lines.append(f"| {name} | {fmt(m.get(f'default.{name}'))} | {fmt(m.get(f'candidate.{name}'))} |")
     lines += ["", "| pair | value |", "|---|---|"]
     lines += [f"| {key[5:]} | {fmt(value)} |" for key, value in m.items() if key.startswith("pair.")]
     lines += ["", "| gate | passed | found | why |", "|---|---|---|---|"]
-    lines += [f"| {g['gate']} | {'yes' if g['passed'] else '**no**'} | {g['found']} | {g['reason']} |"
-              for g in report["gates"]]
+    verdicts = {True: "yes", False: "**no**", None: "skipped"}
+    lines += [f"| {g['gate']} | {verdicts[g['passed']]} | {g['found']} | {g['reason']} |" for g in report["gates"]]
     lines += ["", f"Action: {report['action']}", ""]
     (folder / f"{stem}.md").write_text("\n".join(lines))
     plot(folder / f"{stem}.png", report, quality[0])
@@ -439,7 +492,7 @@ def plot(path, report, quality):
         right.bar(np.arange(2) + offset, [m.get(f"default.{name}") or 0, m.get(f"candidate.{name}") or 0], 0.4,
                   label=name[:3])
     right.set_xticks(range(2), labels)
-    right.set_title("latency (ms, client side)")
+    right.set_title("latency (ms, " + ("handler, live" if "default.error_ratio" in m else "client side") + ")")
     right.legend()
     figure.suptitle(f"{report['model']}: {report['decision']}")
     figure.tight_layout()
@@ -491,6 +544,12 @@ def parse_args(argv):
     parser.add_argument("--p99-floor-ms", type=float, default=5.0,
                         help="milliseconds of p99 increase always allowed: client-side timing noise (%(default)s)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
+    parser.add_argument("--prometheus", metavar="URL", help="judge live traffic from this Prometheus instead")
+    parser.add_argument("--window", default="5m", help="--prometheus: the range of live traffic (%(default)s)")
+    parser.add_argument("--by", choices=("ModelVersion", "variant"), default="ModelVersion",
+                        help="--prometheus: the label telling the versions apart (variant: the cluster's a/b)")
+    parser.add_argument("--max-error-ratio-increase", type=float, default=0.0,
+                        help="--prometheus: how much higher the candidate's error ratio may be (%(default)s)")
     return parser.parse_args(argv)
 
 
@@ -504,10 +563,12 @@ def run(args):
     if args.candidate == default:
         raise BadInput(f"{args.model} {args.candidate} is already the default version")
     examples = examples_for(task, server, args.model, (default, args.candidate), args.data)[:args.limit]
-    print(f"promote: {args.model} {args.candidate} (candidate) against {default} (default) on {len(examples)} "
-          f"labelled examples", flush=True)
-    measured = HeldOutSource(server, task, examples).observe(args.model, default, args.candidate)
-    limits = Limits(args.margin, args.max_p99_increase, args.p99_floor_ms, args.alpha)
+    source = PrometheusSource(args.prometheus, args.window, args.by) if args.prometheus else \
+        HeldOutSource(server, task, examples)
+    print(f"promote: {args.model} {args.candidate} (candidate) against {default} (default) on "
+          f"{source.describe()}", flush=True)
+    measured = source.observe(args.model, default, args.candidate)
+    limits = Limits(args.margin, args.max_p99_increase, args.p99_floor_ms, args.alpha, args.max_error_ratio_increase)
     passed, gates = decide(measured.metrics, limits)
     if not passed:
         action = f"refused: nothing changed, the default stays {default}"
@@ -523,7 +584,8 @@ def run(args):
         report["kubectl"] = kubectl_steps()
     stem = write_report(args.report, report)
     for gate in gates:
-        print(f"promote: gate {gate['gate']:8} {'pass' if gate['passed'] else 'FAIL'}  {gate['found']}")
+        verdict = {True: "pass", False: "FAIL", None: "skip"}[gate["passed"]]
+        print(f"promote: gate {gate['gate']:8} {verdict}  {gate['found']}")
     print(f"promote: {action}\npromote: report {stem}.md (.json, .png)")
     if passed and args.k8s:
         print("\nRollout in the cluster (B must serve the candidate, see k8s/README.md). After each step compare the "

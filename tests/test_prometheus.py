@@ -1,9 +1,10 @@
 """Every documented PromQL query (scripts/promql.py) against a real Prometheus scraping a test TorchServe.
 
-The TorchServe serves the regression model as two versions; version 2.0 gets a share of bad requests (4xx).
+The TorchServe serves the regression model as three versions; version 2.0 gets a share of bad requests (4xx).
 Prometheus (Debian's package; `make test` installs it where apt-get can run) scrapes its metrics port every
 second. Counts must match what the test sent exactly; quantiles must fall in the bucket that the server's own
-bucket counters put them in; rates must agree with the counts over the traffic's duration.
+bucket counters put them in; rates must agree with the counts over the traffic's duration. Last, canary analysis:
+``scripts.promote --prometheus`` refuses the version with the higher error ratio and promotes an equal one.
 """
 
 import json
@@ -25,14 +26,15 @@ from tests.samples import heldout_patients
 pytestmark = pytest.mark.slow
 PROMETHEUS = shutil.which("prometheus")
 JSON = {"Content-Type": "application/json"}
-SENT = {"1.0": (40, 0), "2.0": (30, 10)}  # version -> (good, bad) requests
+SENT = {"1.0": (40, 0), "2.0": (30, 10), "3.0": (40, 0)}  # version -> (good, bad) requests; 1.0 is the default
 
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory):
     root = tmp_path_factory.mktemp("prometheus_ts")
     store = store_with(root / "store", "regression")
-    rezip(store / "regression.mar", store / "regression_v2.mar", "regression", version="2.0")
+    for version in ("2.0", "3.0"):
+        rezip(store / "regression.mar", store / f"regression_v{version[0]}.mar", "regression", version=version)
     with running(root / "server", model_store=store) as server:
         yield server
 
@@ -86,7 +88,7 @@ def traffic(torchserve, prometheus):
     """Send SENT to the two versions, then wait until Prometheus has scraped all of it."""
     total = 'sum by (ModelVersion) (HandlerRequests{ModelName="regression"})'
     deadline = time.monotonic() + 60
-    while by_version(query(prometheus, total)) != {"1.0": 0.0, "2.0": 0.0}:  # a scrape before any traffic
+    while by_version(query(prometheus, total)) != {version: 0.0 for version in SENT}:  # a scrape before any traffic
         assert time.monotonic() < deadline, "Prometheus never scraped the idle TorchServe"
         time.sleep(0.5)
     time.sleep(1.5)
@@ -114,7 +116,7 @@ def test_counts_are_exactly_what_was_sent(prometheus, traffic):
     assert by_version(rejected) == {"2.0": 10.0}
     assert by_version(rejected, [("ErrorType", "InvalidField")]) == {"2.0": 10.0}
     errors = by_version(query(prometheus, 'sum by (ModelVersion) (HandlerErrors{ModelName="regression"})'))
-    assert errors == {"1.0": 0.0, "2.0": 10.0}
+    assert errors == {"1.0": 0.0, "2.0": 10.0, "3.0": 0.0}
     histogram = query(prometheus, 'sum by (ModelVersion) (HandlerLatencySeconds_count{ModelName="regression"})')
     assert by_version(histogram) == requests_
 
@@ -130,7 +132,7 @@ def test_every_documented_query_runs_and_answers_per_version(prometheus, traffic
         values = list(result.values())
         assert all(math.isfinite(v) and v >= 0 for v in values), (entry.name, result)
         if entry.name != "queue_latency_mean":  # TorchServe's own series: model_version, not ModelVersion
-            assert set(by_version(result)) <= {"1.0", "2.0"} and "2.0" in by_version(result), (entry.name, result)
+            assert set(by_version(result)) <= set(SENT) and "2.0" in by_version(result), (entry.name, result)
 
 
 def test_error_ratio_is_the_share_of_bad_requests(prometheus, traffic):
@@ -175,3 +177,30 @@ def test_latency_quantiles_fall_in_the_bucket_the_server_counted(prometheus, tra
             assert lower <= estimate <= upper, (version, name, estimate, lower, upper)
     mean = by_version(query(prometheus, rendered("latency_mean")))
     assert all(0 < value < 1 for value in mean.values()), mean
+
+
+def promote(torchserve, prometheus, candidate, tmp_path):
+    from scripts import promote as promotion
+
+    return promotion.main(["regression", "--candidate", candidate, "--prometheus", prometheus, "--window", "10m",
+                           "--inference", torchserve.url("inference"), "--management", torchserve.url("management"),
+                           "--key-file", str(torchserve.workdir / "key_file.json"), "--report", str(tmp_path)])
+
+
+def default_version(torchserve):
+    return torchserve.management("GET", "/models/regression").json()[0]["modelVersion"]
+
+
+def test_canary_analysis_refuses_the_candidate_with_the_higher_error_ratio(torchserve, prometheus, traffic, tmp_path):
+    assert promote(torchserve, prometheus, "2.0", tmp_path) == 3
+    assert default_version(torchserve) == "1.0"
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    gates = {gate["gate"]: gate for gate in report["gates"]}
+    assert gates["errors"]["passed"] is False and "error ratio 0.25" in gates["errors"]["found"]
+    assert gates["quality"]["passed"] is None and "no ground truth" in gates["quality"]["found"]
+    assert report["metrics"]["default.error_ratio"] == 0.0
+
+
+def test_canary_analysis_promotes_a_candidate_as_good_as_the_default(torchserve, prometheus, traffic, tmp_path):
+    assert promote(torchserve, prometheus, "3.0", tmp_path) == 0
+    assert default_version(torchserve) == "3.0"
