@@ -1,6 +1,7 @@
-"""k8s/80-grafana-dashboard.yaml is generated from scripts/promql.py's query table, so the two cannot drift."""
+"""The query table of scripts/promql.py against what is generated from it or shows it: the dashboard, k8s/README.md."""
 
 import json
+import re
 
 import yaml
 
@@ -20,3 +21,10 @@ def test_every_query_has_a_panel_per_model_split_by_variant():
     exprs = [target["expr"] for panel in dashboard(["mnist"])["panels"] for target in panel.get("targets", [])]
     assert exprs == [query.render("mnist", "$__rate_interval", "variant") for query in QUERIES]
     assert all("by (variant" in expr for expr in exprs if "ts_queue" not in expr)
+
+
+def test_k8s_readme_shows_exactly_the_query_table_for_the_cluster():
+    """tests/test_prometheus.py runs these queries (by ModelVersion); the README must show no other PromQL."""
+    readme = (ROOT / "k8s" / "README.md").read_text()
+    shown = [block.strip() for block in re.findall(r"```promql\n(.*?)```", readme, flags=re.S)]
+    assert shown == [query.render("mnist", "5m", "variant") for query in QUERIES]
