@@ -557,12 +557,18 @@ def run(args):
     if args.model not in TASKS:
         raise BadInput(f"no promotion task for model {args.model!r} (models: {', '.join(TASKS)})")
     task = TASKS[args.model]
-    server = Server(args.inference, args.management, args.key_file)
-    default = server.describe(args.model)["modelVersion"]
-    server.describe(args.model, args.candidate)  # 404 -> BadInput
-    if args.candidate == default:
-        raise BadInput(f"{args.model} {args.candidate} is already the default version")
-    examples = examples_for(task, server, args.model, (default, args.candidate), args.data)[:args.limit]
+    if args.by == "variant":  # the cluster: A and B are two Deployments, and the HTTPRoute's weights promote B
+        if not (args.prometheus and args.dry_run):
+            raise BadInput("--by variant judges the cluster's variants from Prometheus: add --prometheus URL and "
+                           "--dry-run (the HTTPRoute weights, which --k8s prints, are what promotes B)")
+        default = "a"
+    else:
+        server = Server(args.inference, args.management, args.key_file)
+        default = server.describe(args.model)["modelVersion"]
+        server.describe(args.model, args.candidate)  # 404 -> BadInput
+        if args.candidate == default:
+            raise BadInput(f"{args.model} {args.candidate} is already the default version")
+        examples = examples_for(task, server, args.model, (default, args.candidate), args.data)[:args.limit]
     source = PrometheusSource(args.prometheus, args.window, args.by) if args.prometheus else \
         HeldOutSource(server, task, examples)
     print(f"promote: {args.model} {args.candidate} (candidate) against {default} (default) on "

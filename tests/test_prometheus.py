@@ -48,7 +48,11 @@ def prometheus(tmp_path_factory, torchserve):
     (folder / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "torchserve",
-                            "static_configs": [{"targets": [f"127.0.0.1:{torchserve.ports['metrics']}"]}]}]}))
+                            "static_configs": [{"targets": [f"127.0.0.1:{torchserve.ports['metrics']}"]}],
+                            # the cluster's variant label, as the ServiceMonitor sets it: A serves 1.0, B 2.0
+                            "metric_relabel_configs": [
+                                {"source_labels": ["ModelVersion"], "regex": regex, "target_label": "variant",
+                                 "replacement": variant} for regex, variant in ((r"1\.0", "a"), (r"2\.0", "b"))]}]}))
     with open(folder / "prometheus.log", "wb") as log:
         process = subprocess.Popen([PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}",
                                     f"--storage.tsdb.path={folder / 'data'}",
@@ -179,12 +183,13 @@ def test_latency_quantiles_fall_in_the_bucket_the_server_counted(prometheus, tra
     assert all(0 < value < 1 for value in mean.values()), mean
 
 
-def promote(torchserve, prometheus, candidate, tmp_path):
+def promote(torchserve, prometheus, candidate, tmp_path, *extra):
     from scripts import promote as promotion
 
     return promotion.main(["regression", "--candidate", candidate, "--prometheus", prometheus, "--window", "10m",
                            "--inference", torchserve.url("inference"), "--management", torchserve.url("management"),
-                           "--key-file", str(torchserve.workdir / "key_file.json"), "--report", str(tmp_path)])
+                           "--key-file", str(torchserve.workdir / "key_file.json"), "--report", str(tmp_path),
+                           *extra])
 
 
 def default_version(torchserve):
@@ -199,6 +204,13 @@ def test_canary_analysis_refuses_the_candidate_with_the_higher_error_ratio(torch
     assert gates["errors"]["passed"] is False and "error ratio 0.25" in gates["errors"]["found"]
     assert gates["quality"]["passed"] is None and "no ground truth" in gates["quality"]["found"]
     assert report["metrics"]["default.error_ratio"] == 0.0
+
+
+def test_canary_analysis_by_the_clusters_variant_label(torchserve, prometheus, traffic, tmp_path):
+    assert promote(torchserve, prometheus, "2.0", tmp_path, "--by", "variant", "--dry-run") == 3
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert (report["default"], report["metrics"]["candidate.error_ratio"]) == ("a", pytest.approx(0.25, abs=0.05))
+    assert default_version(torchserve) == "1.0"
 
 
 def test_canary_analysis_promotes_a_candidate_as_good_as_the_default(torchserve, prometheus, traffic, tmp_path):
