@@ -17,7 +17,6 @@ from functools import cache
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 
 MNIST_ARTIFACTS = ("artifacts/mnist", "artifacts/mnist-v2")  # both versions are served as "mnist"
-SENTIMENT_ARTIFACT = "artifacts/sentiment"
 MIN_CONFIDENCE = 0.9
 
 TEXT = "text/plain; charset=utf-8"
@@ -79,29 +78,20 @@ def digits(renderings=tuple(DIGIT_RENDERINGS), count=40):
 
 @cache
 def reviews(count=120):
-    """Held-out reviews that the trained sentiment model labels correctly with probability >= MIN_CONFIDENCE."""
-    import torch
+    """Held-out reviews that the served sentiment archive (loaded in-process, its own handler code) labels
+    correctly with probability >= MIN_CONFIDENCE."""
+    import tempfile
 
-    from handlers.sentiment import FastTextClassifier, encode, tokenize
     from scripts.server import ROOT
+    from tests.worker import Request, Worker
 
-    folder = ROOT / SENTIMENT_ARTIFACT
-    manifest = json.loads((folder / "manifest.json").read_text())
-    vocab_index = {token: i for i, token in enumerate(json.loads((folder / manifest["vocab"]).read_text()))}
-    model = FastTextClassifier(**manifest["arch_kwargs"])
-    model.load_state_dict(torch.load(folder / manifest["weights"], weights_only=True))
-    model.eval()
+    worker = Worker(ROOT / "model_store" / "sentiment.mar", tempfile.mkdtemp(prefix="payloads-sentiment-"))
     texts, labels = heldout_reviews(count=count)
     samples = []
-    with torch.inference_mode():
-        for text, label in zip(texts, labels):
-            ids = encode(tokenize(text), vocab_index, manifest["max_tokens"])
-            if not ids:
-                continue
-            probabilities = torch.softmax(model(torch.tensor([ids])), dim=1)[0]
-            best = int(probabilities.argmax())
-            if manifest["labels"][best] == label and float(probabilities[best]) >= MIN_CONFIDENCE:
-                samples.append(Sample("review", text.encode("utf-8"), TEXT, label))
+    for text, label in zip(texts, labels):
+        reply = worker.run_one(Request(text.encode("utf-8"), TEXT))
+        if reply.status == 200 and reply.body["label"] == label and reply.body["score"] >= MIN_CONFIDENCE:
+            samples.append(Sample("review", text.encode("utf-8"), TEXT, label))
     return samples
 
 
