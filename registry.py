@@ -36,6 +36,12 @@ class Version:
     archive: str
     artifacts: str
     train: str
+    optional: bool = False
+    """Built and served only when its artifacts exist (trained by hand, e.g. on a GPU); make never trains it."""
+
+    @property
+    def trained(self) -> bool:
+        return (ROOT / self.artifacts / "manifest.json").is_file()
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,13 @@ class Model:
     versions: tuple[Version, ...]
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
+    extra_sources: tuple[str, ...] = field(default=())
+    """More files whose change means retraining (other architecture modules, data loaders)."""
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The files whose change means the model must be retrained."""
-        return (self.model_module, self.train_module, "train/common.py")
+        return (self.model_module, self.train_module, "train/common.py", *self.extra_sources)
 
 
 MODELS = (
@@ -92,6 +100,27 @@ MODELS = (
                           "python -m train.regression --out artifacts/regression"),),
         samples=(Sample("samples/patient.json", "application/json"),),
     ),
+    Model(
+        name="fashion",
+        model_module="models/vision/resnet.py",
+        train_module="train/vision.py",
+        handler="handlers/vision.py",
+        configs={"cpu": "handlers/vision.yaml"},
+        versions=(Version("1.0", "fashion", "artifacts/fashion",
+                          "python -m train.vision --dataset fashion-mnist --out artifacts/fashion"),),
+        samples=(Sample("samples/fashion_ankle_boot.jpg", "image/jpeg", "Ankle boot"),),
+        extra_sources=("train/datasets.py",),
+    ),
+    Model(
+        name="cifar10",
+        model_module="models/vision/resnet.py",
+        train_module="train/vision.py",
+        handler="handlers/vision.py",
+        configs={"cpu": "handlers/vision.yaml"},
+        versions=(Version("1.0", "cifar10", "artifacts/cifar10",
+                          "python -m train.vision --dataset cifar10 --arch resnet18 --epochs 30 --out artifacts/cifar10",
+                          optional=True),),
+    ),
 )
 
 
@@ -103,8 +132,10 @@ def model(name: str) -> Model:
 
 
 def served() -> list[tuple[Model, Version]]:
-    """Every (model, version) that archive.sh builds and TorchServe serves, in table order."""
-    return [(entry, version) for entry in MODELS for version in entry.versions]
+    """Every (model, version) that archive.sh builds and TorchServe serves, in table order: optional versions only
+    when their artifacts exist."""
+    return [(entry, version) for entry in MODELS for version in entry.versions
+            if not version.optional or version.trained]
 
 
 def archive(stem: str) -> tuple[Model, Version]:
@@ -137,17 +168,22 @@ def curl_examples(inference: str) -> list[str]:
 
 def makefile_rules() -> str:
     """Make rules: each artifact folder from its model's sources (and its training command, through a stamp file
-    that changes only when the command does), each archive from its artifacts, handler and model-config."""
-    rules = [f"ARTIFACTS := {' '.join(v.artifacts for _, v in served())}",
-             f"ARCHIVES := {' '.join(f'model_store/{v.archive}.mar' for _, v in served())}", ""]
-    for entry, version in served():
-        stamp = f".make/{version.archive}.train"
-        write_if_changed(ROOT / stamp, version.train + "\n")
-        rules += [f"{version.artifacts}/manifest.json: $(READY) {' '.join(entry.sources)} {stamp}",
-                  f"\t@echo '==> [train] {version.artifacts}'",
-                  f"\t@{version.train}",
-                  f"model_store/{version.archive}.mar: {version.artifacts}/manifest.json {entry.handler} "
-                  f"{entry.configs['cpu']} $(wildcard handlers/*.py models/*.py) scripts/archive.py",
+    that changes only when the command does), each archive from its artifacts, handler and model-config.
+    Optional versions get no training rule, and their archive is among ARCHIVES only while their artifacts exist."""
+    every = [(entry, version) for entry in MODELS for version in entry.versions]
+    archives = [f"$(if $(wildcard {v.artifacts}/manifest.json),model_store/{v.archive}.mar)" if v.optional
+                else f"model_store/{v.archive}.mar" for _, v in every]
+    rules = [f"ARTIFACTS := {' '.join(v.artifacts for _, v in every if not v.optional)}",
+             f"ARCHIVES := {' '.join(archives)}", ""]
+    for entry, version in every:
+        if not version.optional:
+            stamp = f".make/{version.archive}.train"
+            write_if_changed(ROOT / stamp, version.train + "\n")
+            rules += [f"{version.artifacts}/manifest.json: $(READY) {' '.join(entry.sources)} {stamp}",
+                      f"\t@echo '==> [train] {version.artifacts}'",
+                      f"\t@{version.train}"]
+        rules += [f"model_store/{version.archive}.mar: {version.artifacts}/manifest.json {entry.handler} "
+                  f"{entry.configs['cpu']} $(wildcard handlers/*.py models/*.py models/*/*.py) scripts/archive.py",
                   f"\t@./archive.sh {version.archive}", ""]
     return "\n".join(rules)
 
