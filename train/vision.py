@@ -194,12 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
     mean_t, std_t = (torch.tensor(v, device=job.device).view(1, -1, 1, 1) for v in (mean, std))
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255 - mean_t) / std_t
+        return ((images.float() / 255 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
     module, name = ARCHS[args.arch]
     width = {} if args.width is None else {"width": args.width}
     spec = architecture(module, name, in_channels=channels, num_classes=len(split.classes), **width)
-    model = build(spec).to(job.device)
+    model = build(spec).to(job.device, memory_format=torch.channels_last)  # oneDNN and cuDNN: ~25% faster
     trained = job.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     epoch_batches = job.epoch_indices(len(split.train_images), args.batch_size, args.seed, generator)
