@@ -507,9 +507,10 @@ def main(argv=None):
     if before[0] > 0.5:
         log(f"warning: load average {before} - other work on this machine will show in the figures "
             "(see each step's 'others CPU')")
-    sample_sets = {"digits": payloads.digits(DIGIT_RENDERINGS), "reviews": payloads.reviews()}
-    if any(PATHS[name].samples == "fashion" for name in names):
-        sample_sets["fashion"] = payloads.fashion(payloads.BENCH_FASHION_RENDERINGS)
+    builders = {"digits": lambda: payloads.digits(DIGIT_RENDERINGS), "reviews": payloads.reviews,
+                "fashion": lambda: payloads.fashion(payloads.BENCH_FASHION_RENDERINGS)}
+    needed = {PATHS[name].samples for name in names} | (set() if args.no_client_ceiling else {"digits"})
+    sample_sets = {kind: build() for kind, build in builders.items() if kind in needed}  # only what the paths send
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "loadavg_before": before,
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
