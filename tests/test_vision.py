@@ -343,6 +343,8 @@ def test_model_runs_channels_last_on_the_cpu_with_amp_off(fashion):
     assert handler.device == torch.device("cpu") and handler.amp is None and handler.threads == 1
     weight = handler.model.stages[-1][0].conv2.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    fused = handler.inference_model
+    assert fused is not handler.model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     described = handler.describe_handle()
     assert described["input"]["size"] == 28 and described["amp"] is None and described["training"]["test"]
 
@@ -407,6 +409,13 @@ def test_archive_with_amp_in_its_model_config_loads_on_the_cpu_with_amp_off(tmp_
     worker = Worker(patched, tmp_path / "unpacked")
     assert worker.handler.model_config["handler"]["amp"] == "bf16" and worker.handler.amp is None
     assert worker.run_one(Request(encoded(Image.new("L", (28, 28))), "image/png")).status == 200
+
+
+def test_a_fused_copy_that_disagrees_with_the_model_is_not_used(fashion):
+    handler = fashion.handler
+    module = sys.modules[type(handler).__module__]  # the archive's copy of handlers/vision.py
+    with mock.patch.object(module, "fuse", side_effect=lambda model: torch.nn.Sequential(model, torch.nn.ReLU())):
+        assert handler.fused_copy() is handler.model  # ReLU on the logits changes them
 
 
 def test_requested_k_must_fit_the_configured_bounds():
