@@ -118,7 +118,8 @@ MODELS = (
         handler="handlers/vision.py",
         configs={"cpu": "handlers/vision.yaml"},
         versions=(Version("1.0", "cifar10", "artifacts/cifar10",
-                          "python -m train.vision --dataset cifar10 --arch resnet18 --epochs 30 --out artifacts/cifar10",
+                          "python -m train.vision --dataset cifar10 --arch resnet18 --epochs 30 --augment flip-crop "
+                          "--out artifacts/cifar10",
                           optional=True),),
     ),
 )
