@@ -54,6 +54,12 @@ class Version:
     archive: str
     artifacts: str
     train: str
+    optional: bool = False
+    """Built and served only when its artifacts exist (trained by hand, e.g. on a GPU); make never trains it."""
+
+    @property
+    def trained(self) -> bool:
+        return (ROOT / self.artifacts / "manifest.json").is_file()
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,13 @@ class Model:
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
     load: Load | None = None
+    extra_sources: tuple[str, ...] = field(default=())
+    """More files whose change means retraining (other architecture modules, data loaders)."""
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The files whose change means the model must be retrained."""
-        return (self.model_module, self.train_module, "models/__init__.py", "train/common.py")
+        return (self.model_module, self.train_module, "models/__init__.py", "train/common.py", *self.extra_sources)
 
 
 MODELS = (
@@ -115,6 +123,29 @@ MODELS = (
         samples=(Sample("samples/patient.json", "application/json"),),
         load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
     ),
+    Model(
+        name="fashion",
+        model_module="models/vision/resnet.py",
+        train_module="train/vision.py",
+        handler="handlers/vision.py",
+        configs={"cpu": "handlers/vision.yaml", "gpu": "handlers/vision.gpu.yaml"},
+        versions=(Version("1.0", "fashion", "artifacts/fashion",
+                          "python -m train.vision --dataset fashion-mnist --out artifacts/fashion"),),
+        samples=(Sample("samples/fashion_ankle_boot.jpg", "image/jpeg", "Ankle boot"),),
+        load=Load("tests.load.payloads:fashion", "tests.load.checks:check_fashion", weight=2),
+        extra_sources=("train/datasets.py",),
+    ),
+    Model(
+        name="cifar10",
+        model_module="models/vision/resnet.py",
+        train_module="train/vision.py",
+        handler="handlers/vision.py",
+        configs={"cpu": "handlers/vision.yaml", "gpu": "handlers/vision.gpu.yaml"},
+        versions=(Version("1.0", "cifar10", "artifacts/cifar10",
+                          "python -m train.vision --dataset cifar10 --arch resnet18 --epochs 30 --augment flip-crop "
+                          "--out artifacts/cifar10",
+                          optional=True),),
+    ),
 )
 
 
@@ -126,8 +157,10 @@ def model(name: str) -> Model:
 
 
 def served() -> list[tuple[Model, Version]]:
-    """Every (model, version) that archive.sh builds and TorchServe serves, in table order."""
-    return [(entry, version) for entry in MODELS for version in entry.versions]
+    """Every (model, version) that archive.sh builds and TorchServe serves, in table order: optional versions only
+    when their artifacts exist."""
+    return [(entry, version) for entry in MODELS for version in entry.versions
+            if not version.optional or version.trained]
 
 
 def archive(stem: str) -> tuple[Model, Version]:
@@ -167,17 +200,22 @@ def resolve(name: str):
 
 def makefile_rules() -> str:
     """Make rules: each artifact folder from its model's sources (and its training command, through a stamp file
-    that changes only when the command does), each archive from its artifacts, handler and model-config."""
+    that changes only when the command does), each archive from its artifacts, handler and model-config.
+    Optional versions get no training rule, and their archive is among ARCHIVES only while their artifacts exist."""
+    every = [(entry, version) for entry in MODELS for version in entry.versions]
+    archives = [f"$(if $(wildcard {v.artifacts}/manifest.json),model_store/{v.archive}.mar)" if v.optional
+                else f"model_store/{v.archive}.mar" for _, v in every]
     rules = ["PACKAGED := $(shell find handlers models -name '*.py' -not -path '*/__pycache__/*')",
-             f"ARTIFACTS := {' '.join(v.artifacts for _, v in served())}",
-             f"ARCHIVES := {' '.join(f'model_store/{v.archive}.mar' for _, v in served())}", ""]
-    for entry, version in served():
-        stamp = f".make/{version.archive}.train"
-        write_if_changed(ROOT / stamp, version.train + "\n")
-        rules += [f"{version.artifacts}/manifest.json: $(READY) {' '.join(entry.sources)} {stamp}",
-                  f"\t@echo '==> [train] {version.artifacts}'",
-                  f"\t@{version.train}",
-                  f"model_store/{version.archive}.mar: {version.artifacts}/manifest.json {entry.handler} "
+             f"ARTIFACTS := {' '.join(v.artifacts for _, v in every if not v.optional)}",
+             f"ARCHIVES := {' '.join(archives)}", ""]
+    for entry, version in every:
+        if not version.optional:
+            stamp = f".make/{version.archive}.train"
+            write_if_changed(ROOT / stamp, version.train + "\n")
+            rules += [f"{version.artifacts}/manifest.json: $(READY) {' '.join(entry.sources)} {stamp}",
+                      f"\t@echo '==> [train] {version.artifacts}'",
+                      f"\t@{version.train}"]
+        rules += [f"model_store/{version.archive}.mar: {version.artifacts}/manifest.json {entry.handler} "
                   f"{entry.configs['cpu']} $(PACKAGED) scripts/archive.py",
                   f"\t@./archive.sh {version.archive}", ""]
     return "\n".join(rules)

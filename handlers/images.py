@@ -1,7 +1,9 @@
-"""Image I/O for every image model: the encoded image of a request, decoded with size limits to the model's mode."""
+"""Image I/O for every image model: the encoded image of a request, decoded with size limits to the model's mode
+and, for the vision models, resized and cropped to the model's input."""
 
 import base64
 import io
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -35,6 +37,44 @@ def decode_image(data, channels, max_pixels=MAX_IMAGE_PIXELS):
 
     Upright by its EXIF orientation; transparent pixels count as white paper.
     """
+    with opened_image(data, channels, max_pixels) as image:
+        return pixels_of(image, channels)
+
+
+def decode_fitted(data, channels, size, resize=None, max_pixels=MAX_IMAGE_PIXELS):
+    """Image bytes -> uint8 array [size, size] (channels=1) or [size, size, 3], as torchvision's
+    ``Resize(resize)`` + ``CenterCrop(size)`` would make it: the shorter side scaled to ``resize`` (default
+    ``size``), the centre ``size`` x ``size`` kept, in one resampling of the source.
+
+    Lanczos, not bilinear: an image upscaled from the training resolution comes back nearly as it was (bilinear's
+    wider blur cost 2-3 points of Fashion-MNIST accuracy on 64-256 px re-encodes). JPEGs are decoded at the
+    smallest DCT scale that is still twice the target (``Image.draft``), so a large photo costs about as much as a
+    small one.
+    """
+    resize = resize or size
+    with opened_image(data, channels, max_pixels, draft_size=(2 * resize, 2 * resize)) as image:
+        scale = resize / min(image.width, image.height)
+        side = size / scale  # the crop's side in source pixels
+        left, top = (image.width - side) / 2, (image.height - side) / 2
+        image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
+                             reducing_gap=3.0)
+        return pixels_of(image, channels)
+
+
+def pixels_of(image, channels):
+    """A decoded image's pixels as uint8 [H, W] or [H, W, channels], in one copy (np.asarray(image) reads
+    Image.__array_interface__ twice, each a full tobytes())."""
+    shape = (image.height, image.width) if channels == 1 else (image.height, image.width, channels)
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(shape)
+
+
+@contextmanager
+def opened_image(data, channels, max_pixels=MAX_IMAGE_PIXELS, draft_size=None):
+    """The decoded image of ``data`` in mode "L" (channels=1) or "RGB", upright by its EXIF orientation,
+    transparent pixels composited on white; any problem with the image is a ``RequestError`` (413 when too large).
+
+    ``draft_size``: JPEGs may be decoded at a reduced DCT scale that still covers it (default: full size).
+    """
     mode = {1: "L", 3: "RGB"}[channels]
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -43,15 +83,13 @@ def decode_image(data, channels, max_pixels=MAX_IMAGE_PIXELS):
                                    f"{max_pixels} pixels", code=413, kind="ImageTooLarge")
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            elif mode == "L" and image.mode != "L":
-                image.draft("L", image.size)  # JPEG: decode the luma channel only
+            elif draft_size or (mode == "L" and image.mode != "L"):
+                image.draft(mode, draft_size or image.size)  # JPEG: the luma channel only, or a smaller scale
             if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                 image = ImageOps.exif_transpose(image)
             if image.mode != mode:
                 image = image.convert(mode)
-            # One copy of the pixels: np.asarray(image) reads Image.__array_interface__ twice, each a full tobytes().
-            shape = (image.height, image.width) if channels == 1 else (image.height, image.width, channels)
-            return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(shape)
+            yield image
     except RequestError:
         raise
     except Image.DecompressionBombError as err:  # Pillow refuses before we can read the size

@@ -111,6 +111,10 @@ def selected(names):
         matches = ([pair for pair in served if pair[1].archive == name]
                    or [pair for pair in served if pair[0].name == name])
         if not matches:
+            untrained = [v for m in registry.MODELS for v in m.versions if name in (m.name, v.archive)]
+            if untrained:  # an optional version (registry.Version.optional) is built only once trained
+                raise BuildError(f"{name}: {untrained[0].artifacts}/manifest.json not found - it is optional and "
+                                 f"trained by hand: {untrained[0].train}")
             raise UnknownName(f"no archive or model named {name!r} (see ./archive.sh --list)")
         chosen += [pair for pair in matches if pair not in chosen]
     return chosen

@@ -15,10 +15,16 @@ keep-alive connections) and the same weights:
   ours             model_store/mnist.mar: handlers/mnist.py with handlers/mnist.yaml
   sentiment        model_store/sentiment.mar: handlers/sentiment.py with handlers/sentiment.yaml
   sentiment-naive  the same sentiment model behind a per-request handler, batching off (naive_sentiment.py)
+  fashion          model_store/fashion.mar: handlers/vision.py with handlers/vision.yaml; the run also measures
+                   the same archive in-process (tests/worker.py: TorchServe's loader, the handler's entry point, no
+                   server) at its batch size, this model's own ceiling on this machine
+  fashion-stock    the fashion weights behind TorchServe's stock image_classifier handler, default settings
+                   (tests/load/stock_fashion_handler.py)
 
 Each path gets its own TorchServe (config.properties, token auth on, only that model loaded), a short warm-up,
 then a measurement window at each concurrency. Digit paths send the same held-out PNGs (28 px white-on-black and
-64 px dark-on-light); sentiment paths send held-out reviews. Every reply is checked (tests/load/checks.py): our
+64 px dark-on-light); sentiment paths send held-out reviews; fashion paths send Fashion-MNIST test images as 28 px
+grey PNGs and 128 px RGB PNGs. Every reply is checked (tests/load/checks.py): our
 paths must give the known label; a wrong answer or non-200 counts as a failed request. Before the paths, the
 client is measured against a fixed-reply server (its own ceiling), and every step reports the CPU used by the
 client, by the TorchServe process group and by everything else on the machine.
@@ -71,7 +77,12 @@ PATHS = {
                            "handlers/sentiment.py with handlers/sentiment.yaml (model_store/sentiment.mar)"),
     "sentiment-naive": BenchPath("sentiment-naive", "sentiment_naive", "sentiment", checks.check_sentiment,
                                  "same sentiment model, per-request handler, batching off, TorchServe defaults"),
+    "fashion": BenchPath("fashion", "fashion", "fashion", checks.check_fashion,
+                         "handlers/vision.py with handlers/vision.yaml (model_store/fashion.mar)"),
+    "fashion-stock": BenchPath("fashion-stock", "fashion_stock", "fashion", checks.check_stock_fashion,
+                               "fashion weights, stock image_classifier handler, TorchServe defaults"),
 }
+FASHION_TARGETS = {"vs_in_process": 0.7, "vs_stock": 5.0, "p99_ms": 100.0, "failed": 0}
 
 
 # --- archives ------------------------------------------------------------------------------------------------------
@@ -87,12 +98,12 @@ def archiver(store, model, handler, *, version="1.0", serialized=None, model_fil
     return f"{model}.mar"
 
 
-def staged_extra(staging, *files):
-    """A folder holding the handlers/ package and ``files`` (artifact files), as archive.sh stages it."""
+def staged_extra(staging, *files, packages=("handlers",)):
+    """A folder holding the ``packages`` (default handlers/) and ``files`` (artifact files), as archive.sh stages
+    them."""
     extra = Path(tempfile.mkdtemp(dir=staging))
-    (extra / "handlers").mkdir()
-    for source in (ROOT / "handlers").glob("*.py"):
-        shutil.copy(source, extra / "handlers")
+    for package in packages:
+        shutil.copytree(ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.yaml"))
     for file in files:
         shutil.copy(file, extra)
     return extra
@@ -144,6 +155,15 @@ def build_archive(path, store, staging, mnist_overrides, ours_archive=None, ours
     if path.name == "stock":
         return archiver(store, "mnist_stock", HERE / "stock_handler.py", serialized=ROOT / "artifacts/mnist/model.pt",
                         model_file=HERE / "stock_model.py", extra=staged_extra(staging))
+    if path.name == "fashion-stock":
+        folder = ROOT / payloads.FASHION_ARTIFACT
+        labels = json.loads((folder / "manifest.json").read_text())["labels"]
+        index_to_name = Path(staging) / "index_to_name.json"
+        index_to_name.write_text(json.dumps({str(i): label for i, label in enumerate(labels)}))
+        return archiver(store, "fashion_stock", HERE / "stock_fashion_handler.py", serialized=folder / "model.pt",
+                        model_file=HERE / "stock_fashion_model.py",
+                        extra=staged_extra(staging, folder / "manifest.json", index_to_name,
+                                           packages=("handlers", "models")))
     if path.name == "sentiment-naive":
         folder = ROOT / "artifacts/sentiment"
         return archiver(store, "sentiment_naive", HERE / "naive_sentiment.py", serialized=folder / "model.pt",
@@ -193,8 +213,9 @@ def served(server, path, mnist_overrides):
         threads.append(omp)
     if path.name in ("ours", "ceiling"):
         torch_threads = model_config("mnist", mnist_overrides).get("handler", {}).get("torch_threads")
-    elif path.name == "sentiment":
-        torch_threads = model_config("sentiment", {}).get("handler", {}).get("torch_threads")
+    elif path.name in ("sentiment", "fashion"):
+        config = "vision" if path.name == "fashion" else "sentiment"
+        torch_threads = model_config(config, {}).get("handler", {}).get("torch_threads")
     else:
         torch_threads = None
     if torch_threads is None:
@@ -274,6 +295,32 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
                 pass
 
 
+def measure_in_process(stem, samples, batch_size, seconds, log):
+    """Requests per second of model_store/<stem>.mar in this process, batches of ``batch_size`` samples through
+    what a worker runs per batch (tests/worker.py: TorchServe's input decoding, the handler, its reply encoding),
+    with the archive's model-config (torch threads included): the model and handler code's own ceiling."""
+    from tests.worker import Request, Worker
+
+    with tempfile.TemporaryDirectory(prefix=f"inprocess-{stem}-") as unpack:
+        worker = Worker(ROOT / "model_store" / f"{stem}.mar", unpack, batch_size)
+        batches = [[Request(s.body, s.content_type) for s in samples[i : i + batch_size]]
+                   for i in range(0, len(samples) - batch_size + 1, batch_size)]
+        for batch in batches[:3]:  # warm-up: oneDNN picks its kernels
+            worker.run(*batch)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            replies = worker.run(*batches[done // batch_size % len(batches)])
+            if any(reply.status != 200 for reply in replies):
+                raise RuntimeError(f"in-process {stem}: {[r.body for r in replies if r.status != 200][:1]}")
+            done += len(replies)
+        elapsed = time.perf_counter() - started
+        threads = worker.handler.threads
+    step = {"batch_size": batch_size, "requests": done, "rps": round(done / elapsed, 1), "torch_threads": threads,
+            "loadavg": loadavg()[0]}
+    log(f"[{stem} in-process] batches of {batch_size}: {step['rps']:.1f} req/s with {threads} torch thread(s)")
+    return step
+
+
 def at(results, name, users):
     steps = results["paths"].get(name, {}).get("steps", [])
     return next((s for s in steps if s["users"] == users), None)
@@ -296,6 +343,22 @@ def ratios(results, users=16):
         out["stock_vs_ceiling_unbatched"] = round(stock["rps"] / unbatched["rps"], 3)
     if sentiment and naive:
         out["sentiment_vs_naive"] = round(sentiment["rps"] / naive["rps"], 2)
+    fashion, fashion_stock = at(results, "fashion", users), at(results, "fashion-stock", users)
+    in_process = results.get("in_process", {}).get("fashion")
+    if fashion and in_process:
+        out["fashion_vs_in_process"] = round(fashion["rps"] / in_process["rps"], 3)
+    if fashion and fashion_stock:
+        out["fashion_vs_stock"] = round(fashion["rps"] / fashion_stock["rps"], 2)
+    if fashion:
+        out["fashion_p99_ms"], out["fashion_failed"] = fashion["p99_ms"], fashion["failed"]
+        out["fashion_targets_met"] = {
+            f"fashion_vs_in_process >= {FASHION_TARGETS['vs_in_process']}":
+                out.get("fashion_vs_in_process", 0) >= FASHION_TARGETS["vs_in_process"],
+            f"fashion_vs_stock >= {FASHION_TARGETS['vs_stock']}":
+                out.get("fashion_vs_stock", 0) >= FASHION_TARGETS["vs_stock"],
+            "fashion p99 <= 100 ms": fashion["p99_ms"] <= FASHION_TARGETS["p99_ms"],
+            "fashion: zero failed requests": fashion["failed"] == FASHION_TARGETS["failed"],
+        }
     if ours:
         out["ours_p99_ms"] = ours["p99_ms"]
         out["ours_failed"] = ours["failed"]
@@ -324,14 +387,21 @@ def table(results):
     for key, label in (("ours_vs_ceiling", "ours ÷ ceiling"), ("ours_vs_ceiling_unbatched", "ours ÷ ceiling-unbatched"),
                        ("ours_vs_stock", "ours ÷ stock"), ("stock_vs_ceiling", "stock ÷ ceiling"),
                        ("stock_vs_ceiling_unbatched", "stock ÷ ceiling-unbatched"),
-                       ("sentiment_vs_naive", "sentiment ÷ naive")):
+                       ("sentiment_vs_naive", "sentiment ÷ naive"),
+                       ("fashion_vs_in_process", "fashion ÷ in-process"), ("fashion_vs_stock", "fashion ÷ stock")):
         if key in r:
             summary.append(f"{label} **{r[key]}**;")
     if "ours_p99_ms" in r:
         summary.append(f"ours p99 {r['ours_p99_ms']} ms, {r['ours_failed']} failed requests.")
+    if "fashion_p99_ms" in r:
+        summary.append(f"fashion p99 {r['fashion_p99_ms']} ms, {r['fashion_failed']} failed requests.")
     lines.append(" ".join(summary))
-    if "targets_met" in r:
-        lines.append("Targets: " + ", ".join(f"{k} {'✔' if v else '✘'}" for k, v in r["targets_met"].items()) + ".")
+    for key in ("targets_met", "fashion_targets_met"):
+        if key in r:
+            lines.append("Targets: " + ", ".join(f"{k} {'✔' if v else '✘'}" for k, v in r[key].items()) + ".")
+    for stem, step in results.get("in_process", {}).items():
+        lines.append(f"In-process {stem} (same archive and handler code, no server): {step['rps']:.0f} req/s in "
+                     f"batches of {step['batch_size']}, {step['torch_threads']} torch thread(s).")
     m, c = results["machine"], results.get("client_ceiling") or []
     lines.append("")
     lines.append(f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
@@ -437,7 +507,10 @@ def main(argv=None):
     if before[0] > 0.5:
         log(f"warning: load average {before} - other work on this machine will show in the figures "
             "(see each step's 'others CPU')")
-    sample_sets = {"mnist": payloads.digits(DIGIT_RENDERINGS), "sentiment": payloads.reviews()}
+    builders = {"mnist": lambda: payloads.digits(DIGIT_RENDERINGS), "sentiment": payloads.reviews,
+                "fashion": lambda: payloads.fashion(payloads.BENCH_FASHION_RENDERINGS)}
+    needed = {PATHS[name].samples for name in names} | (set() if args.no_client_ceiling else {"mnist"})
+    sample_sets = {kind: build() for kind, build in builders.items() if kind in needed}  # only what the paths send
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "loadavg_before": before,
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
@@ -455,6 +528,11 @@ def main(argv=None):
         for step in results["client_ceiling"]:
             log(f"[client] {step['users']:>3} users against a fixed-reply server: {step['rps']:.0f} req/s, "
                 f"{step['client_cpu_us_per_req']:.0f} µs client CPU per request")
+
+    if "fashion" in names:  # before any server, on the quietest machine this run will see
+        batch_size = yaml.safe_load((ROOT / "handlers/vision.yaml").read_text())["batchSize"]
+        results["in_process"] = {"fashion": measure_in_process("fashion", sample_sets["fashion"], batch_size,
+                                                               args.seconds, log)}
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         store, staging = Path(tmp) / "store", Path(tmp) / "staging"

@@ -111,3 +111,31 @@ def check_noop(body, expected=None):
     if bytes(body) != NOOP_REPLY:
         raise WrongAnswer(f"no-op reply {bytes(body)[:80]!r}, expected {NOOP_REPLY!r}")
     return None
+
+
+def check_fashion(body, expected=None, model="fashion", labels=None):
+    """Our vision reply: {"label", "probabilities" (top 3 by default, sorted), "model", "version"}; label ==
+    ``expected``. ``labels``: the model's class names (default: those of the probabilities map itself)."""
+    reply = parse(body)
+    if not isinstance(reply, dict):
+        raise WrongAnswer(f"expected a JSON object, got {type(reply).__name__}")
+    probabilities = reply.get("probabilities")
+    _probabilities(probabilities, labels or list(probabilities or {}), 10, "probabilities")
+    label = reply.get("label")
+    if next(iter(probabilities)) != label:
+        raise WrongAnswer(f"label {label!r} is not the most likely class of {probabilities}")
+    if model is not None and reply.get("model") != model:
+        raise WrongAnswer(f"model {reply.get('model')!r}, expected {model!r}")
+    if expected is not None and label != expected:
+        raise WrongAnswer(f"label {label!r}, expected {expected!r}")
+    return label
+
+
+def check_stock_fashion(body, expected=None):
+    """TorchServe's stock image_classifier reply for the fashion weights: the top 5 {class name: probability}.
+    Returns the top label; it is not required to be right (the benchmark reports how often it is)."""
+    reply = parse(body)
+    values = _probabilities(reply, list(reply) if isinstance(reply, dict) else [], 5, "stock reply")
+    if len(values) != 5:
+        raise WrongAnswer(f"stock reply: {len(values)} classes, expected the top 5")
+    return next(iter(reply))

@@ -2,7 +2,8 @@
 
 - digits: held-out digits (never seen in training) rendered as PNG at several sizes and both polarities;
 - reviews: held-out Chinese reviews as UTF-8 text;
-- patients: held-out rows of the regression data set as JSON objects.
+- patients: held-out rows of the regression data set as JSON objects;
+- fashion: Fashion-MNIST test images (never seen in training) re-encoded as JPEG and PNG, upscaled, grey and RGB.
 
 "Easy" samples only: a digit or review is kept when the trained models in artifacts/ (loaded here, in-process,
 with the handlers' own preprocessing) give the known label with a clear margin. A served reply that disagrees
@@ -122,6 +123,80 @@ def load(path):
         document = json.load(f)
     return {model: [Sample(item["name"], base64.b64decode(item["body"]), item["content_type"], item["expected"])
                    for item in items] for model, items in document.items()}
+
+
+FASHION_ARTIFACT = "artifacts/fashion"
+FASHION_MIN_CONFIDENCE = 0.7
+"""Lower than MIN_CONFIDENCE: trained with label smoothing 0.1, the model's top probability stays near 0.93."""
+FASHION_RENDERINGS = {  # name: (size px, format, mode)
+    "fashion-28px-png": (28, "PNG", "L"),  # the data set's own geometry
+    "fashion-64px-jpeg-rgb": (64, "JPEG", "RGB"),
+    "fashion-128px-png-rgb": (128, "PNG", "RGB"),
+    "fashion-256px-jpeg": (256, "JPEG", "L"),
+}
+BENCH_FASHION_RENDERINGS = ("fashion-28px-png", "fashion-128px-png-rgb")
+
+
+def render_fashion(pixels, size=28, fmt="PNG", mode="L"):
+    """A 28x28 Fashion-MNIST image as ``fmt`` bytes, upscaled (bicubic) to ``size`` px, in ``mode``."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@cache
+def heldout_fashion(count=200):
+    """(uint8 images [count, 28, 28], class names) of the first ``count`` Fashion-MNIST test images, found where
+    training found them (artifacts/fashion's --data-dir, else Debian's package)."""
+    from pathlib import Path
+
+    from scripts.server import ROOT
+    from train.datasets import fashion_mnist
+    from tests.samples import training_record
+
+    data_dir = Path(training_record(FASHION_ARTIFACT)["args"]["data_dir"])
+    test_set = fashion_mnist(data_dir if data_dir.is_absolute() else ROOT / data_dir, train=False)
+    return test_set.data[:count].numpy(), [test_set.classes[int(y)] for y in test_set.targets[:count]]
+
+
+@cache
+def fashion(renderings=tuple(FASHION_RENDERINGS), count=80, confident_only=True):
+    """Held-out Fashion-MNIST images in each rendering; with ``confident_only``, those that artifacts/fashion
+    (in-process, through the handler's own decoding) labels right with FASHION_MIN_CONFIDENCE."""
+    import numpy as np
+    import torch
+
+    from handlers.images import decode_fitted
+    from models import load_model, read_manifest
+    from scripts.server import ROOT
+
+    folder = ROOT / FASHION_ARTIFACT
+    manifest = read_manifest(folder)
+    spec = manifest["input"]
+    model = load_model(folder, manifest)
+    mean, std = (torch.tensor(spec[key]).view(1, -1, 1, 1) for key in ("mean", "std"))
+    images, labels = heldout_fashion(count)
+    samples = []
+    for name in renderings:
+        size, fmt, mode = FASHION_RENDERINGS[name]
+        bodies = [render_fashion(image, size, fmt, mode) for image in images]
+        keep = np.ones(len(bodies), dtype=bool)
+        if confident_only:
+            pixels = np.stack([decode_fitted(b, spec["channels"], spec["size"], spec["resize"]) for b in bodies])
+            batch = torch.from_numpy(pixels).reshape(len(bodies), spec["size"], spec["size"], -1).permute(0, 3, 1, 2)
+            with torch.inference_mode():
+                probabilities = torch.softmax(model((batch.float() / 255 - mean) / std), dim=1)
+            confidence, predicted = probabilities.max(dim=1)
+            keep = (np.array(manifest["labels"])[predicted.numpy()] == np.array(labels)) & (
+                confidence.numpy() >= FASHION_MIN_CONFIDENCE)
+        content_type = f"image/{fmt.lower()}"
+        samples += [Sample(name, body, content_type, label) for body, label, ok in zip(bodies, labels, keep) if ok]
+    return samples
 
 
 def build_all():

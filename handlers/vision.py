@@ -1,0 +1,144 @@
+"""Image classification: any image -> {"label", "probabilities" (top k), "model", "version"}.
+
+Any format, mode and size Pillow reads is brought to the model's input as the artifact manifest describes it
+(``input``: channels, size, resize, crop, mean, std): grey or RGB, the shorter side scaled to ``resize``, the
+centre ``size`` x ``size`` crop. Requests: the raw body (curl -T photo.jpg), a multipart field, or JSON
+``{"data": "<base64 image>", "k": 5}``; ``k`` (top classes in the reply) defaults to ``handler.top_k``.
+
+On CUDA (TorchServe's ``gpu_id``) a batch travels as uint8 through pinned memory with a non-blocking copy and is
+normalised on the GPU; the model runs channels-last with batch norms folded into the convolutions, under autocast
+when ``handler.amp`` (bf16 or fp16) is set.
+"""
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+from torch.fx.experimental.optimization import fuse
+
+from handlers.common import BundleHandler, RequestError, quote
+from handlers.images import decode_fitted, image_bytes
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_TOP_K = 3
+
+
+def amp_dtype(setting, device):
+    """The autocast dtype that ``handler.amp`` names (None: off); AMP applies on CUDA only."""
+    if setting in (None, False, "off"):
+        return None
+    if setting not in AMP_DTYPES:
+        raise ValueError(f"handler.amp must be one of {', '.join(AMP_DTYPES)} or off, got {setting!r}")
+    if device.type != "cuda":
+        logger.info("handler.amp=%s ignored on %s: autocast is used on CUDA only", setting, device)
+        return None
+    return AMP_DTYPES[setting]
+
+
+class VisionHandler(BundleHandler):
+    """Top-k labels for any image, batched; Grad-CAM explanations at the model's input size."""
+
+    def initialize(self, context):
+        super().initialize(context)
+        spec = self.artifact["input"]
+        if spec.get("crop", "center") != "center":
+            raise RuntimeError(f"{self.model_name}: input crop {spec['crop']!r} is not supported (only 'center')")
+        self.channels, self.size, self.resize = spec["channels"], spec["size"], spec.get("resize", spec["size"])
+        self.mean = torch.tensor(spec["mean"], device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec["std"], device=self.device).view(1, -1, 1, 1)
+        options = self.model_config.get("handler") or {}
+        self.amp = amp_dtype(options.get("amp"), self.device)
+        self.max_top_k = min(int(options.get("max_top_k", len(self.labels))), len(self.labels))
+        self.top_k = min(int(options.get("top_k", DEFAULT_TOP_K)), self.max_top_k)
+        self.inference_model = self.fused_copy()
+
+    def load_model(self):
+        """The stored model, channels-last: oneDNN and cuDNN convolutions run fastest on NHWC tensors."""
+        return super().load_model().to(memory_format=torch.channels_last)
+
+    def fused_copy(self):
+        """The model with each batch norm folded into its convolution (torch.fx), for predictions: 1.5x faster
+        on a CPU for the small ResNet. Explanations keep the original (Grad-CAM hooks its ``cam_layer``). A copy
+        that disagrees with the original on a probe batch is not used."""
+        fused = fuse(self.model).to(memory_format=torch.channels_last)
+        probe = torch.rand(2, self.channels, self.size, self.size, generator=torch.Generator().manual_seed(0))
+        probe = self.model_input((probe * 255).to(torch.uint8))
+        with torch.inference_mode():
+            expected, got = self.model(probe), fused(probe)
+        tolerance = 1e-3 if self.device.type == "cpu" else 1e-2  # CUDA: TF32 convolutions
+        if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance):
+            logger.warning("fused copy of %s disagrees with it (max diff %.2g); predicting with the original",
+                           self.artifact["architecture"], float((got - expected).abs().max()))
+            return self.model
+        return fused
+
+    # --- hooks -----------------------------------------------------------------------------------------------------
+
+    def parse(self, payload, as_json):
+        k = self.requested_k(payload) if as_json and isinstance(payload, dict) else self.top_k
+        pixels = decode_fitted(image_bytes(payload, as_json), self.channels, self.size, self.resize)
+        return [(pixels, k)], False
+
+    def requested_k(self, document):
+        k = document.get("k", self.top_k)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_top_k:
+            raise RequestError(f"field 'k' must be an integer from 1 to {self.max_top_k}, got {quote(str(k))}",
+                               kind="InvalidField")
+        return k
+
+    def collate(self, examples):
+        """uint8 [N, C, H, W] (channels-last in memory), pinned when it goes to a GPU."""
+        stacked = torch.from_numpy(np.stack([pixels for pixels, _ in examples]))
+        batch = stacked.unsqueeze(1) if self.channels == 1 else stacked.permute(0, 3, 1, 2)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def model_input(self, batch):
+        """A collated uint8 batch on the device, normalised, channels-last."""
+        images = batch.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        return images.contiguous(memory_format=torch.channels_last)
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def predict(self, batch):
+        with torch.inference_mode(), self.autocast():
+            return self.inference_model(self.model_input(batch)).float().cpu()
+
+    def output_rows(self, outputs):
+        """Softmax and the classes by probability for the whole batch at once: (probabilities, classes) per row."""
+        top = torch.softmax(outputs, dim=1).topk(self.max_top_k, dim=1)
+        return list(zip(top.values.tolist(), top.indices.tolist()))
+
+    def format(self, example, output):
+        _, k = example
+        probabilities, classes = output
+        return {"label": self.labels[classes[0]],
+                "probabilities": {self.labels[i]: round(p, 4) for p, i in zip(probabilities[:k], classes[:k])},
+                "model": self.model_name, "version": self.version}
+
+    def explain(self, examples):
+        """Grad-CAM (captum's LayerGradCam) of the predicted class on the model's last convolutional feature map
+        (``cam_layer``), upsampled to the input size: one backward pass per image, where Integrated Gradients
+        needs dozens, and a class-specific map of where the evidence is, rather than per-pixel noise."""
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        images = self.model_input(self.collate(examples))
+        with torch.inference_mode():
+            predicted = self.model(images).argmax(dim=1)
+        with torch.enable_grad():
+            maps = LayerGradCam(self.model, self.model.cam_layer).attribute(
+                images.clone().requires_grad_(), target=predicted, relu_attributions=True)
+        maps = LayerAttribution.interpolate(maps.detach(), (self.size, self.size), interpolate_mode="bilinear")
+        maps = maps / maps.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)  # each map's peak at 1
+        return [{"label": self.labels[label], "attributions": attribution[0].cpu().numpy().round(4).tolist(),
+                 "shape": [self.size, self.size], "method": "LayerGradCam", "model": self.model_name,
+                 "version": self.version} for label, attribution in zip(predicted.tolist(), maps)]
+
+    def describe_handle(self):
+        return {**super().describe_handle(), "input": self.artifact["input"],
+                "amp": None if self.amp is None else str(self.amp).removeprefix("torch.")}
