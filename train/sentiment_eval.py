@@ -82,11 +82,20 @@ def predict_over_http(url: str, model: str, key_file: Path, label_names: list[st
         except requests.RequestException as error:
             raise DataError(f"cannot reach {endpoint}: {type(error).__name__}") from None
         if reply.status_code != 200:
-            raise DataError(f"{endpoint} answered {reply.status_code}: {reply.text.strip()[:200]}")
+            raise DataError(f"{endpoint} answered {reply.status_code}: {error_message(reply)}")
         for item in reply.json():
             labels.append(label_names.index(item["label"]))
             scores.append(item["score"])
     return labels, scores
+
+
+def error_message(reply) -> str:
+    """The ``message`` of a TorchServe error reply (or its text), on one line."""
+    try:
+        message = str(reply.json().get("message", reply.text))
+    except (ValueError, AttributeError):
+        message = reply.text
+    return " ".join(message.split())[:300]
 
 
 def parse_args(argv: list[str]):
