@@ -78,7 +78,7 @@ MODELS = (
         handler="handlers/sentiment.py",
         configs={"cpu": "handlers/sentiment.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
-                          "python -m train.sentiment --out artifacts/sentiment"),),
+                          "python -m train.sentiment --arch fasttext --out artifacts/sentiment"),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
     ),
