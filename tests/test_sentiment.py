@@ -1,4 +1,4 @@
-"""Sentiment: the three architectures, training on any labelled CSV, calibration, and `evaluate` on CSVs written here."""
+"""Sentiment: the three architectures, training on any labelled CSV, calibration, `evaluate` on CSVs written here."""
 
 import json
 import math
@@ -15,7 +15,6 @@ from models import load_model, read_manifest
 from models.sentiment import ARCHITECTURES, PAD_ID, tokenize, tokenize_words
 from scripts.server import ROOT
 from train import sentiment, sentiment_eval
-from train.common import DataError
 
 POSITIVE = ["很好", "不错", "非常满意", "很喜欢", "值得推荐", "超级棒"]
 NEGATIVE = ["太差了", "很失望", "不满意", "很后悔", "质量差", "退货了"]
@@ -105,9 +104,11 @@ def test_bad_csv_gives_one_clear_line_and_exit_2(tmp_path, content, args, messag
 
 def test_csv_training_splits_distinct_texts_and_stores_a_temperature(tiny_artifacts):
     metrics = json.loads((tiny_artifacts["fasttext"] / "metrics.json").read_text())
-    texts, _ = sentiment.distinct_consistent(*sentiment.read_labelled_csv(tiny_artifacts["fasttext"].parent / "train.csv")[:2])
-    assert metrics["dataset"] == {"name": "train.csv", "n_total": len(texts), "n_train": len(texts) - metrics["dataset"]["n_test"],
-                                  "n_test": math.ceil(0.2 * len(texts))}
+    csv_path = tiny_artifacts["fasttext"].parent / "train.csv"
+    texts, _ = sentiment.distinct_consistent(*sentiment.read_labelled_csv(csv_path)[:2])
+    n_test = math.ceil(0.2 * len(texts))
+    assert metrics["dataset"] == {"name": "train.csv", "n_total": len(texts), "n_train": len(texts) - n_test,
+                                  "n_test": n_test}
     assert metrics["test"]["accuracy"] >= 0.9
     for arch, folder in tiny_artifacts.items():
         manifest = read_manifest(folder)
@@ -122,7 +123,8 @@ def test_distinct_consistent_drops_repeats_and_contradictions():
 
 def test_sentences_are_added_with_their_review_label():
     texts, labels = sentiment.with_sentences(["房间很好。早餐也不错！", "太差"], np.array([1, 0]))
-    assert texts == ["房间很好。早餐也不错！", "太差", "房间很好", "早餐也不错"] and labels.tolist() == [1, 0, 1, 1]
+    assert texts == ["房间很好。早餐也不错！", "太差", "房间很好", "早餐也不错"]
+    assert labels.tolist() == [1, 0, 1, 1]
 
 
 def test_token_dropout_keeps_order_and_at_least_one_token():
@@ -202,7 +204,8 @@ def tiny_stores(tiny_artifacts, tmp_path_factory):
     stores = {}
     for arch, folder in tiny_artifacts.items():
         stores[arch] = tmp_path_factory.mktemp(f"store-{arch}")
-        build(registry.model("sentiment"), registry.Version("1.0", "sentiment", str(folder), "test"), store=stores[arch])
+        version = registry.Version("1.0", "sentiment", str(folder), "test")
+        build(registry.model("sentiment"), version, store=stores[arch])
     return stores
 
 

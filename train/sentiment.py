@@ -180,7 +180,8 @@ def with_sentences(texts: list[str], labels: np.ndarray, min_chars: int = 4) -> 
     extra = [(sentence, label) for text, label in zip(texts, labels.tolist())
              for sentences in [[s for s in _SENTENCE_END.split(text) if len(s.strip()) >= min_chars]]
              if len(sentences) > 1 for sentence in sentences]
-    return texts + [text for text, _ in extra], np.concatenate([labels, np.array([y for _, y in extra], dtype=np.int64)])
+    extra_labels = np.array([label for _, label in extra], dtype=np.int64)
+    return texts + [text for text, _ in extra], np.concatenate([labels, extra_labels])
 
 
 def build_vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
@@ -240,6 +241,8 @@ def rate(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None):
     parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/sentiment", default_epochs=None)
+    epochs = next(action for action in parser._actions if action.dest == "epochs")
+    epochs.help = "training epochs (default: the arch's, " + ", ".join(f"{n} {a.epochs}" for n, a in ARCHS.items()) + ")"
     parser.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
                         help="fasttext (default): chars+bigrams, mean, linear; textcnn: convs over chars+bigrams; "
                              "bilstm: the course's BiLSTM over jieba words")
@@ -248,14 +251,19 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--label-column", default="label", help="label column of --csv, 0/1 or negative/positive "
                                                                 "(default %(default)s)")
     parser.add_argument("--min-count", type=positive_int, default=2, help="least training-split count of a vocabulary token (default %(default)s)")
-    parser.add_argument("--max-tokens", type=positive_int, default=None, help="tokens kept per review (default: the arch's)")
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
+                        help="tokens kept per review (default: the arch's)")
     parser.add_argument("--embed-dim", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the one-cycle schedule (default: the arch's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of the one-cycle schedule (default: the arch's)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default %(default)s)")
-    parser.add_argument("--token-dropout", type=rate, default=0.0, help="share of a training review's tokens dropped at random each epoch (default %(default)s)")
-    parser.add_argument("--label-smoothing", type=rate, default=0.0, help="cross-entropy label smoothing (default %(default)s)")
-    parser.add_argument("--sentences", action="store_true", help="also train on each sentence of multi-sentence reviews")
+    parser.add_argument("--token-dropout", type=rate, default=0.0,
+                        help="share of a training review's tokens dropped at random each epoch (default %(default)s)")
+    parser.add_argument("--label-smoothing", type=rate, default=0.0,
+                        help="cross-entropy label smoothing (default %(default)s)")
+    parser.add_argument("--sentences", action="store_true",
+                        help="also train on each sentence of multi-sentence reviews")
     parser.add_argument("--balance", action="store_true", help="weight the loss by inverse class frequency")
     parser.add_argument("--distill", type=rate, default=0.0, help="weight of a linear teacher's probabilities "
                         "(TF-IDF char 1-3-grams + logistic regression) in the training targets (default %(default)s)")

@@ -51,9 +51,10 @@ def report(labels: list[str], true: np.ndarray, predicted: np.ndarray, confidenc
 def predict_in_process(artifact_dir: Path, manifest: dict, texts: list[str], batch_size: int) -> tuple[list, list]:
     """(label indices, calibrated probabilities of those labels) from the artifact, as the handler computes them."""
     model = load_model(artifact_dir, manifest)
-    vocab_index = {token: i for i, token in enumerate(json.loads((artifact_dir / manifest["vocab"]).read_text("utf-8")))}
-    tokenize = TOKENIZERS[manifest["tokenizer"]]
-    ids = [torch.tensor(encode(tokenize(text, manifest["max_tokens"]), vocab_index, manifest["max_tokens"]) or [PAD_ID]) for text in texts]
+    vocab = json.loads((artifact_dir / manifest["vocab"]).read_text("utf-8"))
+    vocab_index = {token: i for i, token in enumerate(vocab)}
+    tokenize, max_tokens = TOKENIZERS[manifest["tokenizer"]], manifest["max_tokens"]
+    ids = [torch.tensor(encode(tokenize(text, max_tokens), vocab_index, max_tokens) or [PAD_ID]) for text in texts]
     labels, scores = [], []
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):
@@ -106,7 +107,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--label-column", default="label", help="0/1 or negative/positive (default %(default)s)")
     parser.add_argument("--category-column", default="category", help="(default %(default)s; used when present)")
     parser.add_argument("--url", default=None, help="evaluate the live model at this inference address instead")
-    parser.add_argument("--model", default="sentiment", help="served model name[/version] for --url (default %(default)s)")
+    parser.add_argument("--model", default="sentiment",
+                        help="served model name[/version] for --url (default %(default)s)")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"),
                         help="TorchServe's key file, for --url with token auth (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass or request")
