@@ -11,7 +11,7 @@ import os
 import torch
 
 from handlers.common import BundleHandler, RequestError, bounded_list, decode_text, integrated_gradients, quote
-from models.sentiment import PAD_ID, TOKENIZERS, calibrated_probabilities, encode
+from models.sentiment import PAD_ID, calibrated_probabilities, encode, tokenizer
 
 MAX_TEXTS = 256
 """Texts in one JSON list; longer lists are refused with 413."""
@@ -25,7 +25,7 @@ class SentimentHandler(BundleHandler):
         with open(os.path.join(self.model_dir, self.artifact["vocab"]), encoding="utf-8") as f:
             self.vocab_index = {token: i for i, token in enumerate(json.load(f))}
         self.max_tokens = self.artifact["max_tokens"]
-        self.tokenize = TOKENIZERS[self.artifact["tokenizer"]]
+        self.tokenize = tokenizer(self.artifact["tokenizer"])
         self.temperature = float(self.artifact.get("temperature", 1.0))
 
     def parse(self, payload, as_json):

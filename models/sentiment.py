@@ -70,6 +70,15 @@ TOKENIZERS = {"chars+bigrams": tokenize, "jieba-words": tokenize_words}
 """The tokenizers a manifest may name (``tokenizer``)."""
 
 
+def tokenizer(name: str):
+    """The tokenizer a manifest names; an unknown name (e.g. an artifact from an older release) says what fits."""
+    try:
+        return TOKENIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tokenizer {name!r} in the manifest (known: {', '.join(TOKENIZERS)}); "
+                         "retrain the artifact") from None
+
+
 def encode(tokens: list[str], vocab_index: dict[str, int], max_tokens: int) -> list[int]:
     """Ids of the first max_tokens tokens; tokens outside the vocabulary map to UNK_ID."""
     return [vocab_index.get(token, UNK_ID) for token in tokens[:max_tokens]]

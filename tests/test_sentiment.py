@@ -179,6 +179,17 @@ def test_evaluate_without_an_artifact_is_one_line_and_exit_2(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_evaluate_names_an_unknown_tokenizer(tiny_artifacts, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_artifacts["fasttext"], tmp_path / "old")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "chars+bigrams (NFKC, lower case)"}))
+    result = run_module("evaluate", folder, "--csv", write_reviews(tmp_path / "test.csv", rows=4))
+    assert result.returncode == 2 and "unknown tokenizer 'chars+bigrams (NFKC, lower case)'" in result.stderr
+    assert "retrain the artifact" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_matches_the_artifact_probabilities(tiny_artifacts, tmp_path):
     """The in-process path scores what the manifest's model, vocabulary and temperature give."""
     folder = tiny_artifacts["textcnn"]

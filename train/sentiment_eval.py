@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models import load_model, read_manifest
-from models.sentiment import PAD_ID, TOKENIZERS, calibrated_probabilities, encode
+from models.sentiment import PAD_ID, calibrated_probabilities, encode, tokenizer
 from train.common import DataError, positive_int
 from train.sentiment import read_labelled_csv
 
@@ -53,7 +53,7 @@ def predict_in_process(artifact_dir: Path, manifest: dict, texts: list[str], bat
     model = load_model(artifact_dir, manifest)
     vocab = json.loads((artifact_dir / manifest["vocab"]).read_text("utf-8"))
     vocab_index = {token: i for i, token in enumerate(vocab)}
-    tokenize, max_tokens = TOKENIZERS[manifest["tokenizer"]], manifest["max_tokens"]
+    tokenize, max_tokens = tokenizer(manifest["tokenizer"]), manifest["max_tokens"]
     ids = [torch.tensor(encode(tokenize(text, max_tokens), vocab_index, max_tokens) or [PAD_ID]) for text in texts]
     labels, scores = [], []
     with torch.inference_mode():
@@ -120,6 +120,7 @@ def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     try:
         manifest = read_manifest(args.artifact_dir)
+        tokenizer(manifest.get("tokenizer"))
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read the artifact {args.artifact_dir}: {error}") from None
     texts, true, categories = read_labelled_csv(args.csv, args.text_column, args.label_column, args.category_column)
