@@ -64,3 +64,13 @@ class FastTextClassifier(nn.Module):
 
 ARCHITECTURES = {"FastTextClassifier": FastTextClassifier}
 """The constructors a manifest may name (``models.architecture``)."""
+
+
+def export_example(manifest: dict, batch_size: int) -> dict:
+    """What train/export.py traces and checks: padded ids [N, T] in (T dynamic: it grows with the batch here, so
+    the export is checked at several lengths; row r ends in r padding ids), logits [N, C] out."""
+    generator = torch.Generator().manual_seed(batch_size)
+    length = 3 + 2 * batch_size
+    ids = torch.randint(UNK_ID, manifest["arch_kwargs"]["vocab_size"], (batch_size, length), generator=generator)
+    ids[torch.arange(length) >= (length - torch.arange(batch_size)).unsqueeze(1)] = PAD_ID
+    return {"inputs": {"ids": ids}, "outputs": ["logits"], "dynamic": {"ids": {1: "tokens"}}}
