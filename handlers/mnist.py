@@ -9,6 +9,7 @@ from torch import nn
 
 from handlers.common import BundleHandler, RequestError, bounded_list, integrated_gradients
 from handlers.images import decode_image, image_bytes
+from handlers.runtimes import ChannelsLastInput
 from models.mnist import CANVAS_SIZE, canonicalize_digit
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,6 @@ def inference_copy(model: nn.Module, device: torch.device) -> nn.Module:
                        type(model).__name__, float((got - expected).abs().max()))
         return model
     return fast
-
-
-class ChannelsLastInput(nn.Module):
-    """``model`` fed channels-last images, the layout its oneDNN convolutions want (see ``inference_copy``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.contiguous(memory_format=torch.channels_last))
 
 
 class MnistHandler(BundleHandler):

@@ -14,6 +14,7 @@ A batch is a tensor or a tuple of tensors, in the order of the export's inputs.
 import os
 
 import torch
+from torch import nn
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 DEFAULT_RUNTIME = "eager"
@@ -21,6 +22,17 @@ DEFAULT_RUNTIME = "eager"
 
 def as_tuple(batch):
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+class ChannelsLastInput(nn.Module):
+    """``model`` fed its images in channels-last layout, which oneDNN convolutions and pooling want on the CPU."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.contiguous(memory_format=torch.channels_last))
 
 
 class TorchRuntime:
