@@ -3,6 +3,7 @@
     ./archive.sh                   every archive in registry.py
     ./archive.sh NAME [NAME ...]   only these: an archive (mnist_v2) or a model (mnist: all of its versions)
     ./archive.sh --list            ARCHIVE MODEL VERSION ARTIFACT_DIR, one line per archive
+    ./archive.sh --triton DIR      a Triton model repository from the exports (scripts/triton.py)
 
 An archive holds the model's handler module as entry point, the handlers/ and models/ packages, every file of the
 artifact folder (the weights as the serialized file) and the model's model-config.yaml. Any failure (an untrained
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import registry
+from scripts import triton
 from models import read_manifest
 
 ROOT = registry.ROOT
@@ -87,9 +89,13 @@ def main(argv=None):
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("names", nargs="*", help="archives or models to build (default: all)")
     parser.add_argument("--list", action="store_true", help="list the archives and exit")
+    parser.add_argument("--triton", metavar="DIR", help="write a Triton model repository from the ONNX exports "
+                        "into DIR instead (python -m scripts.triton --help)")
     args = parser.parse_args(argv)
     if args.list:
         return registry.main(["archives"])
+    if args.triton:
+        return triton.main([args.triton])
     STORE.mkdir(exist_ok=True)
     try:
         for entry, version in selected(args.names):
