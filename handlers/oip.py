@@ -31,7 +31,7 @@ QUOTE_LIMIT = 60
 class ProtocolError(ValueError):
     """A request that breaks the protocol; ``kind`` names the problem (the handler answers 400)."""
 
-    def __init__(self, message):
+    def __init__(self, message, kind="InvalidInput"):
         super().__init__(message)
         self.kind = kind
 
