@@ -3,7 +3,6 @@ official tritonclient package, in-process and against a real TorchServe."""
 
 import base64
 import json
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import numpy as np
@@ -153,12 +152,12 @@ def test_plain_requests_are_not_mistaken_for_protocol_ones():
 
 @pytest.mark.slow
 def test_tritonclient_with_default_settings_against_torchserve(server):
-    client = Client(urlparse(server.url("inference")).netloc)
+    client = Client(urlparse(server.url("inference")).netloc, concurrency=4)
     headers = {"Authorization": f"Bearer {server.token('inference')}"}
     images = digit_images(8)
-    inputs = [[tensor("data", "BYTES", np.array(images[i : i + 2], dtype=object))] for i in range(0, 8, 2)]
-    with ThreadPoolExecutor(4) as pool:  # concurrent, so the frontend batches them
-        results = list(pool.map(lambda item: client.infer("mnist", item, headers=headers), inputs))
+    pending = [client.async_infer("mnist", [tensor("data", "BYTES", np.array(images[i : i + 2], dtype=object))],
+                                  headers=headers) for i in range(0, 8, 2)]  # concurrent: the frontend batches them
+    results = [request.get_result(timeout=60) for request in pending]
     labels = [label.decode() for result in results for label in result.as_numpy("label")]
     assert labels == [server.predict("mnist", image).json()["label"] for image in images]
     assert all(result.as_numpy("probabilities").shape == (2, 10) for result in results)
