@@ -9,7 +9,8 @@ JSON, then the raw tensor bytes) or when its JSON body is an object with an ``in
 Request:  ``{"id"?, "inputs": [{"name", "shape", "datatype", "data" | "parameters": {"binary_data_size"}}],
 "outputs"?: [{"name", "parameters"?: {"binary_data"}}], "parameters"?: {"binary_data_output"}}``.
 Response: ``{"model_name", "model_version", "id"?, "outputs": [{"name", "shape", "datatype", "data" |
-"parameters": {"binary_data_size"}}]}``, binary outputs after the JSON with the same header. Errors (``ProtocolError``) are answered ``{"error"}``.
+"parameters": {"binary_data_size"}}]}``, binary outputs after the JSON with the same header. Errors
+(``ProtocolError``) are answered ``{"error"}``.
 BYTES elements are 4-byte little-endian lengths then the bytes in binary form, strings in JSON form.
 """
 
@@ -139,7 +140,8 @@ def _object(value, where):
 def _requested(outputs):
     if outputs is None:
         return None
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+    named = isinstance(outputs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
+    if not named:
         raise ProtocolError('"outputs" must be a list of {"name": ...} objects')
     return {o["name"]: _object(o.get("parameters"), f"output {quote(o['name'])} parameters").get("binary_data") is True
             for o in outputs}

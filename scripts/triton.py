@@ -48,8 +48,8 @@ def tensor_config(entry, name):
     """One ``input``/``output`` entry; a tensor that is only the batch axis is dims [1] reshaped to []."""
     shape = dims(entry["shape"])
     reshape = "" if shape else " reshape: { shape: [ ] }"
-    return (f'  {{ name: "{name}" data_type: {TRITON_TYPES[entry["dtype"]]} dims: [ {", ".join(map(str, shape or [1]))} ]'
-            f"{reshape} }}")
+    shown = ", ".join(map(str, shape or [1]))
+    return f'  {{ name: "{name}" data_type: {TRITON_TYPES[entry["dtype"]]} dims: [ {shown} ]{reshape} }}'
 
 
 def config_text(name, export, fmt, model_config, versions, labelled):
@@ -171,11 +171,14 @@ def main(argv=None):
     try:
         for entry in registry.MODELS:
             model_dir = write_model(entry, args.out_dir, args.format)
-            problems = validate(model_dir) if args.format == "onnx" else []
+            if args.format == "onnx":
+                problems, checked = validate(model_dir), "config checked against the ONNX graph"
+            else:
+                read_config(model_dir)
+                problems, checked = [], "config parsed with Triton's schema"
             if problems:
                 raise RepositoryError(f"{model_dir}: " + "; ".join(problems))
-            print(f"triton: {model_dir} ({len(entry.versions)} version(s), {args.format}, config validated)",
-                  flush=True)
+            print(f"triton: {model_dir} ({len(entry.versions)} version(s), {args.format}, {checked})", flush=True)
     except (RepositoryError, OSError, ValueError) as err:
         print(f"triton: {err}", file=sys.stderr)
         return 1

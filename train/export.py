@@ -118,7 +118,8 @@ def export(artifact_dir) -> dict:
     dynamic = spec.get("dynamic", {})
     with torch.inference_mode():
         outputs = as_tuple(model(*inputs))
-    io = {"inputs": signature(names["inputs"], inputs, dynamic), "outputs": signature(names["outputs"], outputs, dynamic)}
+    io = {"inputs": signature(names["inputs"], inputs, dynamic),
+          "outputs": signature(names["outputs"], outputs, dynamic)}
     writers = {"torchscript": (TORCHSCRIPT_FILE, lambda path: to_torchscript(model, inputs, path), {}),
                "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, dynamic),
                         {"opset": OPSET})}
@@ -139,7 +140,8 @@ def export(artifact_dir) -> dict:
                         "checked_batch_sizes": list(CHECK_BATCHES)}
         files.append(file_name)
     manifest = {**manifest, "files": files, "exports": exports}
-    (artifact_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    (artifact_dir / MANIFEST_FILE).write_text(text, encoding="utf-8")
     shown = ", ".join(f"{fmt}: {entry.get('file', 'unsupported')}" for fmt, entry in exports.items())
     print(f"exported {artifact_dir}: {shown} (max abs diff to eager "
           f"{max((e.get('max_abs_diff', 0.0) for e in exports.values()), default=0.0):.2g})", flush=True)
