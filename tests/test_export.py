@@ -161,3 +161,18 @@ def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, 
 def test_an_unknown_runtime_fails_the_load_naming_the_choices(tmp_path):
     with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript, onnxruntime"):
         Worker(archive_with_runtime(tmp_path, "regression", "tensorrt"), tmp_path / "unpacked")
+
+
+def test_onnxruntime_takes_the_cuda_provider_on_a_gpu_worker(monkeypatch):
+    import onnxruntime
+
+    sessions = []
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda path, options, providers: sessions.append((options, providers)))
+    manifest = read_manifest(ROOT / "artifacts/regression")
+    runtimes.load("onnxruntime", str(ROOT / "artifacts/regression"), manifest, torch.device("cuda:1"), None, 3)
+    options, providers = sessions[0]
+    assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)

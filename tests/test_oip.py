@@ -175,3 +175,25 @@ def test_tritonclient_with_default_settings_against_torchserve(server):
     with pytest.raises(InferenceServerException) as error:
         client.infer("regression", [tensor("features", "FP32", np.zeros((1, 9), np.float32))], headers=headers)
     assert error.value.status() == "400" and "must have shape [N, 10]" in error.value.message()
+
+
+@pytest.mark.slow
+def test_hostile_protocol_bodies_over_http_get_400_and_leave_the_worker(server):
+    pids = {model: server.worker_pids(model, "1.0") for model in ("mnist", "regression")}
+    header = json.dumps({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    hostile = [("mnist", header + b"\xff\xff\xff\x7f1234", {oip.HEADER: str(len(header))}),  # element past the end
+               ("mnist", header, {oip.HEADER: "-5"}),
+               ("mnist", header, {oip.HEADER: str(len(header) + 10**6)}),
+               ("regression", b'{"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32", '
+                              b'"data": [1e39, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]}', {"Content-Type": "application/json"}),
+               ("regression", b'{"inputs": [{"name": "features", "shape": [99999999999], "datatype": "FP32", '
+                              b'"data": []}]}', {})]
+    for model, body, headers in hostile:
+        reply = server.inference("POST", f"/v2/models/{model}/infer", data=body, headers=headers)
+        assert reply.status_code == 400 and set(reply.json()) == {"error"}, (model, reply.text)
+    good = server.inference("POST", "/v2/models/regression/infer", headers={"Content-Type": "application/json"},
+                            data=json.dumps({"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32",
+                                                         "data": [50, 1, 26, 95, 188, 114, 50, 4, 4.6, 91]}]}))
+    assert good.status_code == 200 and good.json()["outputs"][0]["name"] == "prediction"
+    assert {model: server.worker_pids(model, "1.0") for model in pids} == pids
