@@ -411,7 +411,7 @@ class BundleHandler:
         with open(f"{self.model_dir}/{METRICS_FILE}", encoding="utf-8") as f:
             training = json.load(f)
         return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
-                "torch_threads": self.threads, "training": training}
+                "torch_threads": self.threads, "runtime": self.runtime.name, "training": training}
 
     def _dims(self, *extra):
         return [self.model_name, self.version, *map(str, extra)]

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from handlers.common import BundleHandler, RequestError, bounded_list, integrated_gradients
-from handlers.images import decode_image, image_bytes
+from handlers.common import BundleHandler, RequestError, integrated_gradients
+from handlers.images import decode_image, image_bytes, protocol_images
 from handlers.runtimes import ChannelsLastInput
 from models.mnist import CANVAS_SIZE, canonicalize_digit
 
@@ -88,10 +88,7 @@ class MnistHandler(BundleHandler):
     oip_input = ("data", "BYTES")
 
     def oip_examples(self, tensor):
-        """Encoded images: raw bytes (binary form) or base64 strings (JSON form)."""
-        images = bounded_list(tensor.data, MAX_IMAGES, "images")
-        return [self._digit(image if isinstance(image, bytes) else image_bytes({"data": image}, as_json=True))
-                for image in images]
+        return [self._digit(image) for image in protocol_images(tensor, MAX_IMAGES)]
 
     def oip_outputs(self, rows, replies):
         return {"label": np.array([reply["label"] for reply in replies], dtype=object),

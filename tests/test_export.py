@@ -151,7 +151,7 @@ def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, 
     replies = {}
     for runtime in runtimes.RUNTIMES:
         worker = Worker(archive_with_runtime(tmp_path, stem, runtime), tmp_path / runtime, batch_size=16)
-        assert worker.handler.runtime.name == runtime
+        assert worker.handler.runtime.name == runtime == worker.handler.describe_handle()["runtime"]
         replies[runtime] = worker.run(*requests())
         assert {reply.status for reply in replies[runtime]} == {200}
     labels = {runtime: [r.body.get("label", r.body.get("prediction")) for r in rs] for runtime, rs in replies.items()}
