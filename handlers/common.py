@@ -18,6 +18,10 @@ fails them all, and its ``initialize`` loads weights by file-name convention. Su
 would leave overrides that silently do nothing. TorchServe's names are kept where they mean the same thing:
 ``initialize``, ``handle``, ``describe_handle``, ``context.metrics``.
 
+``handler.runtime`` in model-config.yaml picks what ``predict`` runs (``handlers/runtimes.py``: eager, TorchScript or
+ONNX Runtime). A request in the Open Inference Protocol (``handlers/oip.py``) is parsed by the model's
+``oip_examples`` hook, shares the batch's forward passes, and is answered by ``oip_outputs``.
+
 Limits, from ``handler:`` in model-config.yaml (each with a default here): ``max_forward_examples`` examples per
 forward pass (default: ``batchSize``), ``max_explain_examples`` items per explanation request, ``max_reply_bytes``
 per reply (below config.properties' ``max_response_size``, which would otherwise kill the worker).
@@ -29,9 +33,11 @@ import logging
 import math
 import time
 
+import numpy as np
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handlers import oip, runtimes
 from models import METRICS_FILE, available_cpus, load_model, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -168,17 +174,6 @@ def configure_threads(model_config):
     return threads
 
 
-def to_device(value, device):
-    """``value`` with every tensor in it (nested in lists, tuples and dicts) moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    return value
-
-
 def compact_json(reply):
     """A reply as compact UTF-8 JSON bytes (TorchServe would json.dumps it with indent=2 and ASCII escapes).
 
@@ -226,16 +221,23 @@ class BundleHandler:
         self.max_reply_bytes = int(limits.get("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES))
         try:
             self.model = self.load_model()
+            self.runtime = runtimes.load(limits.get("runtime", runtimes.DEFAULT_RUNTIME), self.model_dir, self.artifact,
+                                         self.device, self.eager_model, self.threads)
         except Exception as err:
             raise RuntimeError(f"{self.model_name} {self.version}: {err}") from err
         self.labels = self.artifact.get("labels")
         self._init_metrics(context.metrics)
-        logger.info("%s %s ready on %s with %d torch threads", self.model_name, self.version, self.device, self.threads)
+        logger.info("%s %s ready on %s with %d torch threads, runtime %s", self.model_name, self.version, self.device,
+                    self.threads, self.runtime.name)
         self.initialized = True
 
     def load_model(self):
-        """The manifest's architecture and weights on the device (override to add an inference copy)."""
+        """The manifest's architecture and weights on the device (kept for explanations, whatever the runtime)."""
         return load_model(self.model_dir, self.artifact, self.device)
+
+    def eager_model(self):
+        """The module that the ``eager`` runtime predicts with (override to add an inference copy)."""
+        return self.model
 
     def _init_metrics(self, metrics):
         dims = ["ModelName", "ModelVersion"]
@@ -280,9 +282,8 @@ class BundleHandler:
         raise NotImplementedError
 
     def predict(self, batch):
-        """The model's output for a collated batch, on the CPU."""
-        with torch.inference_mode():
-            return to_device(self.model(to_device(batch, self.device)), "cpu")
+        """The model's output for a collated batch, on the CPU, from the configured runtime (handlers/runtimes.py)."""
+        return self.runtime(batch)
 
     def output_rows(self, outputs):
         """The model's batch output -> one item per example, handed to ``format``."""
@@ -292,6 +293,23 @@ class BundleHandler:
         """The label a reply is counted under in PredictionsByLabel (None: not counted)."""
         return reply.get("label")
 
+    # --- Open Inference Protocol hooks (handlers/oip.py) ---------------------------------------------------------
+
+    oip_input = None
+    """(name, datatype) of the model's one protocol input; None: the model does not speak the protocol."""
+    oip_output_names = ()
+    """Keys of ``format``'s replies that the default ``oip_outputs`` returns, one column each."""
+
+    def oip_examples(self, tensor):
+        """The input ``oip.Tensor`` -> model-ready examples, one per item of its first axis."""
+        raise NotImplementedError
+
+    def oip_outputs(self, rows, replies):
+        """One request's ``output_rows`` and ``format`` replies -> {output name: array with one row per example}."""
+        columns = {name: np.array([reply[name] for reply in replies]) for name in self.oip_output_names}
+        return {name: column.astype(np.float32) if column.dtype.kind == "f" else column
+                for name, column in columns.items()}
+
     # --- a batch ---------------------------------------------------------------------------------------------------
 
     def handle(self, data, context):
@@ -299,12 +317,16 @@ class BundleHandler:
         if self.is_describe(data, context):
             return [compact_json(self.describe_handle())]
         started = time.perf_counter()
+        self.oip_requests = {}
         replies = [None] * len(data)
         to_predict, to_explain = [], []
         for idx, row in enumerate(data):
             context.set_response_content_type(idx, "application/json")
             try:
                 name, payload = request_payload(row)
+                if oip.is_request(context.get_all_request_header(idx), payload):
+                    to_predict.append((idx, self._oip_examples(idx, payload), True))
+                    continue
                 as_json = is_json(context, idx, name)
                 if as_json and isinstance(payload, (bytes, bytearray)):
                     payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
@@ -346,24 +368,53 @@ class BundleHandler:
             outputs += self.output_rows(self.predict(self.collate(chunk)))
         position, labels = 0, {}
         for idx, request_examples, many in to_predict:
-            answers = [self.format(example, outputs[position + i]) for i, example in enumerate(request_examples)]
+            rows = outputs[position : position + len(request_examples)]
+            answers = [self.format(example, row) for example, row in zip(request_examples, rows)]
             position += len(request_examples)
             for answer in answers:
                 label = self.label_of(answer)
                 if label is not None:
                     labels[label] = labels.get(label, 0) + 1
-            replies[idx] = answers if many else answers[0]
+            replies[idx] = self._oip_reply(idx, rows, answers) if idx in self.oip_requests else (
+                answers if many else answers[0])
         for label, count in labels.items():  # one metric line per label, not per answer
             self.metric_predictions.add_or_update(count, self._dims(label))
 
     def _bounded(self, idx, reply):
         """``reply`` as JSON bytes, or a 413 in its place when it is larger than ``max_reply_bytes``."""
-        body = compact_json(reply)
+        body = reply.body if isinstance(reply, oip.Response) else compact_json(reply)
         if len(body) > self.max_reply_bytes:
             err = RequestError(f"the reply would be {len(body)} bytes, over this model's limit of "
                                f"{self.max_reply_bytes}; send fewer or shorter items", code=413, kind="ReplyTooLarge")
             body = compact_json(self.reject(idx, err))
+        elif isinstance(reply, oip.Response) and reply.header_length is not None:
+            self.context.set_response_header(idx, oip.HEADER, str(reply.header_length))
+            self.context.set_response_content_type(idx, "application/octet-stream")
         return body
+
+    def _oip_examples(self, idx, payload):
+        """The examples of protocol request ``idx``; its errors get the protocol's ``{"error"}`` body."""
+        self.oip_requests[idx] = None
+        if self.context.get_request_header(idx, "explain") == "True":
+            raise RequestError("explanations are not served over the Open Inference Protocol; use "
+                               f"/explanations/{self.model_name}", code=404, kind="ExplanationsNotSupported")
+        if self.oip_input is None:
+            raise RequestError(f"model {self.model_name} does not speak the Open Inference Protocol", code=404,
+                               kind="ProtocolNotSupported")
+        try:
+            request = oip.parse(self.context.get_all_request_header(idx), payload)
+            examples = self.oip_examples(oip.input_tensor(request, *self.oip_input))
+        except oip.ProtocolError as err:
+            raise RequestError(str(err), kind=err.kind) from None
+        self.oip_requests[idx] = request
+        return examples
+
+    def _oip_reply(self, idx, rows, answers):
+        """The encoded protocol reply to request ``idx`` (a 400 when it asked for an output the model lacks)."""
+        try:
+            return oip.encode(self.oip_requests[idx], self.model_name, self.version, self.oip_outputs(rows, answers))
+        except oip.ProtocolError as err:
+            return self.reject(idx, RequestError(str(err), kind=err.kind))
 
     def reject(self, idx, err):
         """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
@@ -371,7 +422,7 @@ class BundleHandler:
         self.metric_rejected.add_or_update(1, self._dims(err.kind))
         self.metric_errors.add_or_update(1, self._dims())
         logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
-        return err.to_json()
+        return oip.error_body(err.message) if idx in self.oip_requests else err.to_json()
 
     @staticmethod
     def is_describe(data, context):
@@ -391,7 +442,7 @@ class BundleHandler:
         with open(f"{self.model_dir}/{METRICS_FILE}", encoding="utf-8") as f:
             training = json.load(f)
         return {"architecture": self.artifact["architecture"], "labels": self.labels, "device": str(self.device),
-                "torch_threads": self.threads, "training": training}
+                "torch_threads": self.threads, "runtime": self.runtime.name, "training": training}
 
     def _dims(self, *extra):
         return [self.model_name, self.version, *map(str, extra)]

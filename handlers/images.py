@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from handlers.common import RequestError
+from handlers.common import RequestError, bounded_list
 
 MAX_IMAGE_PIXELS = 25_000_000
 """Larger images (e.g. decompression bombs) are refused with 413 before they are decoded."""
@@ -30,6 +30,13 @@ def image_bytes(payload, as_json):
         raise RequestError('expected image bytes or JSON {"data": "<base64 image>"}, '
                            f"got JSON {type(payload).__name__}", kind="InvalidInput")
     return payload
+
+
+def protocol_images(tensor, limit):
+    """The encoded images of an Open Inference Protocol BYTES input: raw bytes (binary form) or base64 strings
+    (JSON form), at most ``limit`` of them (every image model's ``oip_examples`` starts here)."""
+    return [image if isinstance(image, bytes) else image_bytes({"data": image}, as_json=True)
+            for image in bounded_list(tensor.data, limit, "images")]
 
 
 def decode_image(data, channels, max_pixels=MAX_IMAGE_PIXELS):

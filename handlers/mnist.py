@@ -8,10 +8,14 @@ import torch
 from torch import nn
 
 from handlers.common import BundleHandler, RequestError, integrated_gradients
-from handlers.images import decode_image, image_bytes
+from handlers.images import decode_image, image_bytes, protocol_images
+from handlers.runtimes import ChannelsLastInput
 from models.mnist import CANVAS_SIZE, canonicalize_digit
 
 logger = logging.getLogger(__name__)
+
+MAX_IMAGES = 64
+"""Images in one Open Inference Protocol request; more are refused with 413."""
 
 
 def equivalence_tolerance(device: torch.device) -> float:
@@ -50,33 +54,45 @@ class MnistHandler(BundleHandler):
     def initialize(self, context):
         super().initialize(context)
         self.mean, self.std = self.artifact["input"]["mean"], self.artifact["input"]["std"]
-        self.inference_model = inference_copy(self.model, self.device)
+
+    def eager_model(self):
+        return ChannelsLastInput(inference_copy(self.model, self.device))
 
     def parse(self, payload, as_json):
+        return [self._digit(image_bytes(payload, as_json))], False  # normalised in collate, for the whole batch
+
+    def _digit(self, encoded):
+        """The canonical 28x28 digit of one encoded image."""
         try:
-            digit = canonicalize_digit(decode_image(image_bytes(payload, as_json), channels=1))
+            return canonicalize_digit(decode_image(encoded, channels=1))
         except ValueError as err:
             raise RequestError(str(err), kind="InvalidImage") from None
-        return [digit], False  # normalised in collate, for the whole batch at once
 
     def collate(self, examples):
         """Canonical 28x28 digits -> one normalised [N, 1, 28, 28] batch."""
         return torch.from_numpy(np.stack(examples)).unsqueeze(1).sub_(self.mean).div_(self.std)
 
-    def predict(self, batch):
-        with torch.inference_mode():
-            return self.inference_model(batch.to(self.device).contiguous(memory_format=torch.channels_last)).cpu()
-
     def output_rows(self, outputs):
-        """Softmax and top 3 of the whole batch in two tensor ops: one (probabilities, classes) pair per example."""
-        top = torch.softmax(outputs, dim=1).topk(3, dim=1)
-        return list(zip(top.values.tolist(), top.indices.tolist()))
+        """Softmax and top 3 of the whole batch in two tensor ops: (top probabilities, their classes, every
+        probability) per example."""
+        probabilities = torch.softmax(outputs, dim=1)
+        top = probabilities.topk(3, dim=1)
+        return list(zip(top.values.tolist(), top.indices.tolist(), probabilities))
 
     def format(self, example, output):
-        probabilities, classes = output
+        probabilities, classes, _ = output
         return {"label": self.labels[classes[0]],
                 "probabilities": {self.labels[i]: round(p, 4) for p, i in zip(probabilities, classes)},
                 "model": self.model_name, "version": self.version}
+
+    oip_input = ("data", "BYTES")
+
+    def oip_examples(self, tensor):
+        return [self._digit(image) for image in protocol_images(tensor, MAX_IMAGES)]
+
+    def oip_outputs(self, rows, replies):
+        return {"label": np.array([reply["label"] for reply in replies], dtype=object),
+                "probabilities": torch.stack([row[2] for row in rows]).numpy()}
 
     def explain(self, examples):
         """Integrated Gradients of the predicted class over the 28x28 canonical image (black as baseline)."""

@@ -60,6 +60,17 @@ class RegressionHandler(BundleHandler):
                                kind="InvalidField")
         return standardised.astype(np.float32)
 
+    oip_input = ("features", "FP32")
+    oip_output_names = ("prediction",)
+
+    def oip_examples(self, tensor):
+        """Rows of features in the manifest's order, checked as the JSON rows are."""
+        if len(tensor.shape) != 2 or tensor.shape[1] != len(self.features):
+            raise RequestError(f"input 'features' must have shape [N, {len(self.features)}], got {tensor.shape} "
+                               f"(features in this order: {self.features})", kind="InvalidShape")
+        rows = bounded_list(tensor.data.tolist(), MAX_ROWS, "rows")
+        return [self._row(dict(zip(self.features, row)), f"row {i}") for i, row in enumerate(rows)]
+
     def collate(self, examples):
         return torch.from_numpy(np.stack(examples))
 

@@ -50,6 +50,12 @@ class SentimentHandler(BundleHandler):
             raise RequestError(f"{field} is empty: nothing to classify", kind="EmptyText")
         return tokens, encode(tokens, self.vocab_index, self.max_tokens)
 
+    oip_input, oip_output_names = ("text", "BYTES"), ("label", "score")
+
+    def oip_examples(self, tensor):
+        return [self._example(decode_text(text), f"text {i}")
+                for i, text in enumerate(bounded_list(tensor.data, MAX_TEXTS, "texts"))]
+
     def collate(self, examples):
         ids = torch.full((len(examples), max(len(ids) for _, ids in examples)), PAD_ID, dtype=torch.long)
         for row, (_, example_ids) in enumerate(examples):

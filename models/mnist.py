@@ -116,3 +116,10 @@ def _paste_centred_by_mass(digit: np.ndarray) -> np.ndarray:
 
 ARCHITECTURES = {"DigitCNN": DigitCNN}
 """The constructors a manifest may name (``models.architecture``)."""
+
+
+def export_example(manifest: dict, batch_size: int) -> dict:
+    """What train/export.py traces and checks: normalised digits [N, 1, 28, 28] in, logits [N, 10] out."""
+    size = manifest["input"]["size"]
+    images = torch.randn(batch_size, 1, size, size, generator=torch.Generator().manual_seed(batch_size))
+    return {"inputs": {"images": images}, "outputs": ["logits"]}

@@ -28,3 +28,10 @@ class TabularRegressor(nn.Module):
 
 ARCHITECTURES = {"TabularRegressor": TabularRegressor}
 """The constructors a manifest may name (``models.architecture``)."""
+
+
+def export_example(manifest: dict, batch_size: int) -> dict:
+    """What train/export.py traces and checks: standardised features [N, F] in, standardised target [N] out."""
+    features = torch.randn(batch_size, manifest["arch_kwargs"]["n_features"],
+                           generator=torch.Generator().manual_seed(batch_size))
+    return {"inputs": {"features": features}, "outputs": ["prediction"]}

@@ -157,3 +157,13 @@ ARCHITECTURES = {"FastTextClassifier": FastTextClassifier, "TextCNN": TextCNN, "
 def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax(logits / temperature): the probabilities the handler serves, with the manifest's fitted temperature."""
     return torch.softmax(logits / temperature, dim=-1)
+
+
+def export_example(manifest: dict, batch_size: int) -> dict:
+    """What train/export.py traces and checks: padded ids [N, T] in (T dynamic: it grows with the batch here, so
+    the export is checked at several lengths; row r ends in r padding ids), logits [N, C] out."""
+    generator = torch.Generator().manual_seed(batch_size)
+    length = 3 + 2 * batch_size
+    ids = torch.randint(UNK_ID, manifest["arch_kwargs"]["vocab_size"], (batch_size, length), generator=generator)
+    ids[torch.arange(length) >= (length - torch.arange(batch_size)).unsqueeze(1)] = PAD_ID
+    return {"inputs": {"ids": ids}, "outputs": ["logits"], "dynamic": {"ids": {1: "tokens"}}}

@@ -4,6 +4,7 @@
     ./archive.sh NAME [NAME ...]   only these: an archive (mnist_v2) or a model (mnist: all of its versions)
     ./archive.sh --list            ARCHIVE MODEL VERSION ARTIFACT_DIR, one line per archive
     ./archive.sh --profile gpu     the same archives with each model's GPU model-config, into model_store_gpu/
+    ./archive.sh --triton DIR      a Triton model repository from the exports (scripts/triton.py)
 
 An archive holds the model's handler module as entry point, the handlers/ and models/ packages, every file of the
 artifact folder (the weights as the serialized file) and the model's model-config.yaml. Any failure (an untrained
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 import registry
+from scripts import triton
 from models import read_manifest
 
 ROOT = registry.ROOT
@@ -128,9 +130,13 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the archives and exit")
     parser.add_argument("--profile", default="cpu", choices=sorted({p for m in registry.MODELS for p in m.configs}),
                         help="model-config profile (registry.py configs; default cpu, into model_store/)")
+    parser.add_argument("--triton", metavar="DIR", help="write a Triton model repository from the ONNX exports "
+                        "into DIR instead (python -m scripts.triton --help)")
     args = parser.parse_args(argv)
     if args.list:
         return registry.main(["archives"])
+    if args.triton:
+        return triton.main([args.triton])
     store = profile_store(args.profile)
     store.mkdir(parents=True, exist_ok=True)
     try:

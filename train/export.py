@@ -1,0 +1,165 @@
+"""TorchScript and ONNX exports of an artifact folder, next to its weights and listed in its manifest.
+
+    python -m train.export ARTIFACT_DIR [ARTIFACT_DIR ...]
+
+Each model module declares what to export with ``export_example(manifest, batch_size)``, which returns
+``{"inputs": {name: example tensor}, "outputs": [names], "dynamic": {name: {axis: label}}, "unsupported": {format:
+why}}`` (the last two optional). Axis 0 of every input and output is the dynamic batch axis; ``dynamic`` names any
+other axis that varies (a sequence length). ``unsupported`` skips a format, and the manifest says why.
+
+Both files are traced at batch 2 and checked against the eager model at batch sizes 1 and 7 (ONNX through ONNX
+Runtime): a max abs difference above ``TOLERANCE`` fails the export. The manifest gets ``exports``:
+
+    "exports": {"torchscript": {"file": "model.ts.pt", "inputs": [...], "outputs": [...], "max_abs_diff": ...},
+                "onnx": {"file": "model.onnx", "opset": 18, "inputs": [...], ...}}
+
+with each input and output as ``{"name", "shape", "dtype"}`` (dynamic axes as their label, e.g. "batch").
+"""
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import MANIFEST_FILE, load_model, read_manifest
+
+TORCHSCRIPT_FILE = "model.ts.pt"
+ONNX_FILE = "model.onnx"
+OPSET = 18
+TOLERANCE = 1e-4
+"""Largest allowed max abs difference between an export's outputs and the eager model's (float32 rounding)."""
+TRACE_BATCH = 2
+CHECK_BATCHES = (1, 7)
+BATCH_AXIS = "batch"
+
+
+class ExportError(RuntimeError):
+    """An export failed or disagrees with the eager model; the message names the folder and the format."""
+
+
+def example(manifest: dict, batch_size: int) -> dict:
+    """The model module's ``export_example`` at ``batch_size``."""
+    module = importlib.import_module(manifest["model_module"])
+    if not hasattr(module, "export_example"):
+        raise ExportError(f"{manifest['model_module']} has no export_example(manifest, batch_size)")
+    return module.export_example(manifest, batch_size)
+
+
+def signature(names, tensors, dynamic) -> list[dict]:
+    """``{"name", "shape", "dtype"}`` per tensor, axis 0 and the ``dynamic`` axes named instead of sized."""
+    return [{"name": name,
+             "shape": [BATCH_AXIS if axis == 0 else dynamic.get(name, {}).get(axis, size)
+                       for axis, size in enumerate(tensor.shape)],
+             "dtype": str(tensor.dtype).removeprefix("torch.")}
+            for name, tensor in zip(names, tensors)]
+
+
+def as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def max_abs_diff(model, run, manifest: dict) -> float:
+    """Largest difference between ``run(inputs)`` and the eager model over the check batches."""
+    worst = 0.0
+    for batch_size in CHECK_BATCHES:
+        inputs = tuple(example(manifest, batch_size)["inputs"].values())
+        with torch.inference_mode():
+            expected = as_tuple(model(*inputs))
+        for want, got in zip(expected, run(inputs)):
+            worst = max(worst, float((torch.as_tensor(np.asarray(got)) - want).abs().max()))
+    return worst
+
+
+def to_torchscript(model, inputs: tuple, path: Path):
+    """Traced TorchScript; returns the function that runs the saved file."""
+    with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, and still what C++ loads
+        warnings.simplefilter("ignore", FutureWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, inputs, check_trace=False)
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(batch):
+        with torch.inference_mode():
+            return as_tuple(loaded(*batch))
+    return run
+
+
+def to_onnx(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
+    """ONNX (opset ``OPSET``, weights inside the file); returns the function that runs it in ONNX Runtime."""
+    import onnx
+    import onnxruntime
+
+    shapes = tuple({axis: torch.export.Dim(label) for axis, label in {0: BATCH_AXIS, **dynamic.get(name, {})}.items()}
+                   for name in names["inputs"])
+    torch.onnx.export(model, inputs, str(path), input_names=names["inputs"], output_names=names["outputs"],
+                      opset_version=OPSET, dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(batch):
+        return session.run(names["outputs"], {name: tensor.numpy() for name, tensor in zip(names["inputs"], batch)})
+    return run
+
+
+def export(artifact_dir) -> dict:
+    """Write model.ts.pt and model.onnx into ``artifact_dir`` and list them in its manifest; returns the manifest."""
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    model = load_model(artifact_dir, manifest)
+    spec = example(manifest, TRACE_BATCH)
+    inputs = tuple(spec["inputs"].values())
+    names = {"inputs": list(spec["inputs"]), "outputs": list(spec["outputs"])}
+    dynamic = spec.get("dynamic", {})
+    with torch.inference_mode():
+        outputs = as_tuple(model(*inputs))
+    io = {"inputs": signature(names["inputs"], inputs, dynamic),
+          "outputs": signature(names["outputs"], outputs, dynamic)}
+    writers = {"torchscript": (TORCHSCRIPT_FILE, lambda path: to_torchscript(model, inputs, path), {}),
+               "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, dynamic),
+                        {"opset": OPSET})}
+    exports, files = {}, [name for name in manifest["files"] if name not in (TORCHSCRIPT_FILE, ONNX_FILE)]
+    for fmt, (file_name, write, extra) in writers.items():
+        why = spec.get("unsupported", {}).get(fmt)
+        if why:
+            exports[fmt] = {"unsupported": why}
+            continue
+        try:
+            diff = max_abs_diff(model, write(artifact_dir / file_name), manifest)
+        except Exception as err:
+            raise ExportError(f"{artifact_dir}: {fmt} export failed: {type(err).__name__}: {err}") from err
+        if diff > TOLERANCE:
+            raise ExportError(f"{artifact_dir}: {fmt} export differs from the eager model by {diff:.3g} "
+                              f"(tolerance {TOLERANCE})")
+        exports[fmt] = {"file": file_name, **extra, **io, "max_abs_diff": float(f"{diff:.3g}"),
+                        "checked_batch_sizes": list(CHECK_BATCHES)}
+        files.append(file_name)
+    manifest = {**manifest, "files": files, "exports": exports}
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    (artifact_dir / MANIFEST_FILE).write_text(text, encoding="utf-8")
+    shown = ", ".join(f"{fmt}: {entry.get('file', 'unsupported')}" for fmt, entry in exports.items())
+    print(f"exported {artifact_dir}: {shown} (max abs diff to eager "
+          f"{max((e.get('max_abs_diff', 0.0) for e in exports.values()), default=0.0):.2g})", flush=True)
+    return manifest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact_dirs", nargs="+", type=Path, metavar="ARTIFACT_DIR")
+    args = parser.parse_args(argv)
+    for artifact_dir in args.artifact_dirs:
+        try:
+            export(artifact_dir)
+        except (ExportError, OSError, ValueError) as err:
+            print(f"train.export: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
