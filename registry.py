@@ -92,6 +92,17 @@ MODELS = (
                           "python -m train.regression --out artifacts/regression"),),
         samples=(Sample("samples/patient.json", "application/json"),),
     ),
+    Model(
+        name="detector",
+        model_module="models/detector.py",
+        train_module="train/detector.py",
+        handler="handlers/detector.py",
+        configs={"cpu": "handlers/detector.yaml"},
+        versions=(Version("1.0", "detector", "artifacts/detector",
+                          "python -m train.detector --out artifacts/detector"),),
+        samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),
+                 Sample("samples/detector_composed_2.png", "image/png")),
+    ),
 )
 
 
