@@ -78,7 +78,7 @@ class DetectorHandler(BundleHandler):
         size = working_size(height, width, self.min_size, self.max_size)
         resized = pixels if size == (height, width) else \
             np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
-        image = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div_(255)
+        image = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
         return [{"image": image, "height": height, "width": width, **options}], False
 
     def options(self, fields):
@@ -117,7 +117,6 @@ class DetectorHandler(BundleHandler):
     # --- a batch ---------------------------------------------------------------------------------------------------
 
     def collate(self, examples):
-        """The model takes a list: images of different sizes go through one forward pass."""
         return [example["image"] for example in examples]
 
     def autocast(self):
@@ -127,9 +126,19 @@ class DetectorHandler(BundleHandler):
         return contextlib.nullcontext()
 
     def predict(self, batch):
+        """One forward pass per image size in the batch (the model takes a list of them). Mixing sizes in one pass
+        would zero-pad the smaller images to the largest, which changes the answer near their edges: an image gets
+        the same answer alone as in any batch."""
+        by_size = {}
+        for index, image in enumerate(batch):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        outputs = [None] * len(batch)
         with torch.inference_mode(), self.autocast():
-            outputs = self.model([image.to(self.device, non_blocking=True) for image in batch])
-        return [{key: value.cpu() for key, value in output.items()} for output in outputs]
+            for indices in by_size.values():
+                answers = self.model([batch[i].to(self.device, non_blocking=True) for i in indices])
+                for index, answer in zip(indices, answers):
+                    outputs[index] = {key: value.cpu() for key, value in answer.items()}
+        return outputs
 
     def format(self, example, output):
         keep = (output["scores"] >= example["score_threshold"]).nonzero().flatten()[:example["max_detections"]]

@@ -67,11 +67,11 @@ def SmallMaskRCNN(num_classes: int, width: int = 16, fpn_channels: int = 64, mas
         rpn_anchor_generator=AnchorGenerator(((16, 28), (40, 64), (96, 128)), ((0.5, 1.0, 2.0),) * 3),
         rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-        box_roi_pool=MultiScaleRoIAlign(levels, 7, 1),  # one sample per bin: a cheaper backward
+        box_roi_pool=MultiScaleRoIAlign(levels, 7, 1),  # one sample per bin (bins are < 1 feature pixel here)
         box_head=TwoMLPHead(fpn_channels * 7 * 7, 128),
         box_predictor=FastRCNNPredictor(128, num_classes),
         box_batch_size_per_image=64, box_score_thresh=0.0,
-        mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
+        mask_roi_pool=MultiScaleRoIAlign(levels, 14, 1),
         mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 2, 1),
         mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes),
     )

@@ -30,7 +30,8 @@ def heldout(count=8):
     from train.detector import composed_data
 
     record = training_record("artifacts/detector")
-    return [composed_data(Path("data"), record["seed"], 1, count).heldout[i] for i in range(count)]
+    images = composed_data(Path("data"), record["seed"], 1, count).heldout
+    return [images[i] for i in range(count)]
 
 
 def png(pixels):
@@ -124,20 +125,29 @@ def test_mixed_size_batch_answers_as_alone_and_a_bad_image_fails_alone(detector)
     wide = np.asarray(Image.fromarray(heldout()[3].image).resize((300, 180)))
     tall = SAMPLES / "detector_composed_2.png"
     requests = [png(heldout()[4].image), png(wide), Request(b"\x89PNG\r\n\x1a\n broken", "image/png"),
-                Request(tall.read_bytes(), "image/png")]
+                Request(tall.read_bytes(), "image/png"), png(heldout()[5].image)]
     alone = [detector.run_one(request) for request in requests]
     batch = detector.run(*requests)
-    assert [r.status for r in batch] == [200, 200, 400, 200]
+    assert [r.status for r in batch] == [200, 200, 400, 200, 200]
     assert batch[2].body["type"] == "InvalidImage" and valid_reason(batch[2])
     assert batch[1].body["image_size"] == {"width": 300, "height": 180}
     for one, together in zip(alone, batch):
         if one.status != 200:
             assert one.body == together.body
             continue
-        assert [d["label"] for d in one.body["detections"]] == [d["label"] for d in together.body["detections"]]
-        for a, b in zip(one.body["detections"], together.body["detections"]):
-            assert abs(a["score"] - b["score"]) < 0.02
-            assert np.abs(np.subtract(a["box"], b["box"])).max() < 1.5
+        assert_same_detections(one.body["detections"], together.body["detections"])
+        assert_same_detections(together.body["detections"], one.body["detections"])
+
+
+def assert_same_detections(these, those, threshold=0.5, margin=0.05):
+    """Each detection of ``these`` clear of the score threshold is in ``those``: same label, box within 1.5 px,
+    score within 0.02 (float rounding differs with the batch)."""
+    for detection in these:
+        if detection["score"] >= threshold + margin:
+            twin = matched(those, detection["box"], detection["label"], threshold=0.9)
+            assert twin is not None, f"{detection} not in {those}"
+            assert abs(twin["score"] - detection["score"]) < 0.02
+            assert np.abs(np.subtract(twin["box"], detection["box"])).max() < 1.5
 
 
 def test_score_threshold_and_max_detections(detector):
@@ -193,11 +203,13 @@ def test_semantic_output_is_a_label_map_at_the_original_size(detector):
 
 
 def test_a_reply_over_the_limit_is_a_413_not_a_dead_worker(detector):
-    handler = detector.handler
-    with mock.patch.object(handler, "max_reply_bytes", 500):
-        too_large = detector.run_one(as_json(heldout()[0].image, mask_format="polygons"))
+    request = as_json(heldout()[0].image, mask_format="polygons")
+    size = len(json.dumps(detector.run_one(request).body, separators=(",", ":")).encode())
+    with mock.patch.object(detector.handler, "max_reply_bytes", size - 1):
+        too_large, small = detector.run(request, as_json(heldout()[0].image, max_detections=1))
     assert too_large.status == 413 and too_large.body["type"] == "ReplyTooLarge" and valid_reason(too_large)
-    assert detector.run_one(png(heldout()[0].image)).status == 200
+    assert str(size) in too_large.body["message"]
+    assert small.status == 200, "only the reply over the limit fails"
 
 
 @pytest.mark.parametrize("body, code, kind", [
@@ -226,15 +238,17 @@ def test_cuda_paths_move_inputs_to_the_gpu_and_autocast(detector):
     real_to = torch.Tensor.to
 
     def record_to(tensor, *args, **kwargs):
-        sent.append(args[0] if args else kwargs.get("device"))
-        return real_to(tensor, "cpu")
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            sent.append(args[0])
+            return real_to(tensor, "cpu", *args[1:], **kwargs)
+        return real_to(tensor, *args, **kwargs)
 
     cuda = torch.device("cuda", 1)
     with mock.patch.object(handler, "device", cuda), mock.patch.object(handler, "amp", True), \
             mock.patch.object(torch.Tensor, "to", record_to), \
             mock.patch("torch.autocast", side_effect=lambda *a, **k: mock.MagicMock(args=a, kwargs=k)) as autocast:
         outputs = handler.predict([torch.rand(3, 64, 96), torch.rand(3, 80, 80)])
-    assert sent[:2] == [cuda, cuda] and len(outputs) == 2
+    assert sent == [cuda, cuda] and len(outputs) == 2
     autocast.assert_called_once_with("cuda", dtype=torch.float16)
     with mock.patch.object(handler, "amp", False), mock.patch.object(handler, "device", cuda):
         assert not isinstance(handler.autocast(), torch.autocast)

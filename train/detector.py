@@ -87,11 +87,13 @@ class DetectionData:
 # --- composed: Fashion-MNIST cut-outs on photos ------------------------------------------------------------------
 
 class ComposedImages:
-    """``count`` composed images of ``size`` (height, width), image ``i`` a pure function of (seed, i)."""
+    """``count`` composed images of ``size`` (height, width), image ``i`` a pure function of (seed, i). Each object
+    is of a class drawn uniformly, then an item of that class."""
 
     def __init__(self, items: np.ndarray, item_labels: np.ndarray, photos, count: int, seed: int,
                  size=(128, 128), objects=(2, 5), scale=(20, 64)):
         self.items, self.item_labels, self.count, self.seed = items, item_labels, count, seed
+        self.by_label = [np.flatnonzero(item_labels == label) for label in np.unique(item_labels)]
         self.photos = [np.asarray(Image.open(path).convert("RGB")) for path in photos]
         self.size, self.objects, self.scale = size, objects, scale
 
@@ -105,7 +107,8 @@ class ComposedImages:
         canvas = self.background(rng)
         masks, labels = [], []
         for _ in range(rng.integers(self.objects[0], self.objects[1] + 1)):
-            item = int(rng.integers(len(self.items)))
+            of_label = self.by_label[rng.integers(len(self.by_label))]
+            item = int(of_label[rng.integers(len(of_label))])
             pasted = self.paste(rng, canvas, masks, self.items[item])
             if pasted is not None:
                 masks.append(pasted)
@@ -373,8 +376,9 @@ def detect(model, examples, device, batch_size: int = 8) -> list[dict]:
     return results
 
 
-def coco_metrics(ground_truth: COCO, results: list[dict], kinds=("bbox", "segm")) -> dict[str, float]:
-    """COCO AP@[.5:.95], AP@.5 and AP@.75 per kind ("box_map", "box_map_50", ..., "mask_map_50")."""
+def coco_metrics(ground_truth: COCO, results: list[dict], labels: list[str], kinds=("bbox", "segm")) -> dict:
+    """COCO AP@[.5:.95], AP@.5 and AP@.75 per kind ("box_map", "box_map_50", ..., "mask_map_50"), and AP@.5 per
+    class ("box_ap_50/<label>")."""
     metrics = {}
     for kind in kinds:
         name = {"bbox": "box", "segm": "mask"}[kind]
@@ -388,6 +392,11 @@ def coco_metrics(ground_truth: COCO, results: list[dict], kinds=("bbox", "segm")
             evaluation.summarize()
         stats = [max(0.0, float(value)) for value in evaluation.stats[:3]]  # -1: no ground truth of that kind
         metrics.update({f"{name}_map": stats[0], f"{name}_map_50": stats[1], f"{name}_map_75": stats[2]})
+        # precision[iou, recall, category, area, max_dets]: IoU 0.5, all areas, 100 detections
+        precision = evaluation.eval["precision"][0, :, :, 0, -1]
+        for category, label in zip(evaluation.params.catIds, labels):
+            valid = precision[:, evaluation.params.catIds.index(category)]
+            metrics[f"{name}_ap_50/{label}"] = max(0.0, float(valid[valid > -1].mean())) if (valid > -1).any() else 0.0
     return metrics
 
 
@@ -414,7 +423,7 @@ def write_samples(out_dir: Path, data_dir: Path, seed: int) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/detector", default_epochs=4)
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/detector", default_epochs=6)
     parser.add_argument("--dataset", choices=DATASETS, default="composed", help="(default %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="Fashion-MNIST root, VOC root (holding VOCdevkit/) or COCO image folder")
@@ -459,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     loss = train(model, training, args, device, generator)
     train_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     kinds = ("bbox", "segm") if data.real_masks else ("bbox",)
-    test = coco_metrics(coco_ground_truth(heldout, data.labels), detect(model, heldout, device), kinds)
+    test = coco_metrics(coco_ground_truth(heldout, data.labels), detect(model, heldout, device), data.labels,
+                        kinds)
     print("held-out " + "  ".join(f"{name} {value:.3f}" for name, value in test.items()), flush=True)
 
     manifest = {"model": "detector", **spec, "labels": data.labels,
