@@ -6,9 +6,10 @@ Reply per image: ``{"detections": [{"label", "score", "box": [x1, y1, x2, y2], "
 ``output=semantic`` answers a PNG label map at the image's size instead (one class index per pixel, 0 for the
 background, base64) with its legend.
 
-Options, as query-string or form fields or next to ``data`` in a JSON body: ``score_threshold``, ``max_detections``
-(defaults and bounds under ``handler:`` in detector.yaml), ``mask_format`` (rle | polygons), ``output``
-(instances | semantic).
+Options: ``score_threshold``, ``max_detections`` (defaults and bounds under ``handler:`` in detector.yaml),
+``mask_format`` (rle | polygons), ``output`` (instances | semantic); next to ``data`` in a JSON body, as form fields,
+or as headers (``Score-Threshold``, ``Max-Detections``, ``Mask-Format``, ``Output``). TorchServe 0.12 does not pass
+the query string to the handler.
 """
 
 import base64
@@ -30,6 +31,8 @@ MASK_FORMATS = ("rle", "polygons")
 NUMERIC_OPTIONS = {"score_threshold": float, "max_detections": int}
 DEFAULT_BOUNDS = {"score_threshold": {"default": 0.5, "min": 0.0, "max": 1.0},
                   "max_detections": {"default": 20, "min": 1, "max": 100}}
+OPTION_HEADERS = {option: option.replace("_", "-") for option in (*NUMERIC_OPTIONS, "output", "mask_format")}
+"""Request headers that set an option for a raw body (curl -T photo.jpg -H 'Max-Detections: 5')."""
 POLYGON_TOLERANCE = 1.0
 """Pixels a simplified polygon may stray from the mask's outline."""
 
@@ -68,11 +71,14 @@ class DetectorHandler(BundleHandler):
 
     # --- a request -------------------------------------------------------------------------------------------------
 
-    def parse_request(self, row, name, payload, as_json):
-        fields = {key: value for key, value in row.items() if key != name}
+    def parse_request(self, idx, row, name, payload, as_json):
+        headers = {key.lower(): value for key, value in (self.context.get_all_request_header(idx) or {}).items()}
+        fields = {key: value for key, value in row.items() if key != name}  # other form fields
         if as_json and isinstance(payload, dict):
             fields.update({key: value for key, value in payload.items() if key != "data"})
-        options = self.options(fields)
+        from_headers = {option: headers[header] for option, header in OPTION_HEADERS.items()
+                        if isinstance(headers.get(header), str)}
+        options = self.options(from_headers, fields)
         pixels = decode_image(image_bytes(payload, as_json), channels=3)
         height, width = pixels.shape[:2]
         size = working_size(height, width, self.min_size, self.max_size)
@@ -81,12 +87,14 @@ class DetectorHandler(BundleHandler):
         image = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
         return [{"image": image, "height": height, "width": width, **options}], False
 
-    def options(self, fields):
-        """The request's options with the model-config's defaults; an unknown or out-of-bounds one is a 400."""
-        unknown = sorted(set(fields) - {*NUMERIC_OPTIONS, "output", "mask_format"})
+    def options(self, from_headers, fields):
+        """The request's options (JSON or form ``fields`` over headers) with the model-config's defaults; an
+        unknown field or an out-of-bounds value is a 400."""
+        unknown = sorted(set(fields) - set(OPTION_HEADERS))
         if unknown:
-            raise RequestError(f"unknown option {quote(unknown[0])}; options: {', '.join(NUMERIC_OPTIONS)}, "
-                               "output, mask_format", kind="InvalidField")
+            raise RequestError(f"unknown option {quote(unknown[0])}; options: {', '.join(OPTION_HEADERS)}",
+                               kind="InvalidField")
+        fields = {**from_headers, **fields}
         options = {"output": self.choice(fields, "output", OUTPUTS),
                    "mask_format": self.choice(fields, "mask_format", MASK_FORMATS)}
         for name, kind in NUMERIC_OPTIONS.items():

@@ -150,6 +150,15 @@ def assert_same_detections(these, those, threshold=0.5, margin=0.05):
             assert np.abs(np.subtract(twin["box"], detection["box"])).max() < 1.5
 
 
+def test_options_as_headers_for_a_raw_body(detector):
+    image = encode_image(heldout()[5].image)
+    one, semantic = detector.run(Request(image, "image/png", headers={"Max-Detections": "1"}),
+                                 Request(image, "image/png", headers={"output": "semantic"}))
+    assert len(one.body["detections"]) == 1 and "label_map" in semantic.body
+    bad = detector.run_one(Request(image, "image/png", headers={"Score-Threshold": "high"}))
+    assert bad.status == 400 and "option 'score_threshold' must be a number" in bad.body["message"]
+
+
 def test_score_threshold_and_max_detections(detector):
     image = heldout()[5].image
     everything, top_one, confident = detector.run(
@@ -284,18 +293,20 @@ def test_samples_hold_the_objects_they_list(detector):
 
 
 @pytest.mark.slow
-def test_served_over_http_with_query_options_and_hostile_bodies(tmp_path):
+def test_served_over_http_with_options_and_hostile_bodies(tmp_path):
     from tests.fixtures.servers import running, store_with
 
     with running(tmp_path / "ts", model_store=store_with(tmp_path / "store", "detector")) as server:
         sample = (SAMPLES / "detector_composed_1.jpg").read_bytes()
         plain = server.predict("detector", sample)
         assert plain.status_code == 200 and plain.json()["detections"]
-        top = server.inference("POST", "/predictions/detector?max_detections=1&mask_format=polygons", data=sample)
+        top = server.predict("detector", sample, headers={"Max-Detections": "1", "mask-format": "polygons"})
         assert top.status_code == 200 and len(top.json()["detections"]) == 1
         assert isinstance(top.json()["detections"][0]["mask"], list)
-        bad = server.inference("POST", "/predictions/detector?score_threshold=7", data=sample)
+        bad = server.predict("detector", sample, headers={"Score-Threshold": "7"})
         assert bad.status_code == 400 and bad.json()["type"] == "InvalidField"
+        form = server.inference("POST", "/predictions/detector", files={"data": sample}, data={"output": "semantic"})
+        assert form.status_code == 200 and "label_map" in form.json()
         for body in (b"\x00" * 100, b"GIF89a\x01\x00", encode_image(np.zeros((5000, 5001), np.uint8))):
             assert server.predict("detector", body).status_code in (400, 413)
         semantic = server.inference("POST", "/predictions/detector", json={
