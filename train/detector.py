@@ -91,7 +91,7 @@ class ComposedImages:
     is of a class drawn uniformly, then an item of that class."""
 
     def __init__(self, items: np.ndarray, item_labels: np.ndarray, photos, count: int, seed: int,
-                 size=(128, 128), objects=(2, 5), scale=(20, 64)):
+                 size=(128, 128), objects=(2, 5), scale=(24, 64)):
         self.items, self.item_labels, self.count, self.seed = items, item_labels, count, seed
         self.by_label = [np.flatnonzero(item_labels == label) for label in np.unique(item_labels)]
         self.photos = [np.asarray(Image.open(path).convert("RGB")) for path in photos]
@@ -413,7 +413,7 @@ def write_samples(out_dir: Path, data_dir: Path, seed: int) -> None:
     for index, (name, size) in enumerate(SAMPLE_FILES):
         scale = min(size) / 128  # objects as large, relative to the image, as in training
         images = ComposedImages(items.data.numpy(), fashion_groups()[items.targets.numpy()], HELDOUT_PHOTOS,
-                                len(SAMPLE_FILES), seed + 2, size, (3, 5), (20 * scale, 64 * scale))
+                                len(SAMPLE_FILES), seed + 2, size, (3, 5), (24 * scale, 64 * scale))
         example = images[index]
         Image.fromarray(example.image).save(out_dir / name, quality=92)
         truth[name] = [{"label": list(FASHION_GROUPS)[label - 1], "box": box.tolist()}
@@ -423,13 +423,14 @@ def write_samples(out_dir: Path, data_dir: Path, seed: int) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/detector", default_epochs=6)
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/detector", default_epochs=1)
     parser.add_argument("--dataset", choices=DATASETS, default="composed", help="(default %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="Fashion-MNIST root, VOC root (holding VOCdevkit/) or COCO image folder")
     parser.add_argument("--ann", type=Path, help="--dataset coco: the instances JSON")
     parser.add_argument("--year", default="2012", help="--dataset voc: the VOC year (default %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=1200, help="composed training images")
+    parser.add_argument("--train-images", type=positive_int, default=12800,
+                        help="composed training images, each made when it is used (default %(default)s)")
     parser.add_argument("--heldout-images", type=positive_int, default=200, help="composed held-out images")
     parser.add_argument("--arch", choices=("small", "resnet50"), default="small",
                         help="backbone: the small one built here, or ResNet-50 FPN (for GPUs)")
