@@ -10,9 +10,9 @@ The subclass supplies three hooks:
 - ``format(example, output)``: one example and its output row -> a JSON-able reply.
 
 and may override ``parse_request(idx, row, name, payload, as_json)`` (default: ``parse`` of the body alone; ``row``
-also holds the other form fields, ``idx`` reads the request's headers), ``predict(batch)`` (default: the model on ``self.device``, outputs
-back on the CPU, nested structures too), ``output_rows(outputs)`` (default: one item per row) and
-``explain(examples)`` (default ``None``: ``/explanations`` answers 404 ``ExplanationsNotSupported``).
+also holds the other form fields, ``idx`` reads the request's headers), ``predict(batch)`` (default: the model on
+``self.device``, outputs back on the CPU, nested structures too), ``output_rows(outputs)`` (default: one item per
+row) and ``explain(examples)`` (default ``None``: ``/explanations`` answers 404 ``ExplanationsNotSupported``).
 
 Why not ``BaseHandler``: its ``preprocess``/``inference``/``postprocess`` see the whole batch, so one bad request
 fails them all, and its ``initialize`` loads weights by file-name convention. Subclassing it and bypassing those
