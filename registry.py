@@ -146,6 +146,17 @@ MODELS = (
                           "--out artifacts/cifar10",
                           optional=True),),
     ),
+    Model(
+        name="detector",
+        model_module="models/detector.py",
+        train_module="train/detector.py",
+        handler="handlers/detector.py",
+        configs={"cpu": "handlers/detector.yaml"},
+        versions=(Version("1.0", "detector", "artifacts/detector",
+                          "python -m train.detector --out artifacts/detector"),),
+        samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),
+                 Sample("samples/detector_composed_2.png", "image/png")),
+    ),
 )
 
 

@@ -9,9 +9,10 @@ The subclass supplies three hooks:
 - ``collate(examples)``: examples -> whatever the model takes (a tensor, a list of tensors, ...).
 - ``format(example, output)``: one example and its output row -> a JSON-able reply.
 
-and may override ``predict(batch)`` (default: the model on ``self.device``, outputs back on the CPU, nested
-structures too), ``output_rows(outputs)`` (default: one item per row) and ``explain(examples)`` (default ``None``:
-``/explanations`` answers 404 ``ExplanationsNotSupported``).
+and may override ``parse_request(idx, row, name, payload, as_json)`` (default: ``parse`` of the body alone; ``row``
+also holds the other form fields, ``idx`` reads the request's headers), ``predict(batch)`` (default: the model on
+``self.device``, outputs back on the CPU, nested structures too), ``output_rows(outputs)`` (default: one item per
+row) and ``explain(examples)`` (default ``None``: ``/explanations`` answers 404 ``ExplanationsNotSupported``).
 
 Why not ``BaseHandler``: its ``preprocess``/``inference``/``postprocess`` see the whole batch, so one bad request
 fails them all, and its ``initialize`` loads weights by file-name convention. Subclassing it and bypassing those
@@ -275,6 +276,11 @@ class BundleHandler:
     def parse(self, payload, as_json):
         raise NotImplementedError
 
+    def parse_request(self, idx, row, name, payload, as_json):
+        """Request ``idx`` of the batch -> (examples, many). ``row`` holds its parameters: the body (``row[name]``,
+        given here as ``payload``) and any other form fields; the default parses the body alone."""
+        return self.parse(payload, as_json)
+
     def collate(self, examples):
         raise NotImplementedError
 
@@ -334,7 +340,7 @@ class BundleHandler:
                 if explaining and self.explain is None:
                     raise RequestError(f"model {self.model_name} has no explanations; use /predictions",
                                        code=404, kind="ExplanationsNotSupported")
-                examples, many = self.parse(payload, as_json)
+                examples, many = self.parse_request(idx, row, name, payload, as_json)
                 if explaining and len(examples) > self.max_explain_examples:
                     raise RequestError(f"{len(examples)} items in one explanation request; at most "
                                        f"{self.max_explain_examples}", code=413, kind="TooManyExamples")

@@ -1,0 +1,183 @@
+"""Object detection with instance masks: an image of any size -> its objects, in the client's pixel coordinates.
+
+Reply per image: ``{"detections": [{"label", "score", "box": [x1, y1, x2, y2], "mask"}], "image_size": {"width",
+"height"}, "model", "version"}``, the mask as COCO RLE (``{"size": [h, w], "counts"}``, pycocotools'
+``mask.decode`` reads it) or, with ``mask_format=polygons``, as COCO polygons ``[[x1, y1, x2, y2, ...], ...]``.
+``output=semantic`` answers a PNG label map at the image's size instead (one class index per pixel, 0 for the
+background, base64) with its legend.
+
+Options: ``score_threshold``, ``max_detections`` (defaults and bounds under ``handler:`` in detector.yaml),
+``mask_format`` (rle | polygons), ``output`` (instances | semantic); next to ``data`` in a JSON body, as form fields,
+or as headers (``Score-Threshold``, ``Max-Detections``, ``Mask-Format``, ``Output``). TorchServe 0.12 does not pass
+the query string to the handler.
+"""
+
+import base64
+import contextlib
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handlers.common import BundleHandler, RequestError, decode_text, finite_number, quote
+from handlers.images import decode_image, image_bytes
+from models.detector import encode_mask, working_size
+
+OUTPUTS = ("instances", "semantic")
+MASK_FORMATS = ("rle", "polygons")
+NUMERIC_OPTIONS = {"score_threshold": float, "max_detections": int}
+DEFAULT_BOUNDS = {"score_threshold": {"default": 0.5, "min": 0.0, "max": 1.0},
+                  "max_detections": {"default": 20, "min": 1, "max": 100}}
+OPTION_HEADERS = {option: option.replace("_", "-") for option in (*NUMERIC_OPTIONS, "output", "mask_format")}
+"""Request headers that set an option for a raw body (curl -T photo.jpg -H 'Max-Detections: 5')."""
+POLYGON_TOLERANCE = 1.0
+"""Pixels a simplified polygon may stray from the mask's outline."""
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """A binary mask's outlines as COCO polygons (x, y pairs, pixel-edge coordinates), simplified by
+    ``POLYGON_TOLERANCE``; parts of fewer than three points are left out."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    padded = np.pad(mask, 1)  # outlines close around parts touching the border
+    polygons = []
+    for contour in find_contours(padded.astype(np.float32), 0.5):
+        points = approximate_polygon(contour, POLYGON_TOLERANCE) - 1 + 0.5  # row/col of pixel centres -> edges
+        if len(points) >= 4:  # closed: the first point repeats
+            polygons.append([round(float(v), 1) for row, col in points for v in (col, row)])
+    return polygons
+
+
+def png_base64(label_map: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(label_map).save(buffer, format="PNG", optimize=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class DetectorHandler(BundleHandler):
+    """Accepts raw image bytes (curl -T photo.jpg), a multipart form field, or JSON {"data": "<base64 image>"}."""
+
+    def initialize(self, context):
+        super().initialize(context)
+        config = self.model_config.get("handler") or {}
+        self.min_size, self.max_size = self.artifact["input"]["min_size"], self.artifact["input"]["max_size"]
+        self.bounds = {name: {**DEFAULT_BOUNDS[name], **(config.get(name) or {})} for name in NUMERIC_OPTIONS}
+        self.amp = bool(config.get("amp", False))
+        self.metric_detections = context.metrics.add_metric_to_cache(
+            "DetectionsPerImage", "Count", ["ModelName", "ModelVersion"], metric_type=MetricTypes.HISTOGRAM)
+
+    # --- a request -------------------------------------------------------------------------------------------------
+
+    def parse_request(self, idx, row, name, payload, as_json):
+        headers = {key.lower(): value for key, value in (self.context.get_all_request_header(idx) or {}).items()}
+        fields = {key: value for key, value in row.items() if key != name}  # other form fields
+        if as_json and isinstance(payload, dict):
+            fields.update({key: value for key, value in payload.items() if key != "data"})
+        from_headers = {option: headers[header] for option, header in OPTION_HEADERS.items()
+                        if isinstance(headers.get(header), str)}
+        options = self.options(from_headers, fields)
+        pixels = decode_image(image_bytes(payload, as_json), channels=3)
+        height, width = pixels.shape[:2]
+        size = working_size(height, width, self.min_size, self.max_size)
+        resized = pixels if size == (height, width) else \
+            np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
+        image = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
+        return [{"image": image, "height": height, "width": width, **options}], False
+
+    def options(self, from_headers, fields):
+        """The request's options (JSON or form ``fields`` over headers) with the model-config's defaults; an
+        unknown field or an out-of-bounds value is a 400."""
+        unknown = sorted(set(fields) - set(OPTION_HEADERS))
+        if unknown:
+            raise RequestError(f"unknown option {quote(unknown[0])}; options: {', '.join(OPTION_HEADERS)}",
+                               kind="InvalidField")
+        fields = {**from_headers, **fields}
+        options = {"output": self.choice(fields, "output", OUTPUTS),
+                   "mask_format": self.choice(fields, "mask_format", MASK_FORMATS)}
+        for name, kind in NUMERIC_OPTIONS.items():
+            bounds = self.bounds[name]
+            value = fields.get(name, bounds["default"])
+            if isinstance(value, (bytes, bytearray, str)):
+                try:
+                    value = float(decode_text(value).strip())
+                except ValueError:
+                    raise RequestError(f"option {name!r} must be a number, got {quote(decode_text(value))}",
+                                       kind="InvalidField") from None
+            value = finite_number(value, name)
+            if kind is int and value != int(value) or not bounds["min"] <= value <= bounds["max"]:
+                raise RequestError(f"option {name!r} must be {'an integer' if kind is int else 'a number'} from "
+                                   f"{bounds['min']} to {bounds['max']}, got {value:g}", kind="InvalidField")
+            options[name] = kind(value)
+        return options
+
+    @staticmethod
+    def choice(fields, name, allowed):
+        value = fields.get(name, allowed[0])
+        value = decode_text(value).strip() if isinstance(value, (bytes, bytearray, str)) else value
+        if value not in allowed:
+            raise RequestError(f"option {name!r} must be one of {', '.join(allowed)}, got {quote(value)}",
+                               kind="InvalidField")
+        return value
+
+    # --- a batch ---------------------------------------------------------------------------------------------------
+
+    def collate(self, examples):
+        return [example["image"] for example in examples]
+
+    def autocast(self):
+        """Mixed precision (float16) on CUDA when ``handler.amp`` is set; a no-op otherwise."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def predict(self, batch):
+        """One forward pass per image size in the batch (the model takes a list of them). Mixing sizes in one pass
+        would zero-pad the smaller images to the largest, which changes the answer near their edges: an image gets
+        the same answer alone as in any batch."""
+        by_size = {}
+        for index, image in enumerate(batch):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        outputs = [None] * len(batch)
+        with torch.inference_mode(), self.autocast():
+            for indices in by_size.values():
+                answers = self.model([batch[i].to(self.device, non_blocking=True) for i in indices])
+                for index, answer in zip(indices, answers):
+                    outputs[index] = {key: value.cpu() for key, value in answer.items()}
+        return outputs
+
+    def format(self, example, output):
+        keep = (output["scores"] >= example["score_threshold"]).nonzero().flatten()[:example["max_detections"]]
+        height, width = example["height"], example["width"]
+        scale = torch.tensor([width, height, width, height]) / torch.tensor(example["image"].shape[2:0:-1] * 2)
+        boxes = (output["boxes"][keep].float() * scale).clamp(min=0)
+        boxes = torch.minimum(boxes, torch.tensor([width, height, width, height], dtype=boxes.dtype))
+        masks = output["masks"][keep].float()
+        labels, scores = output["labels"][keep].tolist(), output["scores"][keep].float().tolist()
+        self.metric_detections.add_or_update(len(keep), self._dims())
+        reply = {"image_size": {"width": width, "height": height}}
+        if example["output"] == "semantic":
+            label_map = np.zeros((height, width), np.uint8)
+            for index in reversed(range(len(keep))):  # the highest score painted last, on top
+                label_map[self.full_size(masks[index], height, width)] = labels[index]
+            reply["label_map"] = {"format": "png", "data": png_base64(label_map)}
+            reply["legend"] = {"0": "background", **{str(i): name for i, name in enumerate(self.labels, start=1)}}
+        else:
+            detections = []
+            for index, (label, score) in enumerate(zip(labels, scores)):
+                mask = self.full_size(masks[index], height, width)
+                detections.append({"label": self.labels[label - 1], "score": round(score, 4),
+                                   "box": [round(v, 1) for v in boxes[index].tolist()],
+                                   "mask": encode_mask(mask) if example["mask_format"] == "rle" else
+                                   mask_polygons(mask)})
+            reply["detections"] = detections
+        return {**reply, "model": self.model_name, "version": self.version}
+
+    @staticmethod
+    def full_size(mask, height, width):
+        """A mask probability map [1, h, w] at the model's size -> binary [height, width] in the client's frame."""
+        if mask.shape[1:] != (height, width):
+            mask = F.interpolate(mask[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return (mask[0] > 0.5).numpy()
