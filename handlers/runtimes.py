@@ -8,7 +8,8 @@ handler code serves each of them:
 - ``onnxruntime``: the manifest's ``exports.onnx`` file in an ONNX Runtime session (the CUDA provider on a GPU
   worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget.
 
-A batch is a tensor or a tuple of tensors, in the order of the export's inputs.
+A batch is a tensor, or a tuple of tensors in the order of the export's inputs; the eager runtime also takes and
+returns nested structures (a detector's list of images in, list of dicts out).
 """
 
 import os
@@ -24,6 +25,17 @@ def as_tuple(batch):
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
+def to_device(value, device):
+    """``value`` with every tensor in it (nested in lists, tuples and dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return value
+
+
 class ChannelsLastInput(nn.Module):
     """``model`` fed its images in channels-last layout, which oneDNN convolutions and pooling want on the CPU."""
 
@@ -36,15 +48,18 @@ class ChannelsLastInput(nn.Module):
 
 
 class TorchRuntime:
-    """An eager or TorchScript module on ``device``."""
+    """An eager or TorchScript module on ``device``: whatever the model takes (a tensor, a tuple of tensors as
+    several inputs, a list of tensors as one input, as detection models take their images) moved there, whatever
+    it returns (tensors, lists of dicts of tensors, ...) moved back to the CPU."""
 
     def __init__(self, name, module, device):
         self.name, self.module, self.device = name, module, device
 
     def __call__(self, batch):
+        inputs = to_device(batch, self.device)
         with torch.inference_mode():
-            outputs = self.module(*(tensor.to(self.device, non_blocking=True) for tensor in as_tuple(batch)))
-        return outputs.cpu() if isinstance(outputs, torch.Tensor) else tuple(output.cpu() for output in outputs)
+            outputs = self.module(*inputs) if isinstance(inputs, tuple) else self.module(inputs)
+        return to_device(outputs, "cpu")
 
 
 class OnnxRuntime:

@@ -91,3 +91,11 @@ def MaskRCNNResNet50FPN(num_classes: int, min_size: int = 800, max_size: int = 1
 
 
 ARCHITECTURES = {"SmallMaskRCNN": SmallMaskRCNN, "MaskRCNNResNet50FPN": MaskRCNNResNet50FPN}
+
+
+def export_example(manifest: dict, batch_size: int) -> dict:
+    """What train/export.py may export: nothing, and the manifest says why."""
+    why = ("Mask R-CNN takes a list of images of any size and returns one dict of boxes, labels, scores and masks "
+           "per image; the handler's pre/post-processing (per-size batches, rescaling to the client's pixels, RLE) "
+           "is Python. torchvision documents {} for its detection models, but this bundle does not validate it")
+    return {"unsupported": {"torchscript": why.format("torch.jit.script"), "onnx": why.format("ONNX export")}}

@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from handlers.common import RequestError, quote, to_device
+from handlers.common import RequestError, quote
+from handlers.runtimes import TorchRuntime, to_device
 from handlers.mnist import equivalence_tolerance, inference_copy
 from models import architecture, build
 from tests.samples import heldout_patients
@@ -54,6 +55,18 @@ def test_to_device_moves_tensors_nested_in_lists_tuples_and_dicts():
     moved = to_device({"images": [torch.ones(1)], "sizes": (torch.zeros(2), 3)}, "meta")
     assert moved["images"][0].device.type == "meta" and moved["sizes"][0].device.type == "meta"
     assert moved["sizes"][1] == 3 and isinstance(moved["sizes"], tuple)
+
+
+def test_the_eager_runtime_passes_through_what_the_model_takes_and_returns():
+    class Detector(torch.nn.Module):  # a list of images in, a list of dicts out, like torchvision's detectors
+        def forward(self, images):
+            return [{"boxes": image.sum().reshape(1, 1), "size": image.shape[-1]} for image in images]
+
+    answers = TorchRuntime("eager", Detector(), torch.device("cpu"))([torch.ones(1, 2, 2), torch.ones(1, 3, 3)])
+    assert [answer["boxes"].item() for answer in answers] == [4.0, 9.0] and answers[1]["size"] == 3
+    two_inputs = TorchRuntime("eager", torch.nn.Bilinear(2, 3, 1), torch.device("cpu"))((torch.ones(4, 2),
+                                                                                          torch.ones(4, 3)))
+    assert two_inputs.shape == (4, 1)
 
 
 def test_channels_last_copy_is_checked_with_a_device_aware_tolerance(monkeypatch):

@@ -113,19 +113,21 @@ def export(artifact_dir) -> dict:
     manifest = read_manifest(artifact_dir)
     model = load_model(artifact_dir, manifest)
     spec = example(manifest, TRACE_BATCH)
-    inputs = tuple(spec["inputs"].values())
-    names = {"inputs": list(spec["inputs"]), "outputs": list(spec["outputs"])}
+    unsupported = spec.get("unsupported", {})
+    inputs = tuple(spec.get("inputs", {}).values())
+    names = {"inputs": list(spec.get("inputs", {})), "outputs": list(spec.get("outputs", []))}
     dynamic = spec.get("dynamic", {})
-    with torch.inference_mode():
-        outputs = as_tuple(model(*inputs))
-    io = {"inputs": signature(names["inputs"], inputs, dynamic),
-          "outputs": signature(names["outputs"], outputs, dynamic)}
+    if not {"torchscript", "onnx"} <= set(unsupported):  # something to trace: the eager model's signature
+        with torch.inference_mode():
+            outputs = as_tuple(model(*inputs))
+        io = {"inputs": signature(names["inputs"], inputs, dynamic),
+              "outputs": signature(names["outputs"], outputs, dynamic)}
     writers = {"torchscript": (TORCHSCRIPT_FILE, lambda path: to_torchscript(model, inputs, path), {}),
                "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, dynamic),
                         {"opset": OPSET})}
     exports, files = {}, [name for name in manifest["files"] if name not in (TORCHSCRIPT_FILE, ONNX_FILE)]
     for fmt, (file_name, write, extra) in writers.items():
-        why = spec.get("unsupported", {}).get(fmt)
+        why = unsupported.get(fmt)
         if why:
             exports[fmt] = {"unsupported": why}
             continue

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vision import export_example  # noqa: F401  (train/export.py reads it here)
+
 CONFIG = [64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024]
 """Output channels of each block at width 32, with its stride where it is not 1."""
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vision import export_example  # noqa: F401  (train/export.py reads it here)
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv+BN layers with an identity (or 1x1 conv+BN projection) shortcut."""

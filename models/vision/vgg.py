@@ -6,6 +6,8 @@ Pools use ``ceil_mode`` and a global average pool ends the features, so 28x28 in
 import torch
 from torch import nn
 
+from models.vision import export_example  # noqa: F401  (train/export.py reads it here)
+
 CONFIGS = {
     "VGG11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "VGG16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
