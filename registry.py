@@ -151,7 +151,7 @@ MODELS = (
         model_module="models/detector.py",
         train_module="train/detector.py",
         handler="handlers/detector.py",
-        configs={"cpu": "handlers/detector.yaml"},
+        configs={"cpu": "handlers/detector.yaml", "gpu": "handlers/detector.gpu.yaml"},
         versions=(Version("1.0", "detector", "artifacts/detector",
                           "python -m train.detector --out artifacts/detector"),),
         samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),

@@ -166,4 +166,8 @@ def export_example(manifest: dict, batch_size: int) -> dict:
     length = 3 + 2 * batch_size
     ids = torch.randint(UNK_ID, manifest["arch_kwargs"]["vocab_size"], (batch_size, length), generator=generator)
     ids[torch.arange(length) >= (length - torch.arange(batch_size)).unsqueeze(1)] = PAD_ID
-    return {"inputs": {"ids": ids}, "outputs": ["logits"], "dynamic": {"ids": {1: "tokens"}}}
+    spec = {"inputs": {"ids": ids}, "outputs": ["logits"], "dynamic": {"ids": {1: "tokens"}}}
+    if manifest["architecture"] == "BiLSTMClassifier":
+        spec["unsupported"] = {"onnx": "the BiLSTM packs its padded sequences (pack_padded_sequence), which "
+                                       "torch.export cannot trace to ONNX; TorchScript and eager serve it"}
+    return spec

@@ -71,13 +71,30 @@ def config_text(name, export, fmt, model_config, versions, labelled):
         f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}", ""])
 
 
+def exportable(fmt):
+    """The registry's models whose served versions can be in a repository of ``fmt``; the others are named, with
+    the reason their manifest gives (e.g. the detector)."""
+    key = FORMATS[fmt][0]
+    chosen = []
+    for entry in registry.MODELS:
+        versions = [version for served_entry, version in registry.served() if served_entry is entry]
+        exports = [read_manifest(ROOT / v.artifacts).get("exports", {}).get(key, {}) for v in versions]
+        unsupported = next((export["unsupported"] for export in exports if "unsupported" in export), None)
+        if unsupported:
+            print(f"triton: {entry.name} left out: {unsupported}", file=sys.stderr)
+        elif versions:
+            chosen.append(entry)
+    return chosen
+
+
 def write_model(entry, out_dir, fmt):
     """``out_dir/<model>/``: config.pbtxt, labels.txt when the model has labels, one folder per version."""
     key, file_name, _ = FORMATS[fmt]
     model_dir = Path(out_dir) / entry.name
     shutil.rmtree(model_dir, ignore_errors=True)
     exports = []
-    for number, version in enumerate(entry.versions, start=1):
+    versions = [version for served_entry, version in registry.served() if served_entry is entry]
+    for number, version in enumerate(versions, start=1):
         manifest = read_manifest(ROOT / version.artifacts)
         export = manifest.get("exports", {}).get(key)
         if not export or "file" not in export:
@@ -169,7 +186,7 @@ def main(argv=None):
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="model file per version (default onnx)")
     args = parser.parse_args(argv)
     try:
-        for entry in registry.MODELS:
+        for entry in exportable(args.format):
             model_dir = write_model(entry, args.out_dir, args.format)
             if args.format == "onnx":
                 problems, checked = validate(model_dir), "config checked against the ONNX graph"

@@ -782,12 +782,12 @@ def test_consistency(rendered, archives):
 
 
 def test_defaults_stable_a_candidate_b(bundle, archives):
-    """The shipped defaults of issue 4: A = mnist 1.0, B = mnist 2.0, both also sentiment and regression,
-    2 GPUs each, 90/10 split, management port behind no Service."""
-    assert served_versions(bundle, archives) == {
-        "torchserve-a": {"mnist": "1.0", "sentiment": "1.0", "regression": "1.0"},
-        "torchserve-b": {"mnist": "2.0", "sentiment": "1.0", "regression": "1.0"},
-    }
+    """The shipped defaults of issue 4: A = mnist 1.0, B = mnist 2.0, both also every other registered model at its
+    default version, 2 GPUs each, 90/10 split, management port behind no Service."""
+    others = {entry.name: version.version for entry, version in registry.served()
+              if entry.name != "mnist" and version == entry.versions[0]}
+    assert served_versions(bundle, archives) == {"torchserve-a": {"mnist": "1.0", **others},
+                                                 "torchserve-b": {"mnist": "2.0", **others}}
     for deployment in of_kind(bundle, "Deployment"):
         assert containers(deployment)[0]["resources"]["limits"][GPU] == 2
     split = next(r for r in named(bundle, "HTTPRoute", "torchserve")["spec"]["rules"] if len(r["backendRefs"]) > 1)

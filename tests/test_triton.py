@@ -20,11 +20,15 @@ def repository(tmp_path_factory):
     return out
 
 
-def test_every_model_has_a_config_and_one_folder_per_version(repository):
-    for entry in registry.MODELS:
+def test_every_exportable_model_has_a_config_and_one_folder_per_served_version(repository):
+    written = sorted(p.name for p in repository.iterdir())
+    assert written == sorted(entry.name for entry in triton.exportable("onnx"))
+    assert "detector" not in written and {"mnist", "sentiment", "regression", "fashion"} <= set(written)
+    for entry in triton.exportable("onnx"):
         model_dir = repository / entry.name
         folders = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
-        assert folders == [str(n) for n in range(1, len(entry.versions) + 1)]
+        served = [version for served_entry, version in registry.served() if served_entry is entry]
+        assert folders == [str(n) for n in range(1, len(served) + 1)]
         assert all((model_dir / folder / "model.onnx").is_file() for folder in folders)
         assert triton.validate(model_dir) == []
 

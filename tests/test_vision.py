@@ -80,7 +80,7 @@ def test_fashion_run_writes_an_artifact_the_handler_can_load(tmp_path):
     assert manifest["arch_kwargs"] == {"in_channels": 1, "num_classes": 10, "width": 8}
     assert manifest["input"]["channels"] == 1 and manifest["input"]["size"] == 28
     assert manifest["input"]["crop"] == "center" and len(manifest["input"]["mean"]) == 1
-    assert set(manifest["files"]) == {"manifest.json", "model.pt"}
+    assert set(manifest["files"]) == {"manifest.json", "model.pt", "model.ts.pt", "model.onnx"}
     assert metrics["dataset"]["name"] == "fashion-mnist" and metrics["dataset"]["n_test"] == 256
     assert metrics["dataset"]["processes"] == 1 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
     model = load_model(out, manifest)
