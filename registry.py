@@ -174,6 +174,11 @@ def served() -> list[tuple[Model, Version]]:
             if not version.optional or version.trained]
 
 
+def served_models() -> list[Model]:
+    """The models with at least one served version (an optional model is left out until it is trained)."""
+    return [entry for entry in MODELS if any(version in entry.versions for _, version in served())]
+
+
 def archive(stem: str) -> tuple[Model, Version]:
     """The (model, version) built as model_store/<stem>.mar."""
     for entry, version in served():

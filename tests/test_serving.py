@@ -112,7 +112,7 @@ BAD_REQUESTS = [  # (model, body, headers, status, error type)
 
 
 def test_bad_input_matrix_gets_named_4xx_and_workers_survive(server):
-    pids = {entry.name: server.worker_pids(entry.name) for entry in registry.MODELS}
+    pids = {entry.name: server.worker_pids(entry.name) for entry in registry.served_models()}
     for model, body, headers, status, kind in BAD_REQUESTS:
         reply = server.predict(model, body, headers=headers)
         assert reply.status_code == status, (model, body[:20], reply.text)

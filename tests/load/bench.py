@@ -486,6 +486,8 @@ def main(argv=None):
                                            "folder of handler modules, and the working tree's handlers/mnist.yaml")
     parser.add_argument("--out", default="docs", help="folder for benchmark.json and benchmark.png (default docs/)")
     parser.add_argument("--no-client-ceiling", action="store_true", help="skip measuring the client on its own")
+    parser.add_argument("--no-runtimes", action="store_true",
+                        help="skip mnist's runtime comparison (eager, TorchScript, ONNX Runtime; tests/load/runtimes.py)")
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
@@ -543,11 +545,20 @@ def main(argv=None):
             archive = build_archive(path, store, staging, mnist_overrides, args.ours_archive, args.ours_rev)
             results["paths"][name] = measure_path(path, store, archive, tmp, sample_sets[path.samples], users,
                                                   args.seconds, args.warmup, ts_overrides, mnist_overrides, log)
+    if not args.no_runtimes:
+        from tests.load import runtimes  # it builds on this module
+
+        results["runtimes"] = runtimes.compare(users=(1, 16), seconds=args.seconds, warmup=min(args.warmup, 5.0),
+                                               log=log)
     results["loadavg_after"] = loadavg()
     results["ratios"] = ratios(results)
     results["duration_s"] = round(time.monotonic() - began, 1)
 
     report = table(results)
+    if "runtimes" in results:
+        from tests.load import runtimes
+
+        report += "\n\nmnist by runtime (`handler.runtime`, same handler code):\n\n" + runtimes.table(results["runtimes"])
     (out / "benchmark.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     plot(results, out / "benchmark.png")
     updated = update_doc(out / "benchmark.md", report)

@@ -16,7 +16,7 @@ Options (also as environment variables LOCUST_KEY_FILE, LOCUST_NO_TOKEN, ...):
   --no-token          send no Authorization header (in the cluster, where token authorization is off)
   --payloads FILE     samples written by `python -m tests.load.payloads --out FILE` (default: build them here,
                       which needs artifacts/ and the training data, i.e. the repo root as working directory)
-  --version MODEL=V   send MODEL's requests to /predictions/MODEL/V instead of the default version, repeatable
+  --model-version MODEL=V  send MODEL's requests to /predictions/MODEL/V instead of the default version, repeatable
   --header "N: V"     an extra header on every request, repeatable (in the cluster: x-model-version: b pins the
                       candidate variant at the gateway; the gateway's own credentials go here too)
   --max-requests N    stop after N requests in all (the test suite's smoke test uses it)
@@ -48,7 +48,7 @@ def _options(parser):
                         help="send no Authorization header (token authorization off, e.g. in the cluster)")
     parser.add_argument("--payloads", default="", env_var="LOCUST_PAYLOADS",
                         help="payload file from `python -m tests.load.payloads --out FILE` (default: build them)")
-    parser.add_argument("--version", action="append", default=[], env_var="LOCUST_VERSION",
+    parser.add_argument("--model-version", action="append", default=[], env_var="LOCUST_MODEL_VERSION",
                         help="MODEL=VERSION to address, e.g. mnist=2.0, repeatable (default: the default versions)")
     parser.add_argument("--header", action="append", default=[], env_var="LOCUST_HEADER",
                         help='extra request header "Name: value", repeatable (e.g. x-model-version: b behind the '
@@ -122,7 +122,7 @@ class ModelUser(FastHttpUser):
         self.by_name = {}
         for sample in self.samples:
             self.by_name.setdefault(sample.name, []).append(sample)
-        versions = dict(item.split("=", 1) for item in (self.options.version if self.options else None) or [])
+        versions = dict(item.split("=", 1) for item in (self.options.model_version if self.options else None) or [])
         self.path = f"/predictions/{self.model}" + (f"/{versions[self.model]}" if self.model in versions else "")
 
     def headers(self, sample, refresh=False):

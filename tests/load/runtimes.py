@@ -79,7 +79,7 @@ def compare(users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print
                 f"{figures['forward_us_per_item']:.1f} µs per item in the runtime (batches of {BATCH})")
         samples = payloads.digits(bench.DIGIT_RENDERINGS)
         for runtime, archive in archives.items():
-            path = bench.BenchPath(f"mnist-{runtime}", "mnist", "digits", bench.checks.check_mnist,
+            path = bench.BenchPath(f"mnist-{runtime}", "mnist", "mnist", bench.checks.check_mnist,
                                    f"handlers/mnist.py, handler.runtime: {runtime}")
             measured = bench.measure_path(path, archive.parent, archive.name, Path(tmp) / runtime, samples, users,
                                           seconds, warmup, {}, {"handler.runtime": runtime}, log)
