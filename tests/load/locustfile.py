@@ -161,14 +161,13 @@ class ModelUser(FastHttpUser):
 
 
 def _user_class(entry):
-    """``<Model>User``: the locust user of one registry entry."""
+    """``<Model>User``: the locust user of one registry entry (None for a model without load-test payloads)."""
+    if entry.load is None:
+        return None
     return type(f"{entry.name.title().replace('_', '')}User", (ModelUser,), {
         "__doc__": f"A client of {entry.name}: its load-test payloads, each reply checked by {entry.load.check}.",
-        "model": entry.name, "weight": entry.load.weight, "mix": entry.load.mix,
+        "__module__": __name__, "model": entry.name, "weight": entry.load.weight, "mix": entry.load.mix,
         "check": staticmethod(registry.resolve(entry.load.check))})
 
 
-for _entry in registry.MODELS:
-    if _entry.load:
-        _user = _user_class(_entry)
-        globals()[_user.__name__] = _user
+globals().update({user.__name__: user for user in map(_user_class, registry.MODELS) if user})
