@@ -12,7 +12,7 @@
 #
 # Tags: one immutable tag per release of the archives; never push other archives under a tag
 # that a Deployment uses. Variants A and B each name the tag they run (k8s/20-torchserve-*.yaml).
-# tests/test_k8s.py checks this file against the repo: the Python of the venv, requirements.txt, the
+# tests/k8s/test_k8s.py checks this file against the repo: the Python of the venv, requirements.txt, the
 # archive folder of the GPU profile, the paths and user of the manifests.
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 FROM ${PYTHON_IMAGE}

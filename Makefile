@@ -55,7 +55,7 @@ bench: archive
 
 k8s-check: $(READY)
 	@echo "==> [k8s] offline validation of k8s/ (first run builds .venv-checkov)"
-	@$(PY) -m pytest tests/test_k8s.py -q
+	@$(PY) -m pytest tests/k8s/test_k8s.py -q
 
 clean:
 	rm -rf artifacts model_store/*.mar logs key_file.json .make

@@ -11,7 +11,7 @@ import pytest
 from scripts import readiness
 from scripts.server import free_port
 from tests.fixtures.servers import STORE, rezip, running, serialized_file, store_with
-from tests.test_k8s import LIVENESS_PATH
+from tests.k8s.test_k8s import LIVENESS_PATH
 
 GATED_HANDLER = '''
 """regression's handler, whose workers stay loading until the test creates {gate}: a startup in slow motion."""

@@ -14,7 +14,7 @@ import torch
 from scripts import promote
 from scripts.promote import GATES, Limits, Observations, compare, decide, kubectl_steps
 from tests.fixtures.servers import MANIFEST, STORE, rezip, running, serialized_file, store_with
-from tests.test_k8s import kubectl
+from tests.k8s.test_k8s import kubectl
 
 LIMITS = Limits(margin=0.01, p99_fraction=0.25, p99_floor_ms=5.0, alpha=0.05)
 

@@ -24,7 +24,7 @@ def test_every_query_has_a_panel_per_model_split_by_variant():
 
 
 def test_k8s_readme_shows_exactly_the_query_table_for_the_cluster():
-    """tests/test_prometheus.py runs these queries (by ModelVersion); the README must show no other PromQL."""
+    """tests/serving/test_prometheus.py runs these queries (by ModelVersion); the README must show no other PromQL."""
     readme = (ROOT / "k8s" / "README.md").read_text()
     shown = [block.strip() for block in re.findall(r"```promql\n(.*?)```", readme, flags=re.S)]
     assert shown == [query.render("mnist", "5m", "variant") for query in QUERIES]

@@ -20,7 +20,7 @@ from scripts import draw_detections
 from tests.samples import encode_image, training_record
 from tests.worker import Request, valid_reason
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 JSON = "application/json"
 
 

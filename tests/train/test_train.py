@@ -17,7 +17,7 @@ from models.regression import TabularRegressor
 from models.sentiment import UNK_ID, FastTextClassifier, encode, tokenize
 from train import mnist, regression, sentiment
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMON_METRICS_KEYS = {"model", "dataset", "seed", "epochs", "train_seconds", "test", "args"}
 COMMON_MANIFEST_KEYS = {"model", "weights", "model_module", "architecture", "arch_kwargs", "files"}
 

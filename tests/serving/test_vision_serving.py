@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.fixtures.servers import running, store_with
 from tests.load import checks, payloads
-from tests.test_vision import ACCURACY_SLACK, FASHION_CLASSES, encoded, in_process_accuracy
+from tests.models.test_vision import ACCURACY_SLACK, FASHION_CLASSES, encoded, in_process_accuracy
 
 pytestmark = pytest.mark.slow
 SAMPLE = 200

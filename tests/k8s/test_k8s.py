@@ -32,9 +32,9 @@ import yaml
 
 import registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-CRDS = Path(__file__).resolve().parent / "data" / "k8s"
+CRDS = ROOT / "tests" / "data" / "k8s"
 KUBERNETES_VERSION = "1.37.0"  # newest schema set shipped with kubernetes-validate 1.37
 NAMESPACE = "torchserve"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")  # what `kubectl apply -f DIR` reads
@@ -54,8 +54,8 @@ CLUSTER_ONLY_SETTINGS = {
     "load_models",  # each Deployment names its archives with --models
     "number_of_gpu", "default_workers_per_model", "vmargs",  # pod sizing, container JVM
 }
-LIVENESS_PATH = "/api-description"  # answered by the frontend itself: no model, no token (tests/test_probes.py)
-READINESS_SCRIPT = "scripts/readiness.py"  # the exec readiness probe (tests/test_probes.py), copied into the image
+LIVENESS_PATH = "/api-description"  # answered by the frontend itself: no model, no token (tests/serving/test_probes.py)
+READINESS_SCRIPT = "scripts/readiness.py"  # the exec readiness probe (tests/serving/test_probes.py), copied into the image
 IMPORT_TO_DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "PyYAML"}
 
 
