@@ -132,6 +132,7 @@ def rendered(name, window="10m"):
 def test_every_documented_query_runs_and_answers_per_version(prometheus, traffic):
     for entry in QUERIES:
         result = query(prometheus, entry.render(model="regression", window="10m", by="ModelVersion"))
+        print(f"{entry.name}: {entry.render(model='regression', window='10m')}\n  -> {result}")  # pytest -s shows it
         assert result, f"{entry.name} returned nothing: {entry.render('regression', '10m')}"
         values = list(result.values())
         assert all(math.isfinite(v) and v >= 0 for v in values), (entry.name, result)
