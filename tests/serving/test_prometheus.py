@@ -151,7 +151,7 @@ def test_request_rate_times_the_window_is_the_count(prometheus, traffic):
     increase = by_version(query(prometheus, 'sum by (ModelVersion) (increase(HandlerRequests{ModelName="regression"}'
                                             "[10m]))"))
     for version, (good, bad) in SENT.items():
-        assert increase[version] == pytest.approx(good + bad, rel=0.15)
+        assert increase[version] >= good + bad  # extrapolated to the window's edges: never below the count
         assert rate[version] * 600 == pytest.approx(increase[version], rel=0.01)  # queried a moment apart
 
 
