@@ -98,8 +98,8 @@ def archiver(store, model, handler, *, version="1.0", serialized=None, model_fil
     return f"{model}.mar"
 
 
-def staged_extra(staging, *files, packages=("handlers",)):
-    """A folder holding the ``packages`` (default handlers/) and ``files`` (artifact files), as archive.sh stages
+def staged_extra(staging, *files, packages=("handlers", "models")):
+    """A folder holding the ``packages`` (default handlers/ and models/) and ``files`` (artifact files), as archive.sh stages
     them."""
     extra = Path(tempfile.mkdtemp(dir=staging))
     for package in packages:
