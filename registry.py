@@ -174,9 +174,14 @@ def served() -> list[tuple[Model, Version]]:
             if not version.optional or version.trained]
 
 
+def served_versions(entry: Model) -> list[Version]:
+    """The versions of ``entry`` that are built and served (an optional one only once it is trained)."""
+    return [version for served_entry, version in served() if served_entry is entry]
+
+
 def served_models() -> list[Model]:
     """The models with at least one served version (an optional model is left out until it is trained)."""
-    return [entry for entry in MODELS if any(version in entry.versions for _, version in served())]
+    return [entry for entry in MODELS if served_versions(entry)]
 
 
 def archive(stem: str) -> tuple[Model, Version]:

@@ -77,7 +77,7 @@ def exportable(fmt):
     key = FORMATS[fmt][0]
     chosen = []
     for entry in registry.MODELS:
-        versions = [version for served_entry, version in registry.served() if served_entry is entry]
+        versions = registry.served_versions(entry)
         exports = [read_manifest(ROOT / v.artifacts).get("exports", {}).get(key, {}) for v in versions]
         unsupported = next((export["unsupported"] for export in exports if "unsupported" in export), None)
         if unsupported:
@@ -93,7 +93,7 @@ def write_model(entry, out_dir, fmt):
     model_dir = Path(out_dir) / entry.name
     shutil.rmtree(model_dir, ignore_errors=True)
     exports = []
-    versions = [version for served_entry, version in registry.served() if served_entry is entry]
+    versions = registry.served_versions(entry)
     for number, version in enumerate(versions, start=1):
         manifest = read_manifest(ROOT / version.artifacts)
         export = manifest.get("exports", {}).get(key)

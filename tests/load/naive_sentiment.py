@@ -12,7 +12,7 @@ import os
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.sentiment import FastTextClassifier, encode, tokenize
+from models.sentiment import FastTextClassifier, encode, tokenize
 
 
 class NaiveSentimentHandler(BaseHandler):

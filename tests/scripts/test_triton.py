@@ -27,7 +27,7 @@ def test_every_exportable_model_has_a_config_and_one_folder_per_served_version(r
     for entry in triton.exportable("onnx"):
         model_dir = repository / entry.name
         folders = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
-        served = [version for served_entry, version in registry.served() if served_entry is entry]
+        served = registry.served_versions(entry)
         assert folders == [str(n) for n in range(1, len(served) + 1)]
         assert all((model_dir / folder / "model.onnx").is_file() for folder in folders)
         assert triton.validate(model_dir) == []
