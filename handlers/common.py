@@ -32,6 +32,7 @@ import http
 import json
 import logging
 import math
+import threading
 import time
 
 import numpy as np
@@ -52,6 +53,8 @@ buckets (5 ms to 10 s), too coarse for GPU latencies, so the buckets are counter
 what ``histogram_quantile`` reads."""
 QUOTE_LIMIT = 60
 """Characters of client text quoted in an error message; the rest is elided."""
+COUNTER_WRITE_SECONDS = 1.0
+"""How often, at most, the handler's counters are written while traffic lasts (see ``CounterBuffer``)."""
 
 
 class RequestError(Exception):
@@ -196,6 +199,52 @@ def integrated_gradients(forward, inputs, target, baselines, layer=None, steps=3
         return method.attribute(inputs, baselines=baselines, target=target, n_steps=steps).detach().cpu()
 
 
+class CounterBuffer:
+    """Counter increments summed in the worker and written as metric lines at most every ``interval`` seconds.
+
+    Every metric line costs the worker a log write and the frontend a parse: a batch wrote about 25 of them (requests,
+    labels, the latency histogram), 8-17 % of a busy worker's time. The first batch after a quiet ``interval`` is
+    written at once; under load the sums wait until ``interval`` has passed since the last write, and a timer
+    writes what a last batch left. Prometheus sees the same counts, at most ``interval`` later.
+    """
+
+    def __init__(self, interval=COUNTER_WRITE_SECONDS):
+        self.interval = interval
+        self.pending = {}  # (metric, dimension values) -> increment
+        self.lock = threading.Lock()
+        self.last_write = -math.inf
+        self.timer = None
+
+    def add(self, metric, amount, dims):
+        with self.lock:
+            key = (metric, tuple(dims))
+            self.pending[key] = self.pending.get(key, 0) + amount
+
+    def batch_done(self):
+        """Write now when the last write is ``interval`` old, otherwise when it will be."""
+        with self.lock:
+            wait = self.last_write + self.interval - time.monotonic()
+            if wait <= 0:
+                self._write()
+            elif self.timer is None:
+                self.timer = threading.Timer(wait, self.write)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def write(self):
+        with self.lock:
+            self._write()
+
+    def _write(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        pending, self.pending = self.pending, {}
+        for (metric, dims), amount in pending.items():
+            metric.add_or_update(amount, list(dims))
+        self.last_write = time.monotonic()
+
+
 # --- the handler ---------------------------------------------------------------------------------------------------
 
 class BundleHandler:
@@ -256,6 +305,7 @@ class BundleHandler:
                                                                 metric_type=counter)
         self.metric_latency_sum = metrics.add_metric_to_cache("HandlerLatencySeconds_sum", "s", dims,
                                                               metric_type=counter)
+        self.counters = CounterBuffer()
         # Every counter of a rate() exists from the worker's start, at 0: Prometheus then extrapolates numerator
         # and denominator of a ratio (error share, quantiles, mean latency) over the same samples.
         for bound in (*map(str, LATENCY_BUCKETS), "+Inf"):
@@ -267,9 +317,9 @@ class BundleHandler:
     def _observe_latency(self, requests, seconds):
         """``requests`` requests answered after ``seconds`` in the handler, into the latency histogram."""
         for bound in (*(b for b in LATENCY_BUCKETS if seconds <= b), "+Inf"):
-            self.metric_latency_buckets.add_or_update(requests, self._dims(str(bound)))
-        self.metric_latency_count.add_or_update(requests, self._dims())
-        self.metric_latency_sum.add_or_update(requests * seconds, self._dims())
+            self.counters.add(self.metric_latency_buckets, requests, self._dims(str(bound)))
+        self.counters.add(self.metric_latency_count, requests, self._dims())
+        self.counters.add(self.metric_latency_sum, requests * seconds, self._dims())
 
     # --- hooks -----------------------------------------------------------------------------------------------------
 
@@ -322,6 +372,12 @@ class BundleHandler:
         self.context = context
         if self.is_describe(data, context):
             return [compact_json(self.describe_handle())]
+        try:
+            return self._handle_batch(data, context)
+        finally:  # the batch's counts, whether it was answered or raised
+            self.counters.batch_done()
+
+    def _handle_batch(self, data, context):
         started = time.perf_counter()
         self.oip_requests = {}
         replies = [None] * len(data)
@@ -348,8 +404,8 @@ class BundleHandler:
                 replies[idx] = self.reject(idx, err)
                 continue
             (to_explain if explaining else to_predict).append((idx, examples, many))
-        self.metric_requests.add_or_update(len(data), self._dims())
-        self.metric_preprocess.add_or_update((time.perf_counter() - started) * 1000, self._dims())
+        self.counters.add(self.metric_requests, len(data), self._dims())
+        self.counters.add(self.metric_preprocess, (time.perf_counter() - started) * 1000, self._dims())
 
         if to_predict:
             self._answer_predictions(to_predict, replies)
@@ -383,8 +439,8 @@ class BundleHandler:
                     labels[label] = labels.get(label, 0) + 1
             replies[idx] = self._oip_reply(idx, rows, answers) if idx in self.oip_requests else (
                 answers if many else answers[0])
-        for label, count in labels.items():  # one metric line per label, not per answer
-            self.metric_predictions.add_or_update(count, self._dims(label))
+        for label, count in labels.items():
+            self.counters.add(self.metric_predictions, count, self._dims(label))
 
     def _bounded(self, idx, reply):
         """``reply`` as JSON bytes, or a 413 in its place when it is larger than ``max_reply_bytes``."""
@@ -425,8 +481,8 @@ class BundleHandler:
     def reject(self, idx, err):
         """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""
         self.context.set_response_status(err.code, err.reason, idx)
-        self.metric_rejected.add_or_update(1, self._dims(err.kind))
-        self.metric_errors.add_or_update(1, self._dims())
+        self.counters.add(self.metric_rejected, 1, self._dims(err.kind))
+        self.counters.add(self.metric_errors, 1, self._dims())
         logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
         return oip.error_body(err.message) if idx in self.oip_requests else err.to_json()
 

@@ -1,10 +1,12 @@
 """handlers/common.py's contract, in-process: optional explanations, forward-pass chunks, reply bounds, devices."""
 
 import json
+import time
 
+import pytest
 import torch
 
-from handlers.common import RequestError, quote
+from handlers.common import CounterBuffer, RequestError, quote
 from handlers.runtimes import TorchRuntime, to_device
 from handlers.mnist import equivalence_tolerance, inference_copy
 from models import architecture, build
@@ -78,3 +80,41 @@ def test_channels_last_copy_is_checked_with_a_device_aware_tolerance(monkeypatch
     monkeypatch.setattr(torch, "allclose", lambda *args, **kwargs: False)  # the copy drifted beyond the tolerance
     assert inference_copy(model, torch.device("cpu")) is model  # falls back to the original
     monkeypatch.setattr(torch, "allclose", allclose)
+
+
+class RecordingMetric:
+    """A TorchServe CachingMetric stand-in that records the metric lines it would write."""
+
+    def __init__(self):
+        self.lines = []
+
+    def add_or_update(self, value, dimension_values=(), request_id=""):
+        self.lines.append((value, list(dimension_values)))
+
+
+def test_counters_are_written_at_once_after_a_quiet_interval_and_summed_under_load():
+    requests, errors = RecordingMetric(), RecordingMetric()
+    counters = CounterBuffer(interval=0.3)
+    counters.add(requests, 4, ["m", "1.0"])
+    counters.batch_done()
+    assert requests.lines == [(4, ["m", "1.0"])]  # the first batch: written at once
+    for _ in range(5):  # batches inside the interval: summed, one line per metric and dimensions
+        counters.add(requests, 2, ["m", "1.0"])
+        counters.add(errors, 1, ["m", "1.0"])
+        counters.batch_done()
+    assert requests.lines == [(4, ["m", "1.0"])] and errors.lines == []
+    deadline = time.monotonic() + 5
+    while not errors.lines and time.monotonic() < deadline:  # the timer writes what the last batch left
+        time.sleep(0.05)
+    assert requests.lines == [(4, ["m", "1.0"]), (10, ["m", "1.0"])] and errors.lines == [(5, ["m", "1.0"])]
+
+
+def test_a_batch_that_raises_still_counts_its_requests(worker, monkeypatch):
+    regression = worker("regression")
+    written = RecordingMetric()
+    monkeypatch.setattr(regression.handler, "metric_requests", written)
+    monkeypatch.setattr(regression.handler, "counters", CounterBuffer(interval=0.0))
+    monkeypatch.setattr(regression.handler, "predict", lambda batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        regression.handler.handle([{"body": json.dumps(heldout_patients()[0][0]).encode()}], regression.context)
+    assert written.lines == [(1, ["regression", "1.0"])]

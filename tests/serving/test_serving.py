@@ -1,12 +1,14 @@
 """Integration tests: one real TorchServe (token auth ON, free ports) serving every archive of model_store/."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import registry
+from handlers.common import COUNTER_WRITE_SECONDS
 from tests.samples import encode_image, heldout_digits, heldout_patients, heldout_reviews, render_digit
 
 TEXT = {"Content-Type": "text/plain; charset=utf-8"}
@@ -86,14 +88,17 @@ def test_scaling_workers_up_and_down(server):
 def test_metrics_endpoint_has_torchserve_and_custom_metrics(server):
     server.predict("mnist", render_digit(heldout_digits()[0][0], 28))
     server.predict("regression", b"{}", headers=JSON)
-    metrics = server.metrics()
+    rejected = 'RejectedRequests{ModelName="regression",ModelVersion="1.0",ErrorType="InvalidField"'
+    deadline = time.monotonic() + 2 * COUNTER_WRITE_SECONDS + 5  # counters are written at most once a second
+    while rejected not in (metrics := server.metrics()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds",
                  "PredictionsByLabel", "RejectedRequests", "HandlerRequests", "PreprocessMilliseconds", "HandlerTime",
                  "PredictionTime"):
         assert f"\n{name}{{" in metrics, name
     for counter in ("PredictionsByLabel", "RejectedRequests", "HandlerRequests", "PreprocessMilliseconds"):
         assert f"# TYPE {counter} counter" in metrics, counter  # Prometheus can rate() them
-    assert 'RejectedRequests{ModelName="regression",ModelVersion="1.0",ErrorType="InvalidField"' in metrics
+    assert rejected in metrics
 
 
 BAD_REQUESTS = [  # (model, body, headers, status, error type)
