@@ -51,7 +51,7 @@ test-fast: archive
 	@$(PY) -m pytest -m "not slow"
 
 bench: archive
-	@$(PY) -m tests.load.bench
+	@$(PY) -m tests.load.bench $(ARGS)
 
 k8s-check: $(READY)
 	@echo "==> [k8s] offline validation of k8s/ (first run builds .venv-checkov)"

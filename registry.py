@@ -156,6 +156,7 @@ MODELS = (
                           "python -m train.detector --out artifacts/detector"),),
         samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),
                  Sample("samples/detector_composed_2.png", "image/png")),
+        load=Load("tests.load.payloads:detector", "tests.load.checks:check_detector"),
     ),
 )
 

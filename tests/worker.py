@@ -66,7 +66,8 @@ class Worker:
         finally:
             sys.path.remove(str(unpack_dir))
         self.context = self.service.context
-        self.handler = self.service._entry_point.__self__  # the handler instance TorchServe created
+        # the handler instance TorchServe created (None for a module-level entry function, as older handlers had)
+        self.handler = getattr(self.service._entry_point, "__self__", None)
 
     def run(self, *requests):
         """Send ``requests`` as one batch; replies in request order with their HTTP status and reason phrase."""

@@ -139,3 +139,33 @@ def check_stock_fashion(body, expected=None):
     if len(values) != 5:
         raise WrongAnswer(f"stock reply: {len(values)} classes, expected the top 5")
     return next(iter(reply))
+
+
+def check_detector(body, expected=None, model="detector"):
+    """Our detector reply: {"detections": [{"label", "score", "box", "mask"}], "image_size", "model", "version"};
+    ``expected`` is {"width", "height"} of the image, and at least one object must be found (every held-out
+    composed image holds two to five). Returns the number of detections."""
+    reply = parse(body)
+    if not isinstance(reply, dict) or not isinstance(reply.get("detections"), list):
+        raise WrongAnswer(f"expected a JSON object with a detections list, got {str(reply)[:120]}")
+    if model is not None and reply.get("model") != model:
+        raise WrongAnswer(f"model {reply.get('model')!r}, expected {model!r}")
+    size = reply.get("image_size")
+    if expected is not None and size != expected:
+        raise WrongAnswer(f"image_size {size}, expected {expected}")
+    detections = reply["detections"]
+    if not detections:
+        raise WrongAnswer("no object found in an image that holds two to five")
+    for detection in detections:
+        score, box, mask = detection.get("score"), detection.get("box"), detection.get("mask")
+        if not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            raise WrongAnswer(f"score {score!r} outside [0, 1]")
+        if size and not (isinstance(box, list) and len(box) == 4 and 0 <= box[0] <= box[2] <= size["width"]
+                         and 0 <= box[1] <= box[3] <= size["height"]):
+            raise WrongAnswer(f"box {box!r} is not [x1, y1, x2, y2] inside the image {size}")
+        if size and not (isinstance(mask, dict) and mask.get("size") == [size["height"], size["width"]]):
+            raise WrongAnswer(f"mask {str(mask)[:80]} is not RLE at the image's size {size}")
+    scores = [d["score"] for d in detections]
+    if scores != sorted(scores, reverse=True):
+        raise WrongAnswer(f"detections not sorted by score: {scores}")
+    return len(detections)

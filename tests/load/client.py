@@ -62,6 +62,7 @@ class StepResult:
     answers: list = field(default_factory=list)  # (expected, what the checker read), for accuracy reports
     client_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    worker_cpu_s: float = 0.0  # the part of server_cpu_s used by the Python workers (the rest: the Java frontend)
     machine_busy_s: float = 0.0  # CPU-seconds used by everything on the machine during the window
     cpu_seconds: float = 0.0  # wall time between the CPU snapshots (the window, give or take a loop turn)
 
@@ -79,6 +80,8 @@ class StepResult:
             "client_cpu_us_per_req": round(1e6 * self.client_cpu_s / max(total, 1), 1),
             "server_cpu_pct": round(100 * self.server_cpu_s / cpu_window, 1),
             "server_cpu_us_per_req": round(1e6 * self.server_cpu_s / max(total, 1), 1),
+            "worker_cpu_pct": round(100 * self.worker_cpu_s / cpu_window, 1),
+            "worker_cpu_us_per_req": round(1e6 * self.worker_cpu_s / max(total, 1), 1),
             "machine_cpu_pct": round(100 * self.machine_busy_s / cpu_window, 1),
             "others_cpu_pct": round(100 * max(0.0, self.machine_busy_s - self.client_cpu_s - self.server_cpu_s)
                                     / cpu_window, 1),
@@ -87,10 +90,11 @@ class StepResult:
 
 
 def process_group_cpu(pgid):
-    """CPU-seconds (user + system) used so far by the live processes of process group ``pgid``."""
-    total = 0
+    """CPU-seconds (user + system) used so far by the live processes of process group ``pgid``: (all of them, those
+    that are not the Java frontend, i.e. TorchServe's Python workers)."""
+    total = workers = 0
     if pgid is None:
-        return 0.0
+        return 0.0, 0.0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -101,8 +105,11 @@ def process_group_cpu(pgid):
             continue
         fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
         if int(fields[2]) == pgid:  # field 5 of stat: the process group
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
+            used = int(fields[11]) + int(fields[12])  # utime, stime
+            total += used
+            if not stat.startswith(f"{entry.name} (java)".encode()):
+                workers += used
+    return total / CLOCK_TICKS, workers / CLOCK_TICKS
 
 
 def machine_busy():
@@ -183,7 +190,8 @@ def run(host, port, requests, users, seconds, warmup=1.0, server_pgid=None, time
     def close_window(now):
         result.cpu_seconds = now - snapshot[3]
         result.client_cpu_s = time.process_time() - snapshot[0]
-        result.server_cpu_s = process_group_cpu(server_pgid) - snapshot[1]
+        server, workers = process_group_cpu(server_pgid)
+        result.server_cpu_s, result.worker_cpu_s = server - snapshot[1][0], workers - snapshot[1][1]
         result.machine_busy_s = machine_busy() - snapshot[2]
 
     while in_flight:

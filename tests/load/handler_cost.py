@@ -3,7 +3,8 @@
     .venv/bin/python -m tests.load.handler_cost                          # the working tree's handlers/
     .venv/bin/python -m tests.load.handler_cost 2e5fdaf HEAD some/folder # git revisions or folders of handler modules
 
-For each version of the handler code, a fresh process loads model_store/mnist.mar's artifacts with that code and
+For each version of the handler code, a fresh process loads artifacts/mnist archived with that code (archive.sh's
+recipe, the version's handlers/mnist.py as the entry point) and
 times batches of 16 held-out digit PNGs (28 px and 64 px, as `make bench` sends) through what a TorchServe worker
 runs per batch: TorchServe's own input decoding (tests/worker.py), the module's ``handle`` entry point, the
 metric log lines at INFO (to /dev/null, as a worker writes them to the frontend) and TorchServe's reply encoding
@@ -22,17 +23,19 @@ from scripts.server import ROOT
 
 CHILD = r'''
 import importlib, json, logging, sys, tempfile, time
+from tests.load import payloads
+digits = payloads.digits(("digit-28px", "digit-64px-paper"))  # with the working tree's code, before the swap
+for name in [n for n in sys.modules if n == "handlers" or n.startswith("handlers.")]:
+    del sys.modules[name]
 sys.path.insert(0, sys.argv[1])  # the handlers/ package under test comes first
 logging.basicConfig(stream=open("/dev/null", "w"), format="%(message)s", level=logging.INFO)
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.service import Service
 from ts.protocol.otf_message_handler import _retrieve_input_data
 from tests.worker import Worker, _Frame, Request
-from tests.load import payloads
 import handlers.mnist as module
 assert module.__file__.startswith(sys.argv[1]), module.__file__
 worker = Worker(sys.argv[2], tempfile.mkdtemp(), 16)
-digits = payloads.digits(("digit-28px", "digit-64px-paper"))
 batch = (digits[:8] + digits[-8:])  # 8 of each size
 context = worker.context
 
@@ -41,8 +44,8 @@ def run():
                "parameters": [_retrieve_input_data(_Frame(Request(s.body, s.content_type)))]}
               for i, s in enumerate(batch)]
     headers, inputs, ids = Service.retrieve_data_for_inference(frames)
-    context.request_ids, context.request_processor, worker.metrics.request_ids = ids, headers, ids
-    replies = module.handle(inputs, context)
+    context.request_ids, context.request_processor, context.metrics.request_ids = ids, headers, ids
+    replies = worker.service._entry_point(inputs, context)  # what TorchServe calls
     return create_predict_response(replies, ids, "Prediction success", 200, context=context)
 
 for _ in range(20):
@@ -77,16 +80,26 @@ def source_folder(version, staging):
     return target
 
 
+def archive(version, staging):
+    """mnist.mar as archive.sh builds it from artifacts/mnist, its handler entry point taken from ``version``."""
+    from tests.load.bench import build_mnist
+
+    store = Path(tempfile.mkdtemp(dir=staging))
+    build_mnist(store, staging, {}, version)
+    return store / "mnist.mar"
+
+
 def main(versions, rounds=3, per_round=3):
     versions = versions or [None]
-    mar = ROOT / "model_store" / "mnist.mar"
     results = {str(v): [] for v in versions}
     with tempfile.TemporaryDirectory(prefix="handler-cost-") as staging:
-        folders = {str(v): source_folder(v, staging) for v in versions}
+        folders = {str(v): (source_folder(v, staging), archive(v, staging)) for v in versions}
         for _ in range(rounds):
-            for version, folder in folders.items():
+            for version, (folder, mar) in folders.items():
                 run = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(mar), str(per_round)], cwd=ROOT,
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True)
+                if run.returncode:
+                    raise SystemExit(f"handler code {version}: {run.stderr.strip()[-2000:]}")
                 results[version] += json.loads(run.stdout.strip().splitlines()[-1])
     for version, times in results.items():
         print(f"{min(times):7.1f} µs/request   {version if version != 'None' else 'working tree'}")

@@ -3,7 +3,8 @@
 - digits: held-out digits (never seen in training) rendered as PNG at several sizes and both polarities;
 - reviews: held-out Chinese reviews as UTF-8 text;
 - patients: held-out rows of the regression data set as JSON objects;
-- fashion: Fashion-MNIST test images (never seen in training) re-encoded as JPEG and PNG, upscaled, grey and RGB.
+- fashion: Fashion-MNIST test images (never seen in training) re-encoded as JPEG and PNG, upscaled, grey and RGB;
+- detector: held-out composed images (photos and items training never saw) as PNG and JPEG at two sizes.
 
 "Easy" samples only: a digit or review is kept when the trained models in artifacts/ (loaded here, in-process,
 with the handlers' own preprocessing) give the known label with a clear margin. A served reply that disagrees
@@ -196,6 +197,43 @@ def fashion(renderings=tuple(FASHION_RENDERINGS), count=80, confident_only=True)
                 confidence.numpy() >= FASHION_MIN_CONFIDENCE)
         content_type = f"image/{fmt.lower()}"
         samples += [Sample(name, body, content_type, label) for body, label, ok in zip(bodies, labels, keep) if ok]
+    return samples
+
+
+DETECTOR_ARTIFACT = "artifacts/detector"
+DETECTOR_RENDERINGS = {  # name: (height, width, format)
+    "composed-128px-png": (128, 128, "PNG"),  # the training geometry
+    "composed-240x320-jpeg": (240, 320, "JPEG"),  # a larger photo of another aspect, resized by the handler
+}
+
+
+@cache
+def detector(renderings=tuple(DETECTOR_RENDERINGS), count=16):
+    """Held-out composed images (train/detector.py's held-out photos and Fashion-MNIST test items) in each rendering;
+    the expected answer is the image's size and that at least one object is found (each holds 2 to 5)."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from scripts.server import ROOT
+    from tests.samples import training_record
+    from train.datasets import fashion_mnist
+    from train.detector import HELDOUT_PHOTOS, ComposedImages, fashion_groups
+
+    data_dir = Path(training_record(DETECTOR_ARTIFACT)["args"]["data_dir"])
+    items = fashion_mnist(data_dir if data_dir.is_absolute() else ROOT / data_dir, train=False)
+    samples = []
+    for name, (height, width, fmt) in DETECTOR_RENDERINGS.items():
+        if name not in renderings:
+            continue
+        scale = min(height, width) / 128  # objects as large, relative to the image, as in training
+        images = ComposedImages(items.data.numpy(), fashion_groups()[items.targets.numpy()], HELDOUT_PHOTOS, count,
+                                seed=1000 + height, size=(height, width), scale=(24 * scale, 64 * scale))
+        for example in images:
+            buffer = io.BytesIO()
+            Image.fromarray(example.image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+            samples.append(Sample(name, buffer.getvalue(), f"image/{fmt.lower()}", {"width": width, "height": height}))
     return samples
 
 

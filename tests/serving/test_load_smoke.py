@@ -73,6 +73,28 @@ def test_other_checks_accept_right_and_reject_wrong_answers(check, good, bad, ex
         check(json.dumps(bad).encode(), expected)
 
 
+DETECTION = {"label": "bag", "score": 0.91, "box": [10.0, 12.5, 60.0, 70.0], "mask": {"size": [128, 128], "counts": "x"}}
+DETECTOR = {"detections": [DETECTION, {**DETECTION, "score": 0.6}], "image_size": {"width": 128, "height": 128},
+            "model": "detector", "version": "1.0"}
+
+
+@pytest.mark.parametrize("reply", [
+    {**DETECTOR, "detections": []},                                               # nothing found
+    {**DETECTOR, "image_size": {"width": 320, "height": 240}},                    # another image's size
+    {**DETECTOR, "detections": [{**DETECTION, "box": [10, 12, 160, 70]}]},        # box outside the image
+    {**DETECTOR, "detections": [{**DETECTION, "box": [60, 12, 10, 70]}]},         # x2 < x1
+    {**DETECTOR, "detections": [{**DETECTION, "score": 1.5}]},                    # not a probability
+    {**DETECTOR, "detections": [{**DETECTION, "mask": {"size": [64, 64]}}]},      # mask in another frame
+    {**DETECTOR, "detections": [{**DETECTION, "score": 0.6}, DETECTION]},         # not sorted by score
+    {**DETECTOR, "model": "fashion"},                                             # another model answered
+])
+def test_detector_check_accepts_a_right_reply_and_rejects_wrong_ones(reply):
+    expected = {"width": 128, "height": 128}
+    assert checks.check_detector(json.dumps(DETECTOR), expected) == 2
+    with pytest.raises(WrongAnswer):
+        checks.check_detector(json.dumps(reply), expected)
+
+
 @pytest.mark.parametrize("body", [b"", b"<html>", b"NaN", b'{"prediction": NaN}', b'{"prediction": Infinity}'])
 def test_regression_check_rejects_non_json_and_non_finite(body):
     with pytest.raises(WrongAnswer):
