@@ -107,7 +107,7 @@ MODELS = (
         handler="handlers/sentiment.py",
         configs={"cpu": "handlers/sentiment.yaml", "gpu": "handlers/sentiment.gpu.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
-                          "python -m train.sentiment --arch fasttext --out artifacts/sentiment"),),
+                          "python -m train.sentiment --arch tfidf --out artifacts/sentiment"),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
         load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),

