@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -121,7 +122,11 @@ def as_user(folder, command):
     (folder / "tmp").mkdir(exist_ok=True)
     env = {key: value for key, value in os.environ.items() if key not in ("TS_CONFIG_FILE", "VIRTUAL_ENV")}
     env.update(TMPDIR=str(folder / "tmp"), TEMP=str(folder / "tmp"))
-    output = folder / "tmp" / "console.txt"  # a file, not a pipe: the daemon keeps its stdout open
+    # A file, not a pipe: the daemon keeps its stdout open. One file per command: a daemon started by an earlier
+    # command goes on writing (its shutdown lines) into its own file, not into this command's output.
+    handle, name = tempfile.mkstemp(prefix="console-", suffix=".txt", dir=folder / "tmp")
+    os.close(handle)
+    output = Path(name)
     with open(output, "w") as console:
         result = subprocess.run(["bash", "-c", f"source .venv/bin/activate && {command}"], cwd=folder, env=env,
                                 stdout=console, stderr=subprocess.STDOUT, timeout=120, stdin=subprocess.DEVNULL)
