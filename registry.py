@@ -153,7 +153,8 @@ MODELS = (
         handler="handlers/detector.py",
         configs={"cpu": "handlers/detector.yaml", "gpu": "handlers/detector.gpu.yaml"},
         versions=(Version("1.0", "detector", "artifacts/detector",
-                          "python -m train.detector --out artifacts/detector"),),
+                          "torchrun --standalone --nproc_per_node 2 -m train.detector --batch-size 4 "
+                          "--out artifacts/detector"),),
         samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),
                  Sample("samples/detector_composed_2.png", "image/png")),
         load=Load("tests.load.payloads:detector", "tests.load.checks:check_detector"),

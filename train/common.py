@@ -1,16 +1,21 @@
-"""Shared training helpers: common flags, seeding, mini-batches, the epoch loop and artifact writing."""
+"""Shared training helpers: common flags, seeding, mini-batches, the epoch loop, torchrun jobs and artifact writing."""
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 from models import available_cpus
 from train.export import export
@@ -31,6 +36,65 @@ def build_parser(description: str, default_out: str, default_epochs: int) -> arg
     parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
     return parser
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (world_size 1 without one) and the device it trains on."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "Distributed":
+        """torchrun's RANK/LOCAL_RANK/WORLD_SIZE; nccl on a CUDA device per local rank, gloo on the CPU."""
+        world_size = int(environ.get("WORLD_SIZE", 1))
+        local_rank = int(environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+        job = cls(int(environ.get("RANK", 0)), local_rank, world_size,
+                  int(environ.get("LOCAL_WORLD_SIZE", world_size)), device)
+        if world_size > 1:
+            if cuda:
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return job
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def epoch_indices(self, n_samples: int, batch_size: int, seed: int, generator: torch.Generator):
+        """A callable giving each epoch's index batches: this rank's share (DistributedSampler) or all of them."""
+        if self.world_size == 1:
+            return lambda epoch: shuffled_batches(n_samples, batch_size, generator)
+        sampler = DistributedSampler(range(n_samples), self.world_size, self.rank, shuffle=True, seed=seed)
+
+        def batches(epoch):
+            sampler.set_epoch(epoch)
+            return torch.tensor(list(sampler)).split(batch_size)
+
+        return batches
+
+    def finish(self) -> None:
+        """Under torchrun: wait for every process, then leave the process group (rank 0 evaluates meanwhile)."""
+        if self.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the training device: through pinned memory with an asynchronous copy on CUDA."""
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
 
 def positive_int(text: str) -> int:

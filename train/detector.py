@@ -11,6 +11,11 @@ Data sets (``--dataset``):
   reported.
 - ``coco --data-dir DIR --ann FILE``: COCO JSON; masks from polygons or RLE through pycocotools; ``--test-fraction``
   of the images held out.
+
+Under ``torchrun --nproc_per_node N -m train.detector`` each process trains on its share of every epoch
+(DistributedDataParallel, gloo on the CPU, nccl on CUDA; ``--batch-size`` per process) and rank 0 evaluates and
+writes the artifacts, as train.vision does. On a CPU, Mask R-CNN's many small operations keep about one core busy
+whatever torch's thread count, so two processes of one thread each use two cores.
 """
 
 import os
@@ -31,14 +36,15 @@ import numpy as np
 import skimage
 import sklearn.datasets
 import torch
+import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from models import architecture, build
+from models import architecture, available_cpus, build
 from models.detector import encode_mask
-from train.common import (DataError, build_parser, metrics_record, positive_int, run_cli, seed_everything,
-                          write_artifacts, write_json)
+from train.common import (DataError, Distributed, build_parser, metrics_record, positive_int, run_cli,
+                          seed_everything, write_artifacts, write_json)
 from train.datasets import fashion_mnist
 
 DATASETS = ("composed", "voc", "coco")
@@ -308,11 +314,13 @@ def coco_pretrained(model):
     return model
 
 
-def train(model, examples, args, device, generator) -> float:
+def train(model, examples, args, job, generator, log=print) -> float:
     """AdamW with linear warm-up and cosine decay over ``--epochs`` passes of mini-batches (random left-right
-    flips); one progress line per ``--log-every`` steps. Returns the mean loss of the last epoch."""
+    flips), this process's share of each under torchrun; one progress line per ``--log-every`` steps. Returns the
+    mean loss of the last epoch."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * math.ceil(len(examples) / args.batch_size)
+    epoch_batches = job.epoch_indices(len(examples), args.batch_size, args.seed, generator)
+    steps = args.epochs * math.ceil(len(examples) / job.world_size / args.batch_size)
     warmup = min(100, steps // 5 + 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))))
@@ -320,11 +328,11 @@ def train(model, examples, args, device, generator) -> float:
     started, step = time.perf_counter(), 0
     for epoch in range(1, args.epochs + 1):
         total, batches = 0.0, 0
-        for indices in torch.randperm(len(examples), generator=generator).split(args.batch_size):
+        for indices in epoch_batches(epoch):
             flips = torch.rand(len(indices), generator=generator) < 0.5
             images, targets = zip(*(to_tensors(examples[int(i)], bool(f)) for i, f in zip(indices, flips)))
-            losses = model([image.to(device) for image in images],
-                           [{key: value.to(device) for key, value in target.items()} for target in targets])
+            losses = model([image.to(job.device) for image in images],
+                           [{key: value.to(job.device) for key, value in target.items()} for target in targets])
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
@@ -333,8 +341,8 @@ def train(model, examples, args, device, generator) -> float:
             total, batches, step = total + loss.item(), batches + 1, step + 1
             if step % args.log_every == 0 or step == steps:
                 parts = "  ".join(f"{name.removeprefix('loss_')} {value.item():.3f}" for name, value in losses.items())
-                print(f"epoch {epoch}/{args.epochs}  step {step}/{steps}  loss {loss.item():.3f} ({parts})  "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                log(f"epoch {epoch}/{args.epochs}  step {step}/{steps}  loss {loss.item():.3f} ({parts})  "
+                    f"{time.perf_counter() - started:.0f}s", flush=True)
     return total / max(1, batches)
 
 
@@ -450,38 +458,47 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.samples:
         return write_samples(args.samples, args.data_dir, args.seed)
+    job = Distributed.from_environment()
     generator = seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, available_cpus() // job.local_world_size))  # processes of one node share its CPUs
+    log = print if job.is_main else (lambda *_, **__: None)
     data = load_data(args)
     heldout = limited(data.heldout, args.limit)
     training = data.train if args.limit is None else limited(data.train, args.limit)
     if not len(training) or not heldout:
         raise DataError(f"{data.name}: {len(training)} training and {len(heldout)} held-out images; need both")
-    print(f"{data.name}: {len(training)} training, {len(heldout)} held-out images, classes {', '.join(data.labels)}",
-          flush=True)
+    log(f"{data.name}: {len(training)} training, {len(heldout)} held-out images, classes {', '.join(data.labels)}"
+        + (f"; {job.world_size} processes" if job.world_size > 1 else ""), flush=True)
 
     spec = model_spec(args, num_classes=len(data.labels) + 1)
     model = build(spec)
     if args.weights == "coco":
         model = coco_pretrained(model)
-    model.to(device)
+    model.to(job.device)
     started, cpu_started = time.perf_counter(), time.process_time()
-    loss = train(model, training, args, device, generator)
-    train_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    loss = train(job.wrap(model), training, args, job, generator, log)
+    train_seconds = time.perf_counter() - started
+    cpu_seconds = torch.tensor([time.process_time() - cpu_started], dtype=torch.float64)
+    if job.world_size > 1:
+        dist.all_reduce(cpu_seconds)  # every process's CPU time
+    if not job.is_main:  # rank 0 evaluates and writes the artifacts
+        job.finish()
+        return {}
     kinds = ("bbox", "segm") if data.real_masks else ("bbox",)
-    test = coco_metrics(coco_ground_truth(heldout, data.labels), detect(model, heldout, device), data.labels,
+    test = coco_metrics(coco_ground_truth(heldout, data.labels), detect(model, heldout, job.device), data.labels,
                         kinds)
-    print("held-out " + "  ".join(f"{name} {value:.3f}" for name, value in test.items()), flush=True)
+    log("held-out " + "  ".join(f"{name} {value:.3f}" for name, value in test.items()), flush=True)
 
     manifest = {"model": "detector", **spec, "labels": data.labels,
                 "input": {"min_size": args.min_size, "max_size": args.max_size}, "real_masks": data.real_masks}
     dataset = {"name": data.name, "n_train": len(training), "n_test": len(heldout)}
     metrics = metrics_record("detector", dataset, args, train_seconds, {**test, "final_train_loss": loss})
-    metrics["train_cpu_seconds"] = round(cpu_seconds, 1)  # on a shared machine: the work done, not the waiting
-    metrics["torch_threads"] = torch.get_num_threads()
+    metrics["train_cpu_seconds"] = round(cpu_seconds.item(), 1)  # on a shared machine: the work, not the waiting
+    metrics["torch_threads"], metrics["processes"] = torch.get_num_threads(), job.world_size
     metrics["evaluation"] = "pycocotools COCOeval on the held-out images (AP@[.5:.95], AP@.5, AP@.75)"
     model.cpu()
     write_artifacts(args.out, model, manifest, metrics)
+    job.finish()
     return metrics
 
 

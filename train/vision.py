@@ -11,20 +11,17 @@ each epoch (a DistributedSampler) and rank 0 evaluates and writes the artifacts:
 import contextlib
 import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
 
 from models import architecture, available_cpus, build
 from train.common import (
     DataError,
+    Distributed,
     build_parser,
     fit,
     metrics_record,
@@ -33,7 +30,6 @@ from train.common import (
     predict,
     run_cli,
     seed_everything,
-    shuffled_batches,
     train_one_epoch,
     write_artifacts,
 )
@@ -114,59 +110,6 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> torc
     return images
 
 
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (world_size 1 without one) and the device it trains on."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def from_environment(cls, environ=os.environ) -> "Distributed":
-        """torchrun's RANK/LOCAL_RANK/WORLD_SIZE; nccl on a CUDA device per local rank, gloo on the CPU."""
-        world_size = int(environ.get("WORLD_SIZE", 1))
-        local_rank = int(environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available()
-        device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-        job = cls(int(environ.get("RANK", 0)), local_rank, world_size,
-                  int(environ.get("LOCAL_WORLD_SIZE", world_size)), device)
-        if world_size > 1:
-            if cuda:
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if cuda else "gloo")
-        return job
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        if self.world_size == 1:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def epoch_indices(self, n_samples: int, batch_size: int, seed: int, generator: torch.Generator):
-        """A callable giving each epoch's index batches: this rank's share (DistributedSampler) or all of them."""
-        if self.world_size == 1:
-            return lambda epoch: shuffled_batches(n_samples, batch_size, generator)
-        sampler = DistributedSampler(range(n_samples), self.world_size, self.rank, shuffle=True, seed=seed)
-
-        def batches(epoch):
-            sampler.set_epoch(epoch)
-            return torch.tensor(list(sampler)).split(batch_size)
-
-        return batches
-
-    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        """A CPU batch on the training device: through pinned memory with an asynchronous copy on CUDA."""
-        if self.device.type != "cuda":
-            return batch
-        return batch.pin_memory().to(self.device, non_blocking=True)
-
-
 def parse_args(argv: list[str] | None = None):
     parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/fashion", default_epochs=5)
     parser.add_argument("--dataset", default="fashion-mnist", help=f"{' | '.join(DATASETS)} (default %(default)s)")
@@ -242,9 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "parameters": sum(p.numel() for p in model.parameters())}
         metrics = metrics_record(model_name, dataset, args, seconds, test_metrics)
         write_artifacts(args.out, model.cpu(), manifest, metrics)
-    if job.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    job.finish()
     return metrics
 
 

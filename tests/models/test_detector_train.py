@@ -2,6 +2,8 @@
 tiny data sets written here in their own formats, and a short training run on each writes a servable artifact."""
 
 import json
+import subprocess
+import sys
 from unittest import mock
 from xml.etree import ElementTree
 
@@ -11,6 +13,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from models import read_manifest
+from scripts.server import ROOT
 from train import detector
 from train.common import DataError
 
@@ -89,6 +92,22 @@ def test_voc_training_writes_an_artifact_without_mask_ap(tmp_path):
     assert manifest["labels"] == list(detector.VOC_LABELS) and manifest["real_masks"] is False
     assert metrics["dataset"]["n_train"] == 2 and metrics["dataset"]["n_test"] == 1
     assert "box_map_50" in metrics["test"] and "mask_map_50" not in metrics["test"]
+
+
+def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_path):
+    write_voc(tmp_path / "voc", VOC_OBJECTS)
+    common = ["--dataset", "voc", "--data-dir", str(tmp_path / "voc"), *TINY_RUN[:2], *TINY_RUN[4:],
+              "--batch-size", "1"]
+    detector.main([*common, "--out", str(tmp_path / "single")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*torchrun, "-m", "train.detector", *common, "--out", str(tmp_path / "ddp")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert read_manifest(tmp_path / "ddp") == read_manifest(tmp_path / "single")
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["torch_threads"] == 1 and "box_map_50" in metrics["test"]
+    assert result.stdout.count("held-out box_map") == 1  # rank 0 alone evaluates and reports
 
 
 def test_missing_voc_is_one_clear_error(tmp_path):
