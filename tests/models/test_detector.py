@@ -99,7 +99,7 @@ def test_boxes_and_masks_are_in_the_clients_frame(detector):
     """A 2x image (resized to the model's scale, the answer scaled back) gives its confident boxes at 2x, within
     6 px of the 256 px image (3 px of the original: resampling moves the model's answer a little)."""
     twins = []
-    for example in heldout():
+    for example in heldout(24):  # ~30 confident boxes: a share over 8 images (~11 boxes) moves 9 points per box
         small, large = detector.run(png(example.image), png(np.asarray(Image.fromarray(example.image).resize(
             (256, 256), Image.BICUBIC))))
         assert large.body["image_size"] == {"width": 256, "height": 256}
