@@ -17,6 +17,7 @@ segmenter and no vocabulary tied to one domain; jieba words are what the course'
 import logging
 import re
 import unicodedata
+from itertools import repeat
 
 import torch
 from torch import nn
@@ -44,11 +45,12 @@ def tokenize(text: str, limit: int | None = None, longest: int = 2) -> list[str]
     """
     tokens = []
     for chunk in _chunks(text):
-        for position, char in enumerate(chunk):
-            tokens.append(char)
-            tokens += [chunk[position : position + n] for n in range(2, longest + 1) if position + n <= len(chunk)]
-            if limit is not None and len(tokens) >= limit:
-                return tokens[:limit]
+        if limit is not None:  # each position gives at least one token: later positions fall past the limit
+            chunk = chunk[: limit - len(tokens) + longest - 1]
+        size = len(chunk)
+        tokens += [chunk[start : start + n] for start in range(size) for n in range(1, min(longest, size - start) + 1)]
+        if limit is not None and len(tokens) >= limit:
+            return tokens[:limit]
     return tokens
 
 
@@ -88,7 +90,8 @@ def tokenizer(name: str):
 
 def encode(tokens: list[str], vocab_index: dict[str, int], max_tokens: int) -> list[int]:
     """Ids of the first max_tokens tokens; tokens outside the vocabulary map to UNK_ID."""
-    return [vocab_index.get(token, UNK_ID) for token in tokens[:max_tokens]]
+    tokens = tokens[:max_tokens]
+    return list(map(vocab_index.get, tokens, repeat(UNK_ID, len(tokens))))
 
 
 def padding_mask(ids: torch.Tensor) -> torch.Tensor:
