@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     generator = seed_everything(args.seed)
     torch.set_num_threads(max(1, available_cpus() // job.local_world_size))  # processes of one node share its CPUs
     log = print if job.is_main else (lambda *_, **__: None)
-    data = load_data(args)
+    with contextlib.nullcontext() if job.is_main else contextlib.redirect_stdout(io.StringIO()):
+        data = load_data(args)  # where the data came from: said once, by rank 0
     heldout = limited(data.heldout, args.limit)
     training = data.train if args.limit is None else limited(data.train, args.limit)
     if not len(training) or not heldout:
