@@ -122,12 +122,13 @@ def run_cli(main: Callable[[list[str] | None], object]) -> None:
         sys.exit(2)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch, pin torch's thread count to the CPUs available; return a torch generator."""
+def seed_everything(seed: int, processes: int = 1) -> torch.Generator:
+    """Seed Python, NumPy and torch, pin torch's thread count to this process's share of the CPUs available (the
+    ``processes`` of a torchrun job on one node share them); return a torch generator."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(available_cpus())
+    torch.set_num_threads(max(1, available_cpus() // processes))
     return torch.Generator().manual_seed(seed)
 
 

@@ -41,7 +41,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from models import architecture, available_cpus, build
+from models import architecture, build
 from models.detector import encode_mask
 from train.common import (DataError, Distributed, build_parser, metrics_record, positive_int, run_cli,
                           seed_everything, write_artifacts, write_json)
@@ -459,8 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.samples:
         return write_samples(args.samples, args.data_dir, args.seed)
     job = Distributed.from_environment()
-    generator = seed_everything(args.seed)
-    torch.set_num_threads(max(1, available_cpus() // job.local_world_size))  # processes of one node share its CPUs
+    generator = seed_everything(args.seed, job.local_world_size)
     log = print if job.is_main else (lambda *_, **__: None)
     with contextlib.nullcontext() if job.is_main else contextlib.redirect_stdout(io.StringIO()):
         data = load_data(args)  # where the data came from: said once, by rank 0

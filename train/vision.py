@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import architecture, available_cpus, build
+from models import architecture, build
 from train.common import (
     DataError,
     Distributed,
@@ -129,8 +129,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     job = Distributed.from_environment()
-    generator = seed_everything(args.seed)
-    torch.set_num_threads(max(1, available_cpus() // job.local_world_size))  # processes of one node share its CPUs
+    generator = seed_everything(args.seed, job.local_world_size)
     log = print if job.is_main else (lambda *_: None)
     split = load_split(args.dataset, args.data_dir, args.limit, log)
     mean, std = channel_statistics(split.train_images)
