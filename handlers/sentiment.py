@@ -11,7 +11,7 @@ import os
 import torch
 
 from handlers.common import BundleHandler, RequestError, bounded_list, decode_text, integrated_gradients, quote
-from models.sentiment import PAD_ID, calibrated_probabilities, encode, tokenizer
+from models.sentiment import PAD_ID, calibrated_probabilities, text_encoder, tokenizer
 
 MAX_TEXTS = 256
 """Texts in one JSON list; longer lists are refused with 413."""
@@ -23,9 +23,10 @@ class SentimentHandler(BundleHandler):
     def initialize(self, context):
         super().initialize(context)
         with open(os.path.join(self.model_dir, self.artifact["vocab"]), encoding="utf-8") as f:
-            self.vocab_index = {token: i for i, token in enumerate(json.load(f))}
+            vocab = json.load(f)
         self.max_tokens = self.artifact["max_tokens"]
-        self.tokenize = tokenizer(self.artifact["tokenizer"])
+        self.encode_text = text_encoder(self.artifact["tokenizer"], vocab, self.max_tokens)
+        self.tokenize = tokenizer(self.artifact["tokenizer"])  # the token strings, for explanations
         self.temperature = float(self.artifact.get("temperature", 1.0))
 
     def parse(self, payload, as_json):
@@ -42,13 +43,13 @@ class SentimentHandler(BundleHandler):
         return [self._example(payload, "body")], False  # a JSON string
 
     def _example(self, text, field):
-        """(tokens, ids) of one text, at most ``max_tokens`` of them; ``field`` names it in error messages."""
+        """(text, ids of its first ``max_tokens`` tokens); ``field`` names it in error messages."""
         if not isinstance(text, str):
             raise RequestError(f"{field} must be a string, got {type(text).__name__}", kind="InvalidField")
-        tokens = self.tokenize(text, self.max_tokens)
-        if not tokens:
+        ids = self.encode_text(text)
+        if not len(ids):
             raise RequestError(f"{field} is empty: nothing to classify", kind="EmptyText")
-        return tokens, encode(tokens, self.vocab_index, self.max_tokens)
+        return text, ids
 
     oip_input, oip_output_names = ("text", "BYTES"), ("label", "score")
 
@@ -59,7 +60,7 @@ class SentimentHandler(BundleHandler):
     def collate(self, examples):
         ids = torch.full((len(examples), max(len(ids) for _, ids in examples)), PAD_ID, dtype=torch.long)
         for row, (_, example_ids) in enumerate(examples):
-            ids[row, : len(example_ids)] = torch.tensor(example_ids)
+            ids[row, : len(example_ids)] = torch.from_numpy(example_ids)
         return ids
 
     def format(self, example, output):
@@ -77,5 +78,5 @@ class SentimentHandler(BundleHandler):
                                       layer=self.model.embedding).sum(dim=-1)
         return [{**self.format(example, row_logits.cpu()), "method": "LayerIntegratedGradients",
                  "tokens": [{"token": token, "attribution": round(float(score), 5)}
-                            for token, score in zip(example[0], row_scores)]}
+                            for token, score in zip(self.tokenize(example[0], self.max_tokens), row_scores)]}
                 for example, row_logits, row_scores in zip(examples, logits, scores)]

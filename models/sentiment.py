@@ -17,8 +17,10 @@ segmenter and no vocabulary tied to one domain; jieba words are what the course'
 import logging
 import re
 import unicodedata
+from collections.abc import Callable
 from itertools import repeat
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -92,6 +94,63 @@ def encode(tokens: list[str], vocab_index: dict[str, int], max_tokens: int) -> l
     """Ids of the first max_tokens tokens; tokens outside the vocabulary map to UNK_ID."""
     tokens = tokens[:max_tokens]
     return list(map(vocab_index.get, tokens, repeat(UNK_ID, len(tokens))))
+
+
+CHAR_NGRAM_LENGTHS = {"chars+bigrams": 2, "chars+1-3grams": 3}
+"""The longest n-gram of each character n-gram tokenizer: what ``CharNgramEncoder`` computes for it."""
+
+_CODE_BITS = 21  # Unicode code points + 1 fit in 21 bits, so an n-gram of up to 3 of them fits in one int64
+_SPACE = ord(" ") + 1
+
+
+class CharNgramEncoder:
+    """A text -> the ids of its first ``max_tokens`` character n-grams, exactly ``encode(tokenize(text, max_tokens,
+    longest), ...)`` without making a string per n-gram: the n-grams are int64 keys (each code point + 1 in 21 bits)
+    computed with NumPy and looked up by binary search in the sorted keys of the vocabulary. This is what a request
+    costs a serving worker (the string tokenizer made most of a review's CPU time).
+    """
+
+    def __init__(self, vocab: list[str], longest: int, max_tokens: int):
+        if not 1 <= longest <= 3:
+            raise ValueError(f"n-grams of up to 3 characters fit in an int64 key, not {longest}")
+        self.longest, self.max_tokens = longest, max_tokens
+        known = {self.key(token): index for index, token in enumerate(vocab)
+                 if index not in (PAD_ID, UNK_ID) and 0 < len(token) <= longest}
+        self.keys = np.array(sorted(known), dtype=np.int64)
+        self.ids = np.array([known[key] for key in self.keys.tolist()], dtype=np.int64)
+
+    @staticmethod
+    def key(ngram: str) -> int:
+        return sum((ord(char) + 1) << (_CODE_BITS * position) for position, char in enumerate(ngram))
+
+    def __call__(self, text: str) -> np.ndarray:
+        # each character of a chunk starts at least one n-gram and chunks are joined by one space, so the first
+        # max_tokens n-grams start in the first 2 x max_tokens characters
+        joined = " ".join(_chunks(text))[: 2 * self.max_tokens + self.longest]
+        codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64) + 1
+        grams = np.zeros((len(codes), self.longest), dtype=np.int64)  # [start, n - 1]; 0: no such n-gram
+        inside = codes != _SPACE
+        grams[:, 0] = codes * inside
+        for extra in range(1, self.longest):
+            inside = inside[:-1] & (codes[extra:] != _SPACE)
+            grams[: len(codes) - extra, extra] = (grams[: len(codes) - extra, extra - 1]
+                                                  | codes[extra:] << (_CODE_BITS * extra)) * inside
+        keys = grams.ravel()
+        keys = keys[keys != 0][: self.max_tokens]  # reading order: c1, c1c2, c1c2c3, c2, ...
+        if not len(self.keys):
+            return np.full(len(keys), UNK_ID, dtype=np.int64)
+        found = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return np.where(self.keys[found] == keys, self.ids[found], UNK_ID)
+
+
+def text_encoder(name: str, vocab: list[str], max_tokens: int) -> Callable[[str], np.ndarray]:
+    """A text -> the ids of its first ``max_tokens`` tokens under the manifest's tokenizer ``name``: character
+    n-grams through ``CharNgramEncoder``, jieba words through ``encode``."""
+    if name in CHAR_NGRAM_LENGTHS:
+        return CharNgramEncoder(vocab, CHAR_NGRAM_LENGTHS[name], max_tokens)
+    tokenize = tokenizer(name)
+    vocab_index = {token: index for index, token in enumerate(vocab)}
+    return lambda text: np.array(encode(tokenize(text, max_tokens), vocab_index, max_tokens), dtype=np.int64)
 
 
 def padding_mask(ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models import load_model, read_manifest
-from models.sentiment import PAD_ID, calibrated_probabilities, encode, tokenizer
+from models.sentiment import PAD_ID, calibrated_probabilities, text_encoder, tokenizer
 from train.common import DataError, positive_int
 from train.sentiment import read_labelled_csv
 
@@ -52,9 +52,9 @@ def predict_in_process(artifact_dir: Path, manifest: dict, texts: list[str], bat
     """(label indices, calibrated probabilities of those labels) from the artifact, as the handler computes them."""
     model = load_model(artifact_dir, manifest)
     vocab = json.loads((artifact_dir / manifest["vocab"]).read_text("utf-8"))
-    vocab_index = {token: i for i, token in enumerate(vocab)}
-    tokenize, max_tokens = tokenizer(manifest["tokenizer"]), manifest["max_tokens"]
-    ids = [torch.tensor(encode(tokenize(text, max_tokens), vocab_index, max_tokens) or [PAD_ID]) for text in texts]
+    encode_text = text_encoder(manifest["tokenizer"], vocab, manifest["max_tokens"])
+    ids = [torch.from_numpy(encode_text(text)) for text in texts]
+    ids = [row if len(row) else torch.tensor([PAD_ID]) for row in ids]  # no token at all: padding alone
     labels, scores = [], []
     with torch.inference_mode():
         for start in range(0, len(ids), batch_size):

@@ -14,7 +14,8 @@ import torch
 
 import registry
 from models import load_model, read_manifest
-from models.sentiment import ARCHITECTURES, PAD_ID, TfidfLinearClassifier, tokenize, tokenize_trigrams, tokenize_words
+from models.sentiment import (ARCHITECTURES, PAD_ID, UNK_ID, CharNgramEncoder, TfidfLinearClassifier, encode, tokenize,
+                              tokenize_trigrams, tokenize_words)
 from scripts.server import ROOT
 from train import sentiment, sentiment_eval
 
@@ -63,6 +64,24 @@ def test_tokenizers_stop_at_the_limit():
     assert tokenize_words("服务很好，非常满意！", limit=3) == ["服务", "很", "好"]
     assert tokenize_trigrams("ＡＢ 好吃！") == ["a", "ab", "b", "好", "好吃", "好吃!", "吃", "吃!", "!"]
     assert tokenize_trigrams("好吃！", limit=4) == ["好", "好吃", "好吃!", "吃"]
+
+
+@pytest.mark.parametrize("longest", [2, 3])
+def test_char_ngram_encoder_gives_the_ids_of_the_string_tokenizer(longest):
+    """The serving path's NumPy n-gram ids equal encode(tokenize(...)) on text that stresses it: whitespace runs,
+    full-width forms, NUL, a lone surrogate (JSON can carry one), astral characters, limits inside a chunk."""
+    rng = random.Random(longest)
+    alphabet = list("好吃不错的 \t\n\u3000ＡＢab!！。\x00\ud800😀İß") + [chr(rng.randrange(0x20, 0x2FFFF)) for _ in range(40)]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(2000)]
+    texts += ["好 " * 50, "好" * 200, "", "  "]
+    vocab = ["<pad>", "<unk>"] + sorted({token for text in texts[:1000] for token in tokenize(text, None, longest)})
+    vocab_index = {token: index for index, token in enumerate(vocab)}
+    for limit in (1, 5, 600):
+        encoder = CharNgramEncoder(vocab, longest, limit)
+        for text in texts:
+            assert encoder(text).tolist() == encode(tokenize(text, limit, longest), vocab_index, limit), text
+    encoder = CharNgramEncoder(vocab, longest, 600)
+    assert any(UNK_ID in encoder(text) for text in texts[1000:])  # the vocabulary's texts were the first 1,000
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
