@@ -25,6 +25,9 @@ keep-alive connections) and the same weights:
   baseline         only with --baseline-rev REV: ours built from the handler code of git revision REV (same weights,
                    same handlers/mnist.yaml), measured in the same run as ours, so a code change is judged side by
                    side rather than against figures from another run
+  sentiment-baseline  only with --sentiment-baseline MAR: another sentiment archive (e.g. one an older revision
+                   built, with its own model and handler code), measured next to sentiment; its replies are checked
+                   for form only, since another model may label a review otherwise
 
 Each path gets its own TorchServe (config.properties, token auth on, only that model loaded), a short warm-up,
 then a measurement window at each concurrency. Digit paths send the same held-out PNGs (28 px white-on-black and
@@ -91,8 +94,13 @@ PATHS = {
                           "handlers/detector.py with handlers/detector.yaml (model_store/detector.mar)"),
     "baseline": BenchPath("baseline", "mnist", "mnist", checks.check_mnist,
                           "ours with the handler code of --baseline-rev, the working tree's handlers/mnist.yaml"),
+    "sentiment-baseline": BenchPath("sentiment-baseline", "sentiment", "sentiment",
+                                    lambda body, expected=None: checks.check_sentiment(body),
+                                    "the sentiment archive given by --sentiment-baseline (replies checked for form)"),
 }
-DEFAULT_PATHS = [name for name in PATHS if name != "baseline"]
+BASELINES = {"baseline": "ours", "sentiment-baseline": "sentiment"}
+"""Paths measured only when asked for ({path: the path it is measured next to})."""
+DEFAULT_PATHS = [name for name in PATHS if name not in BASELINES]
 IN_PROCESS = {"fashion": "vision", "detector": "detector"}
 """Paths whose archive is also measured in-process ({path: its model-config in handlers/})."""
 FASHION_TARGETS = {"vs_in_process": 0.7, "vs_stock": 5.0, "p99_ms": 100.0, "failed": 0}
@@ -157,10 +165,14 @@ def build_mnist(store, staging, overrides, rev=None):
     return archiver(store, "mnist", handler, serialized=folder / "model.pt", extra=extra, config=config)
 
 
-def build_archive(path, store, staging, mnist_overrides, ours_archive=None, ours_rev=None, baseline_rev=None):
+def build_archive(path, store, staging, mnist_overrides, ours_archive=None, ours_rev=None, baseline_rev=None,
+                  sentiment_baseline=None):
     """The .mar file name of ``path`` in ``store``, built or copied there."""
     if path.name == "baseline":
         return build_mnist(store, staging, mnist_overrides, baseline_rev)
+    if path.name == "sentiment-baseline":
+        shutil.copy(sentiment_baseline, Path(store) / "sentiment.mar")
+        return "sentiment.mar"
     if path.name == "ceiling":
         config = Path(staging) / "noop.yaml"
         config.write_text(yaml.safe_dump(model_config("mnist", mnist_overrides)))
@@ -367,6 +379,9 @@ def ratios(results, users=16):
     baseline = at(results, "baseline", users)
     if ours and baseline:
         out["ours_vs_baseline"] = round(ours["rps"] / baseline["rps"], 3)
+    sentiment_baseline = at(results, "sentiment-baseline", users)
+    if sentiment and sentiment_baseline:
+        out["sentiment_vs_baseline"] = round(sentiment["rps"] / sentiment_baseline["rps"], 3)
     for name in IN_PROCESS:
         served_step, in_process = at(results, name, users), results.get("in_process", {}).get(name)
         if served_step and in_process:
@@ -413,6 +428,7 @@ def table(results):
                        ("ours_vs_stock", "ours ÷ stock"), ("stock_vs_ceiling", "stock ÷ ceiling"),
                        ("stock_vs_ceiling_unbatched", "stock ÷ ceiling-unbatched"),
                        ("sentiment_vs_naive", "sentiment ÷ naive"),
+                       ("sentiment_vs_baseline", "sentiment ÷ sentiment-baseline"),
                        ("fashion_vs_in_process", "fashion ÷ in-process"), ("fashion_vs_stock", "fashion ÷ stock"),
                        ("detector_vs_in_process", "detector ÷ in-process")):
         if key in r:
@@ -514,6 +530,8 @@ def main(argv=None):
                                            "folder of handler modules, and the working tree's handlers/mnist.yaml")
     parser.add_argument("--baseline-rev", help="also measure the baseline path: ours with the handler code of this "
                                                "git revision, next to ours in the same run")
+    parser.add_argument("--sentiment-baseline", metavar="MAR",
+                        help="also measure the sentiment-baseline path: this sentiment archive, next to sentiment")
     parser.add_argument("--out", default="docs", help="folder for benchmark.json and benchmark.png (default docs/)")
     parser.add_argument("--no-client-ceiling", action="store_true", help="skip measuring the client on its own")
     parser.add_argument("--no-runtimes", action="store_true",
@@ -521,10 +539,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
-    if args.baseline_rev and "baseline" not in names:
-        names.insert(names.index("ours") + 1 if "ours" in names else len(names), "baseline")
+    asked = {"baseline": args.baseline_rev, "sentiment-baseline": args.sentiment_baseline}
+    for baseline, next_to in BASELINES.items():
+        if asked[baseline] and baseline not in names:
+            names.insert(names.index(next_to) + 1 if next_to in names else len(names), baseline)
     if "baseline" in names and not args.baseline_rev:
         parser.error("the baseline path needs --baseline-rev REV")
+    if "sentiment-baseline" in names and not args.sentiment_baseline:
+        parser.error("the sentiment-baseline path needs --sentiment-baseline MAR")
+    if args.sentiment_baseline and not Path(args.sentiment_baseline).is_file():
+        parser.error(f"--sentiment-baseline {args.sentiment_baseline}: no such file")
     unknown = [n for n in names if n not in PATHS]
     if unknown:
         parser.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
@@ -552,7 +576,7 @@ def main(argv=None):
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
                             "model_config_overrides": mnist_overrides, "ts_config_overrides": ts_overrides,
                             "ours_archive": args.ours_archive, "ours_rev": args.ours_rev,
-                            "baseline_rev": args.baseline_rev,
+                            "baseline_rev": args.baseline_rev, "sentiment_baseline": args.sentiment_baseline,
                             "digit_payloads": list(DIGIT_RENDERINGS),
                             "samples": {k: len(v) for k, v in sample_sets.items()}},
                "paths": {}}
@@ -580,7 +604,7 @@ def main(argv=None):
             store = Path(tmp) / "store" / name  # a store per path: ours and baseline are both mnist.mar
             store.mkdir(parents=True)
             archive = build_archive(path, store, staging, mnist_overrides, args.ours_archive, args.ours_rev,
-                                    args.baseline_rev)
+                                    args.baseline_rev, args.sentiment_baseline)
             results["paths"][name] = measure_path(path, store, archive, tmp, sample_sets[path.samples], users,
                                                   args.seconds, args.warmup, ts_overrides, mnist_overrides, log)
     if not args.no_runtimes:
