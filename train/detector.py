@@ -437,7 +437,7 @@ def parse_args(argv: list[str] | None = None):
                         help="Fashion-MNIST root, VOC root (holding VOCdevkit/) or COCO image folder")
     parser.add_argument("--ann", type=Path, help="--dataset coco: the instances JSON")
     parser.add_argument("--year", default="2012", help="--dataset voc: the VOC year (default %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=12800,
+    parser.add_argument("--train-images", type=positive_int, default=19200,
                         help="composed training images, each made when it is used (default %(default)s)")
     parser.add_argument("--heldout-images", type=positive_int, default=200, help="composed held-out images")
     parser.add_argument("--arch", choices=("small", "resnet50"), default="small",
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build(spec)
     if args.weights == "coco":
         model = coco_pretrained(model)
-    model.to(job.device)
+    model.to(job.device, memory_format=torch.channels_last)  # oneDNN's convolutions: ~8 % faster steps on a CPU
     started, cpu_started = time.perf_counter(), time.process_time()
     loss = train(job.wrap(model), training, args, job, generator, log)
     train_seconds = time.perf_counter() - started
