@@ -14,8 +14,8 @@ import torch
 
 import registry
 from models import load_model, read_manifest
-from models.sentiment import (ARCHITECTURES, PAD_ID, UNK_ID, CharNgramEncoder, TfidfLinearClassifier, encode, tokenize,
-                              tokenize_trigrams, tokenize_words)
+from models.sentiment import (ARCHITECTURES, CHAR_NGRAM_LENGTHS, PAD_ID, TOKENIZERS, UNK_ID, CharNgramEncoder,
+                              TfidfLinearClassifier, encode, text_encoder, tokenize, tokenize_trigrams, tokenize_words)
 from scripts.server import ROOT
 from train import sentiment, sentiment_eval
 
@@ -82,6 +82,8 @@ def test_char_ngram_encoder_gives_the_ids_of_the_string_tokenizer(longest):
             assert encoder(text).tolist() == encode(tokenize(text, limit, longest), vocab_index, limit), text
     encoder = CharNgramEncoder(vocab, longest, 600)
     assert any(UNK_ID in encoder(text) for text in texts[1000:])  # the vocabulary's texts were the first 1,000
+    name = {length: name for name, length in CHAR_NGRAM_LENGTHS.items()}[longest]  # what a manifest names
+    assert text_encoder(name, vocab, 600)("好吃不错").tolist() == encode(TOKENIZERS[name]("好吃不错"), vocab_index, 600)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
