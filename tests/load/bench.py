@@ -98,8 +98,9 @@ PATHS = {
                                     lambda body, expected=None: checks.check_sentiment(body),
                                     "the sentiment archive given by --sentiment-baseline (replies checked for form)"),
 }
-BASELINES = {"baseline": "ours", "sentiment-baseline": "sentiment"}
-"""Paths measured only when asked for ({path: the path it is measured next to})."""
+BASELINES = {"baseline": ("ours", "baseline_rev", "--baseline-rev REV"),
+             "sentiment-baseline": ("sentiment", "sentiment_baseline", "--sentiment-baseline MAR")}
+"""Paths measured only when asked for: {path: (the path it is measured next to, its option's dest, the option)}."""
 DEFAULT_PATHS = [name for name in PATHS if name not in BASELINES]
 IN_PROCESS = {"fashion": "vision", "detector": "detector"}
 """Paths whose archive is also measured in-process ({path: its model-config in handlers/})."""
@@ -539,14 +540,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.paths.split(",") if n.strip()]
-    asked = {"baseline": args.baseline_rev, "sentiment-baseline": args.sentiment_baseline}
-    for baseline, next_to in BASELINES.items():
-        if asked[baseline] and baseline not in names:
+    for baseline, (next_to, dest, option) in BASELINES.items():
+        if getattr(args, dest) and baseline not in names:
             names.insert(names.index(next_to) + 1 if next_to in names else len(names), baseline)
-    if "baseline" in names and not args.baseline_rev:
-        parser.error("the baseline path needs --baseline-rev REV")
-    if "sentiment-baseline" in names and not args.sentiment_baseline:
-        parser.error("the sentiment-baseline path needs --sentiment-baseline MAR")
+        if baseline in names and not getattr(args, dest):
+            parser.error(f"the {baseline} path needs {option}")
     if args.sentiment_baseline and not Path(args.sentiment_baseline).is_file():
         parser.error(f"--sentiment-baseline {args.sentiment_baseline}: no such file")
     unknown = [n for n in names if n not in PATHS]
