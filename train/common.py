@@ -67,6 +67,11 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def log(self, *args, **kwargs) -> None:
+        """print, on rank 0 only: a torchrun job reports once."""
+        if self.is_main:
+            print(*args, **kwargs)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
             return model
