@@ -190,7 +190,9 @@ def domain_corpus(args) -> tuple[list[str], np.ndarray, list[str | None]]:
                                                   args.category_column)
     if categories is None:
         raise DataError(f"CSV file {args.csv} has no {args.category_column!r} column to take domains from")
-    domain_of = dict(zip(texts, categories))  # distinct_consistent keeps each text's first occurrence
+    domain_of = {}
+    for text, category in zip(texts, categories):  # the first occurrence's, as distinct_consistent keeps that one
+        domain_of.setdefault(text, category)
     texts, labels = distinct_consistent(texts, labels)
     return texts, labels, [domain_of[text].strip() or None for text in texts]
 

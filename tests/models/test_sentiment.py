@@ -253,6 +253,15 @@ def test_cross_domain_trains_without_each_category_and_tests_on_it(tmp_path):
     assert result["mean"] == pytest.approx(np.mean([row["accuracy"] for row in per_domain.values()]), abs=1e-4)
 
 
+def test_cross_domain_takes_a_repeated_texts_first_category(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("label,category,review\n1,水果,好\n0,手机,差\n1,手机,好\n1,, 不错 \n", encoding="utf-8")
+    args = sentiment.parse_args(["--csv", str(path)])
+    args.category_column = "category"
+    texts, labels, domains = sentiment_eval.domain_corpus(args)
+    assert (texts, labels.tolist(), domains) == (["好", "差", "不错"], [1, 0, 1], ["水果", "手机", None])
+
+
 @pytest.mark.parametrize("content, message", [
     ("label,review\n1,好\n0,差\n", "has no 'category' column to take domains from"),
     ("label,category,review\n1,水果,好\n0,水果,差\n1,,很好\n", "needs at least 2 domains; found ['水果']"),
