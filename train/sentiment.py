@@ -432,11 +432,13 @@ def fit_classifier(args, train_texts: list[str], train_labels: np.ndarray, test_
                         **width, **arch.kwargs)
     model = build(spec)
 
-    def test_logits() -> torch.Tensor:
-        return predict(model, (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256)))
+    test_logits = None  # of the last evaluation: the trained model's, kept for the temperature
 
     def evaluate() -> dict[str, float]:
-        return {"accuracy": (test_logits().argmax(1) == test_targets).float().mean().item()}
+        nonlocal test_logits
+        batches = (padded([test_ids[i] for i in indices]) for indices in ordered_batches(len(test_ids), 256))
+        test_logits = predict(model, batches)
+        return {"accuracy": (test_logits.argmax(1) == test_targets).float().mean().item()}
 
     if arch.architecture == "TfidfLinearClassifier":
         started = time.perf_counter()
@@ -451,7 +453,7 @@ def fit_classifier(args, train_texts: list[str], train_labels: np.ndarray, test_
             targets = (1 - args.distill) * targets + args.distill * teacher_probabilities(train_texts, train_labels)
         targets = targets * torch.from_numpy(weights).unsqueeze(1)  # cross-entropy is linear in the targets
         test_metrics, seconds = train_network(model, args, train_ids, train_labels, targets, generator, evaluate)
-    return FittedClassifier(model, spec, vocab, test_metrics, test_logits(), seconds, len(words))
+    return FittedClassifier(model, spec, vocab, test_metrics, test_logits, seconds, len(words))
 
 
 def train_network(model: nn.Module, args, train_ids: list[torch.Tensor], train_labels: np.ndarray,

