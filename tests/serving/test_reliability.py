@@ -171,11 +171,16 @@ def test_sigkill_worker_under_load_loses_at_most_its_batch(faults, digits):
     assert labels_of(server, digits, "1.0") == expected
 
 
+def put_workers(server, model, version, workers, maximum=None):
+    """The synchronous scaling request of one model version; returns the reply."""
+    return server.management("PUT", f"/models/{model}/{version}?min_worker={workers}"
+                                    f"&max_worker={maximum or workers}&synchronous=true", timeout=120)
+
+
 def scale(server, model, version, workers, maximum=None):
     """Synchronous scaling of one model version; returns the seconds the management call took."""
     started = time.monotonic()
-    reply = server.management("PUT", f"/models/{model}/{version}?min_worker={workers}"
-                                     f"&max_worker={maximum or workers}&synchronous=true", timeout=120)
+    reply = put_workers(server, model, version, workers, maximum)
     assert reply.status_code == 200, reply.text
     return time.monotonic() - started
 
@@ -230,7 +235,8 @@ def test_scaling_down_under_load_fails_no_request(mnist_v2_scaling, digits):
     TorchServe 0.12's scale-down is not graceful, and racy under load (measured here, 2-core machine, 4 clients:
     most scale-downs hit at least one of these): a batch in flight on a removed worker is answered 500 "Worker
     died."; sometimes a request is dropped with no answer at all (the client waits until its own timeout; the
-    frontend logs "Unexpected job in sendError()"); sometimes a removed worker stays READY although max_worker=1.
+    frontend logs "Unexpected job in sendError()"); sometimes a removed worker stays READY although max_worker=1;
+    sometimes the scaling call itself is answered 500 ConcurrentModificationException, and is sent again (README).
     That is upstream, outside what the bundle can fix, so when it happens this test is marked XFAIL with what
     was seen. What TorchServe does guarantee is asserted: only requests in flight on the removed workers are
     affected (at most batchSize x removed workers, all "Worker died." or unanswered), every other request gets
@@ -243,7 +249,14 @@ def test_scaling_down_under_load_fails_no_request(mnist_v2_scaling, digits):
     load = scaling_load(server, digits).start()
     try:
         load.wait_completed(40)
-        seconds = scale(server, "mnist", "2.0", 1)
+        started, refused = time.monotonic(), 0
+        reply = put_workers(server, "mnist", "2.0", 1)
+        while reply.status_code == 500 and reply.json().get("type") == "ConcurrentModificationException" \
+                and refused < 3:  # the frontend's worker list changed while the call walked it: send it again
+            refused += 1
+            reply = put_workers(server, "mnist", "2.0", 1)
+        assert reply.status_code == 200, reply.text
+        seconds = time.monotonic() - started
         load.wait_completed(load.completed + 40)
     finally:
         load.stop()
@@ -257,12 +270,12 @@ def test_scaling_down_under_load_fails_no_request(mnist_v2_scaling, digits):
     died = [i for i, r in enumerate(results) if r.status in (500, 507) and r.body.get("message") == "Worker died."]
     other = [(i, r.status, r.body) for i, r in enumerate(results) if r.status != 200 and i not in lost + died]
     seen = (f"{len(results)} requests, {len(died)} answered 'Worker died.', {len(lost)} never answered, "
-            f"{len(extra)} removed worker(s) still READY")
+            f"{len(extra)} removed worker(s) still READY, the scaling call refused {refused} time(s)")
     print(f"\nscale-down 3->1 under load ({seconds:.1f}s): {seen}")
     assert not other, other
     assert len(died) + len(lost) <= batch * 2, (died, lost)
     assert all(r.body["label"] == expected[i % len(digits)] for i, r in enumerate(results) if r.status == 200)
-    if died or lost or extra:
+    if died or lost or extra or refused:
         pytest.xfail(f"TorchServe 0.12 scale-down under load is not graceful: {seen}")
 
 
