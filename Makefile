@@ -9,6 +9,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 READY := $(VENV)/.ready
+# When this make started (seconds since the epoch): `make serve` reports its times from here, setup included.
+STARTED := $(shell date +%s)
 
 .PHONY: setup train archive serve stop test test-fast bench k8s-check clean
 .DELETE_ON_ERROR:
@@ -34,9 +36,10 @@ train: $(ARTIFACTS:%=%/manifest.json)
 
 archive: $(ARCHIVES)
 
-serve: archive
-	@echo "==> [serve] TorchServe with every archive in model_store/"
-	@$(PY) -m scripts.server start
+# Serves the models whose archives are up to date at once, then trains, archives and registers the others one at a
+# time, so the first models answer while the slow ones train (scripts/server.py).
+serve: $(READY)
+	@$(PY) -m scripts.server start --since $(STARTED)
 
 stop:
 	@$(PY) -m scripts.server stop
@@ -46,9 +49,11 @@ test: archive
 	@echo "==> [test] pytest"
 	@$(PY) -m pytest
 
-# The tests that start no TorchServe (about a minute).
-test-fast: archive
-	@$(PY) -m pytest -m "not slow"
+# The fast tier: needs no trained artifact, no archive and no TorchServe (handler contracts on tiny models, registry
+# and manifest checks, k8s rendering, CLI errors); stops at its first failure. .ci/run runs it before `make test`.
+test-fast: $(READY)
+	@echo "==> [test-fast] pytest -m 'not slow and not trained'"
+	@$(PY) -m pytest -x -m "not slow and not trained"
 
 bench: archive
 	@$(PY) -m tests.load.bench $(ARGS)

@@ -47,6 +47,19 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """A held-out figure of metrics.json's "test" section that a version's training is judged by.
+
+    ``goal`` is what training aims at: reported (README), never asserted, since the same seed trains to different
+    figures on different CPUs. The test asserts a floor: the worst figure of several seeds measured on one machine
+    (docs/seeds.json, written by ``python -m scripts.seeds``) less ``margin``."""
+
+    metric: str
+    goal: float
+    margin: float
+
+
+@dataclass(frozen=True)
 class Version:
     """One served version: model_store/<archive>.mar, built from the artifact folder its training command writes."""
 
@@ -56,6 +69,7 @@ class Version:
     train: str
     optional: bool = False
     """Built and served only when its artifacts exist (trained by hand, e.g. on a GPU); make never trains it."""
+    quality: tuple[Quality, ...] = ()
 
     @property
     def trained(self) -> bool:
@@ -91,9 +105,11 @@ MODELS = (
         handler="handlers/mnist.py",
         configs={"cpu": "handlers/mnist.yaml", "gpu": "handlers/mnist.gpu.yaml"},
         versions=(
-            Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist"),
+            Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist",
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
             Version("2.0", "mnist_v2", "artifacts/mnist-v2",
-                    "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong"),
+                    "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong",
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
         ),
         samples=(Sample("samples/digit_7.png", "image/png", "7"),
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
@@ -107,7 +123,8 @@ MODELS = (
         handler="handlers/sentiment.py",
         configs={"cpu": "handlers/sentiment.yaml", "gpu": "handlers/sentiment.gpu.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
-                          "python -m train.sentiment --arch tfidf --out artifacts/sentiment"),),
+                          "python -m train.sentiment --arch tfidf --out artifacts/sentiment",
+                          quality=(Quality("accuracy", goal=0.85, margin=0.01),)),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
         load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
@@ -119,7 +136,8 @@ MODELS = (
         handler="handlers/regression.py",
         configs={"cpu": "handlers/regression.yaml", "gpu": "handlers/regression.gpu.yaml"},
         versions=(Version("1.0", "regression", "artifacts/regression",
-                          "python -m train.regression --out artifacts/regression"),),
+                          "python -m train.regression --out artifacts/regression",
+                          quality=(Quality("r2", goal=0.45, margin=0.05),)),),
         samples=(Sample("samples/patient.json", "application/json"),),
         load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
     ),
@@ -130,7 +148,8 @@ MODELS = (
         handler="handlers/vision.py",
         configs={"cpu": "handlers/vision.yaml", "gpu": "handlers/vision.gpu.yaml"},
         versions=(Version("1.0", "fashion", "artifacts/fashion",
-                          "python -m train.vision --dataset fashion-mnist --out artifacts/fashion"),),
+                          "python -m train.vision --dataset fashion-mnist --out artifacts/fashion",
+                          quality=(Quality("accuracy", goal=0.92, margin=0.01),)),),
         samples=(Sample("samples/fashion_ankle_boot.jpg", "image/jpeg", "Ankle boot"),),
         load=Load("tests.load.payloads:fashion", "tests.load.checks:check_fashion", weight=2),
         extra_sources=("train/datasets.py",),
@@ -154,7 +173,9 @@ MODELS = (
         configs={"cpu": "handlers/detector.yaml", "gpu": "handlers/detector.gpu.yaml"},
         versions=(Version("1.0", "detector", "artifacts/detector",
                           "torchrun --standalone --nproc_per_node 2 -m train.detector --batch-size 4 "
-                          "--out artifacts/detector"),),
+                          "--out artifacts/detector",
+                          quality=(Quality("box_map_50", goal=0.80, margin=0.03),
+                                   Quality("mask_map_50", goal=0.75, margin=0.03))),),
         samples=(Sample("samples/detector_composed_1.jpg", "image/jpeg"),
                  Sample("samples/detector_composed_2.png", "image/png")),
         load=Load("tests.load.payloads:detector", "tests.load.checks:check_detector"),
@@ -194,15 +215,18 @@ def archive(stem: str) -> tuple[Model, Version]:
     raise KeyError(f"no archive {stem!r} in registry.py")
 
 
-def curl_examples(inference: str) -> list[str]:
-    """A working curl line for every sample ($TOKEN holds the inference key), then an explanation of the first."""
+def curl_examples(inference: str, ready: set[tuple[str, str]] | None = None) -> list[str]:
+    """A working curl line for every sample ($TOKEN holds the inference key), then an explanation of the first;
+    with ``ready``, only the samples whose (model, version) is in it."""
     lines = []
     for entry in MODELS:
         for sample in entry.samples:
-            version = f"/{sample.version}" if sample.version else ""
-            lines.append(curl(sample, f"{inference}/predictions/{entry.name}{version}"))
+            if ready is None or (entry.name, sample.version or entry.versions[0].version) in ready:
+                version = f"/{sample.version}" if sample.version else ""
+                lines.append(curl(sample, f"{inference}/predictions/{entry.name}{version}"))
     first = MODELS[0]
-    lines.append(curl(first.samples[0], f"{inference}/explanations/{first.name}"))
+    if ready is None or (first.name, first.versions[0].version) in ready:
+        lines.append(curl(first.samples[0], f"{inference}/explanations/{first.name}"))
     return lines
 
 

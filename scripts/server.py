@@ -1,6 +1,7 @@
-"""Start TorchServe with this bundle's config, wait until every model is READY, and stop it again.
+"""Start TorchServe with this bundle's config, serve each model as soon as it is built, and stop it again.
 
-    python -m scripts.server start     # `make serve`: daemon from the repo root, prints working curl lines
+    python -m scripts.server start     # `make serve`: daemon from the repo root; trains and registers what is
+                                       # missing, prints working curl lines once the first model is READY
     python -m scripts.server stop
 
 Tests use ``TorchServe`` directly: it runs a private server in its own folder (own ports, pid file, logs and
@@ -184,39 +185,131 @@ class TorchServe:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_daemon():
-    """`make serve`: TorchServe from the repo root as a daemon with the root config.properties."""
+def stale_archives() -> list[str]:
+    """The served archives that make would (re)build, in registry order (`make -q` builds nothing)."""
+    return [version.archive for _, version in registry.served()
+            if subprocess.run(["make", "-q", f"model_store/{version.archive}.mar"], cwd=ROOT,
+                              capture_output=True).returncode != 0]
+
+
+def serve_config(loaded: list[str], registering: bool) -> Path:
+    """logs/serve.properties: config.properties with only the up-to-date archives to load, and while any archive
+    is still to be trained, the model API on so that `make serve` can register it once built (by file name from
+    the local model store only: allowed_urls=^$; management API on loopback, behind its token)."""
+    properties = read_properties(CONFIG)
+    properties["load_models"] = ",".join(f"{stem}.mar" for stem in loaded)
+    if registering:
+        properties["enable_model_api"] = "true"
+    path = ROOT / "logs" / "serve.properties"
+    path.write_text("# Written by `make serve` (scripts/server.py) from config.properties.\n"
+                    + "".join(f"{key}={value}\n" for key, value in properties.items()))
+    return path
+
+
+def start_daemon(since: float):
+    """`make serve`: TorchServe from the repo root as a daemon, serving each model as soon as its archive is built.
+
+    The archives that are up to date are served at once; the others are trained and archived one at a time, in
+    registry order, and registered as each one is built, so the quick models answer while the slow ones train.
+    Times are reported from ``since`` (seconds since the epoch: when `make serve` started, setup included)."""
+    started = time.monotonic() - (time.time() - since)
+    pending = stale_archives()
+    loaded = [version.archive for _, version in registry.served() if version.archive not in pending]
     properties = read_properties(CONFIG)
     subprocess.run(["torchserve", "--stop"], cwd=ROOT, capture_output=True)
     (ROOT / "logs").mkdir(exist_ok=True)
+    config = serve_config(loaded, registering=bool(pending))
+    env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it would win over --ts-config
     with open(ROOT / "logs" / "console.log", "ab") as console:  # the daemon must not hold the caller's terminal/pipe
-        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(CONFIG), "--models", "all"], cwd=ROOT,
-                       check=True, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
-    server = TorchServe(ROOT)
+        # A session of its own: Ctrl-C on `make serve` while models train must not reach TorchServe.
+        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", str(config)], cwd=ROOT, env=env,
+                       check=True, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                       start_new_session=True)
+    server = TorchServe(ROOT, model_store=ROOT / properties["model_store"])
     server.ports = {name: int(re.search(r":(\d+)$", properties[key]).group(1)) for name, key in PORT_KEYS.items()}
-    print("==> [serve] waiting for the workers (logs/ts_log.log)...", flush=True)
-    server.wait_ready(timeout=300)
-    for model, version in sorted(server.ready_versions()):
+    print(f"==> [serve] TorchServe started; waiting for {len(loaded)} built version(s) (logs/ts_log.log)...",
+          flush=True)
+    server.wait_ready(timeout=300, expect_ready=len(loaded))
+    if loaded:
+        report_ready(server, started, final=not pending)
+    try:
+        build_and_register(server, pending, started, announced=bool(loaded))
+    except KeyboardInterrupt:
+        sys.exit("\nmake serve: stopped while building; TorchServe goes on serving the READY models "
+                 "(make stop stops it; make serve again builds the rest)")
+
+
+def build_and_register(server: TorchServe, pending: list[str], started: float, announced: bool) -> None:
+    """Build each archive of ``pending`` with make (training first where needed) and register it when built;
+    the curl lines are shown once the first version is READY (unless ``announced``), and again at the end."""
+    failed = []
+    for stem in pending:
+        print(f"==> [serve] still to build: {', '.join(pending[pending.index(stem):])}", flush=True)
+        if subprocess.run(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT).returncode != 0:
+            failed.append(stem)
+            print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
+            continue
+        register(server, stem)
+        entry, version = registry.archive(stem)
+        print(f"    READY  {entry.name} {version.version}  ({minutes(started)})", flush=True)
+        if not announced and stem != pending[-1]:
+            report_ready(server, started, final=False)
+            announced = True
+    if pending:
+        report_ready(server, started, final=True)
+    if failed:
+        sys.exit(f"make serve: {', '.join(failed)} could not be built; the other models are served")
+
+
+def register(server: TorchServe, stem: str) -> None:
+    """Register model_store/<stem>.mar (its model-config's workers), wait until it is READY, and keep the
+    registry's first version of the model as its default."""
+    entry, version = registry.archive(stem)
+    reply = server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"}, timeout=600)
+    if reply.status_code != 200:
+        raise RuntimeError(f"registering {stem}.mar failed: {reply.status_code} {reply.text}")
+    default = entry.versions[0].version
+    if version.version != default and (entry.name, default) in server.ready_versions():
+        server.management("PUT", f"/models/{entry.name}/{default}/set-default").raise_for_status()
+
+
+def minutes(started: float) -> str:
+    seconds = int(time.monotonic() - started)
+    return f"{seconds // 60} min {seconds % 60:02d} s after make serve started"
+
+
+def report_ready(server: TorchServe, started: float, final: bool) -> None:
+    """The READY versions and curl lines for them; ``final``: every served version is READY."""
+    ready = sorted(server.ready_versions())
+    for model, version in ready:
         print(f"    READY  {model} {version}")
     inference, management, metrics = (server.url(api) for api in ("inference", "management", "metrics"))
-    examples = "\n".join(f"  {line}" for line in registry.curl_examples(inference))
+    examples = "\n".join(f"  {line}" for line in registry.curl_examples(inference, set(ready)))
+    if final:
+        headline = f"Every model is READY ({minutes(started)}). TorchServe is running (stop it with: make stop)."
+    else:
+        headline = (f"{len(ready)} version(s) READY ({minutes(started)}); the others are being trained and will be "
+                    f"served as each one is built.\nTry these now, in another terminal (stop the server with: "
+                    f"make stop).")
     print(f"""
-TorchServe is running (stop it with: make stop). Tokens are in key_file.json; try:
+{headline} Tokens are in key_file.json:
 
   TOKEN=$(python3 -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
   MGMT=$(python3 -c 'import json; print(json.load(open("key_file.json"))["management"]["key"])')
 {examples}
-  curl -H "Authorization: Bearer $MGMT" {management}/models/{registry.MODELS[0].name}/all
+  curl -H "Authorization: Bearer $MGMT" {management}/models
   curl {metrics}/metrics
-""")
+""", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--since", type=float, default=time.time(),
+                        help="start: report times from this moment, in seconds since the epoch (default: now)")
     args = parser.parse_args()
     if args.action == "start":
-        start_daemon()
+        start_daemon(args.since)
     else:
         result = subprocess.run(["torchserve", "--stop"], cwd=ROOT)
         sys.exit(result.returncode)

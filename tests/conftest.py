@@ -1,5 +1,7 @@
 """Fixtures shared by the suite: the built archives, in-process workers, and one real TorchServe per session."""
 
+import dataclasses
+
 import pytest
 
 import registry
@@ -30,6 +32,20 @@ def worker(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_regression(tmp_path_factory):
+    """The regression handler loaded in-process from an archive trained here in seconds (3 epochs) and built by
+    archive.sh's code: handler contracts with nothing from `make archive` (the fast tier)."""
+    from scripts import archive
+    from train import regression
+
+    folder = tmp_path_factory.mktemp("tiny_regression")
+    entry, version = registry.archive("regression")
+    regression.main(["--epochs", "3", "--out", str(folder / "artifacts")])
+    built = archive.build(entry, dataclasses.replace(version, artifacts=str(folder / "artifacts")), store=folder)
+    return Worker(built, folder / "unpacked")
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real TorchServe serving every archive of model_store/ from config.properties (token auth ON), free ports."""
     require_archives()
@@ -41,7 +57,11 @@ def server(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that use the session TorchServe are ``slow`` (modules with servers of their own mark themselves)."""
+    """Tests that use the built archives are ``trained``, and those that use the session TorchServe are ``slow`` too
+    (modules that read artifacts or start servers of their own mark themselves)."""
     for item in items:
-        if "server" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "server" in fixtures:
             item.add_marker(pytest.mark.slow)
+        if {"server", "worker"} & set(fixtures):
+            item.add_marker(pytest.mark.trained)

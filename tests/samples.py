@@ -23,13 +23,22 @@ def training_record(artifact_dir):
     return json.loads((ROOT / artifact_dir / "metrics.json").read_text())
 
 
+def split_arguments(artifact_dir):
+    """{seed, test_fraction} of the held-out split ``artifact_dir`` was trained with; before it is trained (the fast
+    tier), the training scripts' defaults, so that parameter lists built at import time still have real rows."""
+    path = ROOT / artifact_dir / "metrics.json"
+    if not path.exists():
+        return {"seed": 0, "test_fraction": 0.2}
+    record = json.loads(path.read_text())
+    return {"seed": record["seed"], "test_fraction": record["args"]["test_fraction"]}
+
+
 @cache
 def heldout_digits(artifact_dir="artifacts/mnist", count=40):
     """(8x8 uint8 images, labels) of the first ``count`` digits held out when this artifact was trained."""
     from train.mnist import load_split
 
-    record = training_record(artifact_dir)
-    split = load_split(seed=record["seed"], test_fraction=record["args"]["test_fraction"])
+    split = load_split(**split_arguments(artifact_dir))
     return split.test_images[:count], split.test_labels[:count]
 
 
@@ -38,8 +47,7 @@ def heldout_reviews(count=40):
     """(texts, labels as "negative"/"positive") held out when artifacts/sentiment was trained."""
     from train.sentiment import load_split
 
-    record = training_record("artifacts/sentiment")
-    split = load_split(seed=record["seed"], test_fraction=record["args"]["test_fraction"])
+    split = load_split(**split_arguments("artifacts/sentiment"))
     names = ["negative", "positive"]
     return split.test_texts[:count], [names[label] for label in split.test_labels[:count]]
 
@@ -49,8 +57,7 @@ def heldout_patients(count=20):
     """(feature dicts, true targets) held out when artifacts/regression was trained."""
     from train.regression import load_split
 
-    record = training_record("artifacts/regression")
-    split = load_split(seed=record["seed"], test_fraction=record["args"]["test_fraction"])
+    split = load_split(**split_arguments("artifacts/regression"))
     rows = [dict(zip(split.feature_names, map(float, row))) for row in split.test_features[:count]]
     return rows, [float(y) for y in split.test_target[:count]]
 

@@ -16,16 +16,16 @@ from tests.worker import Request, valid_reason
 JSON = "application/json"
 
 
-def test_a_model_without_explanations_answers_them_with_a_typed_404(worker, monkeypatch):
-    regression = worker("regression")
+def test_a_model_without_explanations_answers_them_with_a_typed_404(tiny_regression, monkeypatch):
+    regression = tiny_regression
     monkeypatch.setattr(regression.handler, "explain", None)
     reply = regression.run_one(Request(json.dumps(heldout_patients()[0][0]), JSON, headers={"explain": "True"}))
     assert (reply.status, reply.body["type"]) == (404, "ExplanationsNotSupported")
     assert valid_reason(reply)
 
 
-def test_forward_passes_never_exceed_max_forward_examples(worker, monkeypatch):
-    regression = worker("regression")
+def test_forward_passes_never_exceed_max_forward_examples(tiny_regression, monkeypatch):
+    regression = tiny_regression
     sizes = []
     predict = regression.handler.predict
     monkeypatch.setattr(regression.handler, "predict", lambda batch: sizes.append(len(batch)) or predict(batch))
@@ -36,8 +36,8 @@ def test_forward_passes_never_exceed_max_forward_examples(worker, monkeypatch):
     assert sizes == [32, 32, 32, 5]  # 101 examples of two requests, in chunks of at most 32
 
 
-def test_a_reply_over_max_reply_bytes_is_a_413_and_its_batch_neighbours_are_answered(worker, monkeypatch):
-    regression = worker("regression")
+def test_a_reply_over_max_reply_bytes_is_a_413_and_its_batch_neighbours_are_answered(tiny_regression, monkeypatch):
+    regression = tiny_regression
     monkeypatch.setattr(regression.handler, "max_reply_bytes", 2000)
     rows = heldout_patients()[0]
     big, small = regression.run(Request(json.dumps(rows * 10), JSON), Request(json.dumps(rows[0]), JSON))
@@ -109,8 +109,8 @@ def test_counters_are_written_at_once_after_a_quiet_interval_and_summed_under_lo
     assert requests.lines == [(4, ["m", "1.0"]), (10, ["m", "1.0"])] and errors.lines == [(5, ["m", "1.0"])]
 
 
-def test_a_batch_that_raises_still_counts_its_requests(worker, monkeypatch):
-    regression = worker("regression")
+def test_a_batch_that_raises_still_counts_its_requests(tiny_regression, monkeypatch):
+    regression = tiny_regression
     written = RecordingMetric()
     monkeypatch.setattr(regression.handler, "metric_requests", written)
     monkeypatch.setattr(regression.handler, "counters", CounterBuffer(interval=0.0))

@@ -884,6 +884,7 @@ def test_image_is_the_tested_environment():
     assert "torchserve==0.12.0" in (ROOT / "requirements.txt").read_text().splitlines()
 
 
+@pytest.mark.trained
 def test_image_serves_the_gpu_profile_archives():
     """The image copies what `./archive.sh --profile gpu` builds, and that build puts each model's GPU profile into
     its archives (regression, the quickest to build, as the example)."""
@@ -994,12 +995,14 @@ def checkov(*paths):
                           timeout=900, cwd=ROOT)
 
 
+@pytest.mark.slow  # checkov (its first run builds .venv-checkov)
 def test_checkov_reports_no_failed_check():
     result = checkov()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"Passed checks: [1-9]\d*, Failed checks: 0", result.stdout)
 
 
+@pytest.mark.slow  # checkov (its first run builds .venv-checkov)
 def test_checkov_fails_a_privileged_root_pod(tmp_path):
     deployment = copy.deepcopy(named(load_bundle(K8S), "Deployment", "torchserve-a"))
     container = containers(deployment)[0]

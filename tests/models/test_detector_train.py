@@ -94,6 +94,7 @@ def test_voc_training_writes_an_artifact_without_mask_ap(tmp_path):
     assert "box_map_50" in metrics["test"] and "mask_map_50" not in metrics["test"]
 
 
+@pytest.mark.slow  # trains
 def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_path):
     common = ["--train-images", "4", "--heldout-images", "2", *TINY_RUN[:2], *TINY_RUN[4:], "--batch-size", "1"]
     detector.main([*common, "--out", str(tmp_path / "single")])

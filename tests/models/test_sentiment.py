@@ -127,6 +127,7 @@ def test_bad_csv_gives_one_clear_line_and_exit_2(tmp_path, content, args, messag
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trains
 def test_csv_training_splits_distinct_texts_and_stores_a_temperature(tiny_artifacts):
     metrics = json.loads((tiny_artifacts["fasttext"] / "metrics.json").read_text())
     csv_path = tiny_artifacts["fasttext"].parent / "train.csv"
@@ -203,6 +204,7 @@ def test_lexicon_unpickler_refuses_anything_but_plain_data():
         sentiment._ListsOnly(io.BytesIO(pickle.dumps(np.array([1])))).load()
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("arch", ["tfidf", "fasttext"])
 def test_lexicon_words_join_the_training_vocabulary_only_when_asked(tmp_path, arch):
     train_csv = write_reviews(tmp_path / "train.csv", rows=60)
@@ -227,6 +229,7 @@ def test_snownlp_topics_come_from_keywords(text, topic):
     assert sentiment_eval.snownlp_topic(text) == topic
 
 
+@pytest.mark.slow  # trains
 def test_cross_domain_trains_without_each_category_and_tests_on_it(tmp_path):
     """Fruit and phone reviews share their sentiment words, clothes reviews use words of their own: left out, fruit
     and phones are predicted from each other near-perfectly, clothes near chance (had the left-out category leaked
@@ -313,6 +316,7 @@ def test_expected_calibration_error_by_hand():
     assert sentiment_eval.expected_calibration_error(confidences, correct) == pytest.approx(0.5 * 0.05 + 0.5 * 0.15)
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("arch", sorted(sentiment.ARCHS))
 def test_evaluate_in_process_reports_categories_confusion_and_calibration(tiny_artifacts, tmp_path, arch):
     test_csv = write_reviews(tmp_path / "test.csv", rows=80, seed=1, label_names=("negative", "positive"))
@@ -326,6 +330,7 @@ def test_evaluate_in_process_reports_categories_confusion_and_calibration(tiny_a
     assert np.trace(matrix) == round(report["accuracy"] * 80) and 0 <= report["ece"] <= 0.5
 
 
+@pytest.mark.slow  # trains
 def test_evaluate_text_output_and_csv_without_categories(tiny_artifacts, tmp_path):
     test_csv = write_reviews(tmp_path / "test.csv", rows=20, seed=2, header="label,shop,review")
     result = run_module("evaluate", tiny_artifacts["fasttext"], "--csv", test_csv)
@@ -341,6 +346,7 @@ def test_evaluate_without_an_artifact_is_one_line_and_exit_2(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trains
 def test_evaluate_names_an_unknown_tokenizer(tiny_artifacts, tmp_path):
     import shutil
 
@@ -352,6 +358,7 @@ def test_evaluate_names_an_unknown_tokenizer(tiny_artifacts, tmp_path):
     assert "retrain the artifact" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trains
 def test_evaluate_matches_the_artifact_probabilities(tiny_artifacts, tmp_path):
     """The in-process path scores what the manifest's model, vocabulary and temperature give."""
     folder = tiny_artifacts["textcnn"]
@@ -391,6 +398,7 @@ def tiny_workers(tiny_stores, tmp_path_factory):
             for arch, store in tiny_stores.items()}
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("arch", sorted(sentiment.ARCHS))
 def test_handler_serves_calibrated_scores_and_explains_each_architecture(tiny_artifacts, tiny_workers, arch):
     from tests.worker import Request

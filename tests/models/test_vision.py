@@ -73,6 +73,7 @@ def train(tmp_path, *args):
     return out, read_manifest(out), metrics
 
 
+@pytest.mark.slow  # trains
 def test_fashion_run_writes_an_artifact_the_handler_can_load(tmp_path):
     out, manifest, metrics = train(tmp_path, "--limit", "256", "--epochs", "1", "--width", "8")
     assert manifest["model"] == "fashion" and manifest["labels"] == FASHION_CLASSES
@@ -101,6 +102,7 @@ def write_tiny_cifar(root, per_batch=12):
     return folder, names
 
 
+@pytest.mark.slow  # trains
 def test_cifar10_run_reads_the_python_batches_and_records_rgb_input(tmp_path, monkeypatch):
     from torchvision.datasets import CIFAR10
 
@@ -136,6 +138,7 @@ def test_missing_cifar10_is_one_clear_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # trains
 def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_path):
     single, single_manifest, _ = train(tmp_path / "single", "--limit", "128", "--epochs", "1", "--width", "8")
     out = tmp_path / "ddp"
@@ -274,9 +277,10 @@ def test_reencoded_upscaled_test_images_keep_the_in_process_accuracy(fashion, he
     assert got >= expected - ACCURACY_SLACK, f"{fmt} {mode} {size}px: {got:.3f} against {expected:.3f} in-process"
 
 
-def test_the_default_model_reaches_92_percent_on_the_fashion_mnist_test_set():
+@pytest.mark.trained
+def test_the_default_model_is_scored_on_the_whole_fashion_mnist_test_set():
     record = json.loads((ROOT / payloads.FASHION_ARTIFACT / "metrics.json").read_text())
-    assert record["dataset"]["n_test"] == 10_000 and record["test"]["accuracy"] >= 0.92
+    assert record["dataset"]["n_test"] == 10_000  # its accuracy floor: tests/models/test_quality.py
 
 
 def test_reply_is_top_3_labels_by_name_and_k_is_a_request_option(fashion, heldout):
@@ -399,6 +403,7 @@ def test_predictions_on_cuda_run_under_autocast_with_the_configured_dtype():
     autocast.assert_called_once_with(device_type="cuda", dtype=torch.bfloat16)
 
 
+@pytest.mark.trained
 def test_archive_with_amp_in_its_model_config_loads_on_the_cpu_with_amp_off(tmp_path):
     mar = ROOT / "model_store" / "fashion.mar"
     config = (ROOT / "handlers" / "vision.yaml").read_text().replace("amp: off", "amp: bf16")

@@ -4,6 +4,7 @@ The copy holds the tracked files plus the trained artifacts, archives and make s
 the venv, so make starts from "everything up to date" exactly as in the checkout.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import registry
 from scripts.server import ROOT
+from tests.fixtures.servers import on_free_ports
+
+pytestmark = pytest.mark.trained  # reads the built artifacts and archives
 
 TINY = ROOT / "tests" / "data" / "tiny_model"
 
@@ -134,3 +139,40 @@ worker = Worker("model_store/tiny.mar", sys.argv[1])
 good, bad = worker.run(Request(b'{"x": [1, 2]}', "application/json"), Request(b'{"x": "no"}', "application/json"))
 print(good.status, json.dumps(good.body, separators=(",", ":")), bad.status, bad.body["type"])
 """
+
+
+@pytest.mark.slow
+def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bundle, tmp_path):
+    """`make serve` on a half-built checkout: the up-to-date archives are served first, then regression (removed
+    here) is trained, archived and registered while the server runs; at the end every version is READY and the
+    registry's first mnist version is still the default."""
+    server = on_free_ports(bundle)
+    shutil.rmtree(bundle / "artifacts" / "regression")
+    (bundle / "model_store" / "regression.mar").unlink()
+    touch(bundle / "handlers" / "sentiment.py")  # sentiment.mar is stale: rebuilt, not served stale
+    (tmp_path / "tmp").mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("TS_CONFIG_FILE", "VIRTUAL_ENV")}
+    env.update(TMPDIR=str(tmp_path / "tmp"), TEMP=str(tmp_path / "tmp"))  # `torchserve --stop` stops this one only
+    try:
+        served = subprocess.run(["make", "serve"], cwd=bundle, env=env, capture_output=True, text=True, timeout=600,
+                                stdin=subprocess.DEVNULL)
+        out = served.stdout
+        assert served.returncode == 0, out[-3000:] + served.stderr[-3000:]
+        first_block = out[:out.index("==> [serve] still to build")]
+        assert "READY  mnist 1.0" in first_block and "Try these now" in first_block
+        assert "READY  sentiment" not in first_block and "/predictions/regression" not in first_block
+        assert first_block.count("/predictions/mnist") == 2  # the curl lines of the served versions' samples
+        assert (out.index("archive.sh: model_store/sentiment.mar") < out.index("READY  sentiment 1.0")
+                < out.index("==> [train] artifacts/regression") < out.index("READY  regression 1.0")
+                < out.index("Every model is READY"))
+        assert out.count("==> [train]") == 1
+        assert sorted(server.ready_versions()) == sorted((m.name, v.version) for m, v in registry.served())
+        assert server.management("GET", "/models/mnist").json()[0]["modelVersion"] == "1.0"
+        row = json.loads((bundle / "samples" / "patient.json").read_text())
+        assert server.predict("regression", json.dumps(row), headers={"Content-Type": "application/json"}
+                              ).status_code == 200
+        remote = server.management("POST", "/models", params={"url": "http://127.0.0.1:9/evil.mar"})
+        assert 400 <= remote.status_code < 500, remote.text  # registration: the local model store only
+        assert server.management("POST", "/models", token=False, params={"url": "regression.mar"}).status_code == 401
+    finally:
+        subprocess.run(["make", "stop"], cwd=bundle, env=env, capture_output=True, timeout=120)

@@ -15,7 +15,8 @@ import requests
 import yaml
 
 import registry
-from scripts.server import PORT_KEYS, ROOT, TorchServe, free_port, read_properties
+from scripts.server import ROOT
+from tests.fixtures.servers import on_free_ports
 
 ENSURE_JAVA = ROOT / "scripts" / "ensure_java.sh"
 
@@ -81,6 +82,7 @@ def test_archive_list_names_every_version():
     assert command.split()[:3] == ["python", "-m", "train.sentiment"]
 
 
+@pytest.mark.trained
 def test_archive_contents_and_model_config():
     with zipfile.ZipFile(ROOT / "model_store" / "mnist_v2.mar") as archive:
         names = set(archive.namelist())
@@ -102,14 +104,8 @@ def bundle_copy(folder):
     folder.mkdir()
     (folder / "model_store").symlink_to(ROOT / "model_store")
     shutil.copy(ROOT / "metrics.yaml", folder)
-    server = TorchServe(folder)
-    text = (ROOT / "config.properties").read_text()
-    for name, key in PORT_KEYS.items():
-        text = text.replace(f"{key}=http://127.0.0.1:{8080 + list(PORT_KEYS).index(name)}",
-                            f"{key}=http://127.0.0.1:{server.ports[name]}")
-    text += f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"  # 7070/7071 may be taken
-    (folder / "config.properties").write_text(text)
-    assert read_properties(folder / "config.properties")["inference_address"].endswith(str(server.ports["inference"]))
+    shutil.copy(ROOT / "config.properties", folder)
+    server = on_free_ports(folder)
     (folder / ".venv" / "bin").mkdir(parents=True)
     shutil.copy(Path(sys.prefix) / "bin" / "activate", folder / ".venv" / "bin")  # VIRTUAL_ENV: the real venv
     subprocess.run([str(ROOT / "scripts" / "venv_hook.sh"), ".venv"], cwd=folder, check=True, capture_output=True)

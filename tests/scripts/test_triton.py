@@ -11,6 +11,8 @@ import registry
 from scripts import triton
 from scripts.server import ROOT
 
+pytestmark = pytest.mark.trained  # reads the built artifacts and archives
+
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):

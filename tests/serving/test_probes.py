@@ -103,6 +103,7 @@ def test_the_probe_reads_the_archives_from_the_launcher_command_line(pod):
     assert readiness.launcher_models(pod.process.pid) == ["all"]
 
 
+@pytest.mark.trained
 def test_a_frontend_that_does_not_answer_is_not_ready(tmp_path):
     store = store_with(tmp_path / "store", "mnist")
     result = subprocess.run([sys.executable, readiness.__file__, "--management", f"http://127.0.0.1:{free_port()}",
@@ -111,6 +112,7 @@ def test_a_frontend_that_does_not_answer_is_not_ready(tmp_path):
     assert result.returncode == 1 and result.stdout.startswith("not ready: URLError")
 
 
+@pytest.mark.trained
 def test_expected_versions_come_from_the_archives(tmp_path):
     store = store_with(tmp_path / "store", "mnist", "mnist_v2")
     assert readiness.expected_versions(["mnist=mnist.mar", "mnist=mnist_v2.mar"], store) == [

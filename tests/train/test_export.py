@@ -21,6 +21,8 @@ from tests.samples import heldout_digits, heldout_patients, heldout_reviews, ren
 from tests.worker import Request, Worker
 from train import export
 
+pytestmark = pytest.mark.trained  # reads the built artifacts and archives
+
 TOLERANCE = 1e-4
 """Max abs difference allowed between a runtime's outputs (logits, standardised prediction) and eager's."""
 CPU = torch.device("cpu")

@@ -4,7 +4,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,18 +109,10 @@ def test_non_2d_input_raises_value_error():
         canonicalize_digit(np.zeros((28, 28, 3), np.uint8))
 
 
-def test_canonicalisation_is_fast():
-    small, large = drawn_digit(size=(28, 28), box=(8, 4, 20, 24)), np.asarray(Image.fromarray(drawn_digit()).resize((512, 512)))
-    for image, budget_ms in ((small, 1.0), (large, 10.0)):
-        start = time.perf_counter()
-        for _ in range(50):
-            canonicalize_digit(image)
-        assert (time.perf_counter() - start) / 50 * 1000 < budget_ms
-
-
 # ---------------------------------------------------------------- mnist training
 
 
+@pytest.mark.slow  # trains
 def test_mnist_digits_run_writes_a_consistent_artifact(tmp_path):
     out = tmp_path / "mnist"
     mnist.main(["--epochs", "1", "--limit", "200", "--out", str(out)])
@@ -171,6 +162,7 @@ def tiny_mnist(tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
     return tmp_path, images, labels
 
 
+@pytest.mark.slow  # trains
 def test_mnist_torchvision_path_reads_local_idx_files(tiny_mnist, tmp_path):
     root, images, labels = tiny_mnist
     split = mnist.load_split("mnist", data_dir=root)
@@ -182,6 +174,7 @@ def test_mnist_torchvision_path_reads_local_idx_files(tiny_mnist, tmp_path):
     load_artifact_model(out, DigitCNN)
 
 
+@pytest.mark.slow  # trains
 def test_mnist_strong_augmentation_and_width_are_recorded(tmp_path):
     out = tmp_path / "v2"
     metrics = mnist.main(["--epochs", "1", "--limit", "64", "--augment", "strong", "--width", "8", "--seed", "2", "--out", str(out)])
@@ -190,6 +183,7 @@ def test_mnist_strong_augmentation_and_width_are_recorded(tmp_path):
     assert load_artifact_model(out, DigitCNN).features[0].out_channels == 8
 
 
+@pytest.mark.slow  # trains
 def test_mnist_same_seed_same_metrics(tmp_path):
     runs = [mnist.main(["--epochs", "1", "--limit", "128", "--out", str(tmp_path / name)]) for name in ("a", "b")]
     assert runs[0]["test"] == runs[1]["test"]
@@ -233,6 +227,7 @@ def test_sentiment_corpus_split_drops_duplicates_and_contradictions():
     assert abs(split.test_labels.mean() - split.train_labels.mean()) < 0.001
 
 
+@pytest.mark.slow  # trains
 def test_sentiment_tiny_run_writes_vocab_and_manifest(tmp_path):
     out = tmp_path / "sentiment"
     sentiment.main(["--epochs", "1", "--limit", "300", "--out", str(out)])
@@ -288,6 +283,7 @@ def test_default_sentiment_model_generalises_to_other_review_domains(tmp_path):
 # ---------------------------------------------------------------- regression
 
 
+@pytest.mark.slow  # trains
 def test_regression_default_run_stores_feature_statistics(tmp_path):
     out = tmp_path / "regression"
     regression.main(["--epochs", "1", "--out", str(out)])
@@ -304,6 +300,7 @@ def test_regression_default_run_stores_feature_statistics(tmp_path):
     assert isinstance(load_artifact_model(out, TabularRegressor), TabularRegressor)
 
 
+@pytest.mark.slow  # trains
 def test_regression_same_seed_same_metrics(tmp_path):
     first, second = (regression.main(["--epochs", "3", "--out", str(tmp_path / name)])["test"] for name in ("a", "b"))
     assert first == second
@@ -318,6 +315,7 @@ def write_house_prices(path: Path, rows: int = 200) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow  # trains
 def test_regression_trains_an_mlp_on_any_numeric_csv(tmp_path):
     csv_path, out = tmp_path / "houses.csv", tmp_path / "houses"
     write_house_prices(csv_path)
