@@ -240,7 +240,8 @@ def start_daemon(since: float):
 
 
 def build_and_register(server: TorchServe, pending: list[str], started: float, announced: bool) -> None:
-    """Build each archive of ``pending`` with make (training first where needed) and register it when built;
+    """Build each archive of ``pending`` with make (training first where needed) and register it when built (by
+    file name: the model-config's workers, waiting until they are READY);
     the curl lines are shown once the first version is READY (unless ``announced``), and again at the end."""
     failed = []
     for stem in pending:
@@ -249,7 +250,14 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
             failed.append(stem)
             print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
             continue
-        register(server, stem)
+        reply = server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"},
+                                  timeout=600)
+        if reply.status_code != 200:
+            failed.append(stem)
+            print(f"==> [serve] registering {stem}.mar failed: {reply.status_code} {reply.text.strip()} "
+                  f"(logs/ts_log.log, logs/model_log.log)", flush=True)
+            continue
+        keep_default_version(server, stem)
         entry, version = registry.archive(stem)
         print(f"    READY  {entry.name} {version.version}  ({minutes(started)})", flush=True)
         if not announced and stem != pending[-1]:
@@ -258,16 +266,12 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
     if pending:
         report_ready(server, started, final=True)
     if failed:
-        sys.exit(f"make serve: {', '.join(failed)} could not be built; the other models are served")
+        sys.exit(f"make serve: {', '.join(failed)} could not be built or served (above); the others are served")
 
 
-def register(server: TorchServe, stem: str) -> None:
-    """Register model_store/<stem>.mar (its model-config's workers), wait until it is READY, and keep the
-    registry's first version of the model as its default."""
+def keep_default_version(server: TorchServe, stem: str) -> None:
+    """After registering model_store/<stem>.mar: the registry's first version of its model stays the default."""
     entry, version = registry.archive(stem)
-    reply = server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"}, timeout=600)
-    if reply.status_code != 200:
-        raise RuntimeError(f"registering {stem}.mar failed: {reply.status_code} {reply.text}")
     default = entry.versions[0].version
     if version.version != default and (entry.name, default) in server.ready_versions():
         server.management("PUT", f"/models/{entry.name}/{default}/set-default").raise_for_status()
@@ -279,14 +283,18 @@ def minutes(started: float) -> str:
 
 
 def report_ready(server: TorchServe, started: float, final: bool) -> None:
-    """The READY versions and curl lines for them; ``final``: every served version is READY."""
+    """The READY versions and curl lines for them; ``final``: nothing is left to build."""
     ready = sorted(server.ready_versions())
     for model, version in ready:
         print(f"    READY  {model} {version}")
     inference, management, metrics = (server.url(api) for api in ("inference", "management", "metrics"))
     examples = "\n".join(f"  {line}" for line in registry.curl_examples(inference, set(ready)))
-    if final:
+    expected = len(registry.served())
+    if final and len(ready) >= expected:
         headline = f"Every model is READY ({minutes(started)}). TorchServe is running (stop it with: make stop)."
+    elif final:
+        headline = (f"{len(ready)} of {expected} versions READY ({minutes(started)}). TorchServe is running "
+                    f"(stop it with: make stop).")
     else:
         headline = (f"{len(ready)} version(s) READY ({minutes(started)}); the others are being trained and will be "
                     f"served as each one is built.\nTry these now, in another terminal (stop the server with: "
