@@ -12,6 +12,7 @@ Standard library only: the Makefile reads it before the venv exists.
     python3 registry.py makefile            the Makefile's rules: what each artifact and archive is built from
 """
 
+import ast
 import importlib
 import sys
 from dataclasses import dataclass, field
@@ -88,13 +89,15 @@ class Model:
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
     load: Load | None = None
-    extra_sources: tuple[str, ...] = field(default=())
-    """More files whose change means retraining (other architecture modules, data loaders)."""
 
     @property
     def sources(self) -> tuple[str, ...]:
-        """The files whose change means the model must be retrained."""
-        return (self.model_module, self.train_module, "models/__init__.py", "train/common.py", *self.extra_sources)
+        """The files whose change means the model must be retrained: its model and training modules and every
+        repository module they import, directly or not (read from their import statements)."""
+        found = set()
+        for module in (self.model_module, self.train_module):
+            found |= repository_imports(ROOT / module)
+        return tuple(sorted(str(path.relative_to(ROOT)) for path in found))
 
 
 MODELS = (
@@ -152,7 +155,6 @@ MODELS = (
                           quality=(Quality("accuracy", goal=0.92, margin=0.01),)),),
         samples=(Sample("samples/fashion_ankle_boot.jpg", "image/jpeg", "Ankle boot"),),
         load=Load("tests.load.payloads:fashion", "tests.load.checks:check_fashion", weight=2),
-        extra_sources=("train/datasets.py",),
     ),
     Model(
         name="cifar10",
@@ -181,6 +183,36 @@ MODELS = (
         load=Load("tests.load.payloads:detector", "tests.load.checks:check_detector"),
     ),
 )
+
+
+def repository_imports(path: Path) -> set[Path]:
+    """``path`` and every module of this repository it imports, transitively (absolute and relative imports; the
+    packages' ``__init__.py`` files included)."""
+    seen, todo = set(), [path]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        package = current.parent.relative_to(ROOT).parts
+        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".") for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = list(package[:len(package) - node.level + 1]) if node.level else []
+                base += node.module.split(".") if node.module else []
+                names = [base] + [base + [alias.name] for alias in node.names]
+            else:
+                continue
+            for parts in names:
+                todo += [module for depth in range(1, len(parts) + 1) for module in module_files(parts[:depth])]
+    return seen
+
+
+def module_files(parts: list[str]) -> list[Path]:
+    """The file of module ``a.b.c`` (["a", "b", "c"]) in this repository: a/b/c.py or a/b/c/__init__.py, if any."""
+    folder = ROOT.joinpath(*parts)
+    return [candidate for candidate in (folder.with_suffix(".py"), folder / "__init__.py") if candidate.is_file()]
 
 
 def model(name: str) -> Model:
