@@ -40,6 +40,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers import oip, runtimes
+from handlers.messages import quote
 from models import METRICS_FILE, available_cpus, load_model, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 explanation (10 s). TorchServe 0.12's own ``histogram`` metric type has the Prometheus client's fixed default
 buckets (5 ms to 10 s), too coarse for GPU latencies, so the buckets are counters with an ``le`` label, which is
 what ``histogram_quantile`` reads."""
-QUOTE_LIMIT = 60
-"""Characters of client text quoted in an error message; the rest is elided."""
 COUNTER_WRITE_SECONDS = 1.0
 """How often, at most, the handler's counters are written while traffic lasts (see ``CounterBuffer``)."""
 
@@ -76,13 +75,6 @@ class RequestError(Exception):
 
     def to_json(self):
         return {"code": self.code, "type": self.kind, "message": self.message}
-
-
-def quote(value, limit=QUOTE_LIMIT):
-    """Client text for an error message: JSON-escaped (no raw control characters), at most ``limit`` characters."""
-    text = value if isinstance(value, str) else repr(value)
-    shown = json.dumps(text[:limit])
-    return shown[:-1] + f'..." ({len(text)} characters)' if len(text) > limit else shown
 
 
 # --- request bodies ----------------------------------------------------------------------------------------------

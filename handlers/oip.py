@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from handlers.messages import quote
+
 HEADER = "Inference-Header-Content-Length"
 DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
              "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
 MAX_DIMS = 8
-QUOTE_LIMIT = 60
 
 
 class ProtocolError(ValueError):
@@ -35,11 +36,6 @@ class ProtocolError(ValueError):
     def __init__(self, message, kind="InvalidInput"):
         super().__init__(message)
         self.kind = kind
-
-
-def quote(value):
-    """Client text in an error message: JSON-escaped, at most ``QUOTE_LIMIT`` characters of it."""
-    return json.dumps(str(value)[:QUOTE_LIMIT])
 
 
 @dataclass
