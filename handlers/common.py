@@ -25,7 +25,8 @@ ONNX Runtime). A request in the Open Inference Protocol (``handlers/oip.py``) is
 
 Limits, from ``handler:`` in model-config.yaml (each with a default here): ``max_forward_examples`` examples per
 forward pass (default: ``batchSize``), ``max_explain_examples`` items per explanation request, ``max_reply_bytes``
-per reply (below config.properties' ``max_response_size``, which would otherwise kill the worker).
+per reply (below config.properties' ``max_response_size``, which would otherwise kill the worker). ``amp``
+(bf16, fp16 or off) is the autocast dtype of ``autocast()`` on CUDA.
 """
 
 import http
@@ -261,6 +262,7 @@ class BundleHandler:
         self.max_forward_examples = int(limits.get("max_forward_examples") or self.model_config.get("batchSize") or 1)
         self.max_explain_examples = int(limits.get("max_explain_examples", DEFAULT_MAX_EXPLAIN_EXAMPLES))
         self.max_reply_bytes = int(limits.get("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES))
+        self.amp = runtimes.amp_dtype(limits.get("amp"), self.device)
         try:
             self.model = self.load_model()
             self.runtime = runtimes.load(limits.get("runtime", runtimes.DEFAULT_RUNTIME), self.model_dir, self.artifact,
@@ -280,6 +282,18 @@ class BundleHandler:
     def eager_model(self):
         """The module that the ``eager`` runtime predicts with (override to add an inference copy)."""
         return self.model
+
+    def top_k_reply(self, probabilities, classes, k):
+        """A classifier's reply: the most probable label, and the ``k`` best labels with their probabilities
+        (``probabilities`` and ``classes`` sorted best first, as ``topk`` gives them)."""
+        return {"label": self.labels[classes[0]],
+                "probabilities": {self.labels[i]: round(p, 4) for p, i in zip(probabilities[:k], classes[:k])},
+                "model": self.model_name, "version": self.version}
+
+    def autocast(self):
+        """Mixed precision in the dtype ``handler.amp`` names (bf16 or fp16, CUDA only) for handlers whose
+        ``predict`` runs under it; a no-op when it is off."""
+        return runtimes.autocast(self.device, self.amp)
 
     def _init_metrics(self, metrics):
         dims = ["ModelName", "ModelVersion"]

@@ -13,7 +13,6 @@ the query string to the handler.
 """
 
 import base64
-import contextlib
 import io
 
 import numpy as np
@@ -65,7 +64,6 @@ class DetectorHandler(BundleHandler):
         config = self.model_config.get("handler") or {}
         self.min_size, self.max_size = self.artifact["input"]["min_size"], self.artifact["input"]["max_size"]
         self.bounds = {name: {**DEFAULT_BOUNDS[name], **(config.get(name) or {})} for name in NUMERIC_OPTIONS}
-        self.amp = bool(config.get("amp", False))
         self.metric_detections = context.metrics.add_metric_to_cache(
             "DetectionsPerImage", "Count", ["ModelName", "ModelVersion"], metric_type=MetricTypes.HISTOGRAM)
 
@@ -126,12 +124,6 @@ class DetectorHandler(BundleHandler):
 
     def collate(self, examples):
         return [example["image"] for example in examples]
-
-    def autocast(self):
-        """Mixed precision (float16) on CUDA when ``handler.amp`` is set; a no-op otherwise."""
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
 
     def predict(self, batch):
         """One forward pass per image size in the batch (the model takes a list of them). Mixing sizes in one pass

@@ -12,13 +12,37 @@ A batch is a tensor, or a tuple of tensors in the order of the export's inputs; 
 returns nested structures (a detector's list of images in, list of dicts out).
 """
 
+import contextlib
+import logging
 import os
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 DEFAULT_RUNTIME = "eager"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(setting, device):
+    """The autocast dtype that ``handler.amp`` names (None: off); AMP applies on CUDA only."""
+    if setting in (None, False, "off"):
+        return None
+    if setting not in AMP_DTYPES:
+        raise ValueError(f"handler.amp must be one of {', '.join(AMP_DTYPES)} or off, got {setting!r}")
+    if device.type != "cuda":
+        logger.info("handler.amp=%s ignored on %s: autocast is used on CUDA only", setting, device)
+        return None
+    return AMP_DTYPES[setting]
+
+
+def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device``; a no-op when ``dtype`` is None (AMP off)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def as_tuple(batch):
@@ -34,6 +58,26 @@ def to_device(value, device):
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
     return value
+
+
+def equivalence_tolerance(device: torch.device) -> float:
+    """How far a faster copy of a model (another memory layout, batch norms folded into convolutions) may drift from
+    it on ``device``: float rounding on the CPU; on CUDA, TF32 convolutions (cuDNN's default) round to a 10-bit
+    mantissa, about 1e-3 relative."""
+    return 1e-3 if device.type == "cpu" else 1e-2
+
+
+def checked_copy(original: nn.Module, fast: nn.Module, probe: torch.Tensor, what: str) -> nn.Module:
+    """``fast`` if it gives ``original``'s outputs on ``probe`` within ``equivalence_tolerance``, else ``original``
+    (with a warning naming ``what``): a faster copy is only used when it answers the same."""
+    with torch.inference_mode():
+        expected, got = original(probe), fast(probe)
+    tolerance = equivalence_tolerance(probe.device)
+    if torch.allclose(got, expected, rtol=tolerance, atol=tolerance):
+        return fast
+    logger.warning("%s disagrees with it (max diff %.2g); predicting with the original", what,
+                   float((got - expected).abs().max()))
+    return original
 
 
 class ChannelsLastInput(nn.Module):

@@ -10,32 +10,15 @@ normalised on the GPU; the model runs channels-last with batch norms folded into
 when ``handler.amp`` (bf16 or fp16) is set.
 """
 
-import contextlib
-import logging
-
 import numpy as np
 import torch
 from torch.fx.experimental.optimization import fuse
 
 from handlers.common import BundleHandler, RequestError, quote
 from handlers.images import decode_fitted, image_bytes
+from handlers.runtimes import checked_copy
 
-logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TOP_K = 3
-
-
-def amp_dtype(setting, device):
-    """The autocast dtype that ``handler.amp`` names (None: off); AMP applies on CUDA only."""
-    if setting in (None, False, "off"):
-        return None
-    if setting not in AMP_DTYPES:
-        raise ValueError(f"handler.amp must be one of {', '.join(AMP_DTYPES)} or off, got {setting!r}")
-    if device.type != "cuda":
-        logger.info("handler.amp=%s ignored on %s: autocast is used on CUDA only", setting, device)
-        return None
-    return AMP_DTYPES[setting]
 
 
 class VisionHandler(BundleHandler):
@@ -50,7 +33,6 @@ class VisionHandler(BundleHandler):
         self.mean = torch.tensor(spec["mean"], device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec["std"], device=self.device).view(1, -1, 1, 1)
         options = self.model_config.get("handler") or {}
-        self.amp = amp_dtype(options.get("amp"), self.device)
         self.max_top_k = min(int(options.get("max_top_k", len(self.labels))), len(self.labels))
         self.top_k = min(int(options.get("top_k", DEFAULT_TOP_K)), self.max_top_k)
         self.inference_model = self.fused_copy()
@@ -61,19 +43,12 @@ class VisionHandler(BundleHandler):
 
     def fused_copy(self):
         """The model with each batch norm folded into its convolution (torch.fx), for predictions: 1.5x faster
-        on a CPU for the small ResNet. Explanations keep the original (Grad-CAM hooks its ``cam_layer``). A copy
-        that disagrees with the original on a probe batch is not used."""
+        on a CPU for the small ResNet. Explanations keep the original (Grad-CAM hooks its ``cam_layer``); so do
+        predictions if the copy disagrees with it on a probe batch (``checked_copy``)."""
         fused = fuse(self.model).to(memory_format=torch.channels_last)
         probe = torch.rand(2, self.channels, self.size, self.size, generator=torch.Generator().manual_seed(0))
         probe = self.model_input((probe * 255).to(torch.uint8))
-        with torch.inference_mode():
-            expected, got = self.model(probe), fused(probe)
-        tolerance = 1e-3 if self.device.type == "cpu" else 1e-2  # CUDA: TF32 convolutions
-        if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance):
-            logger.warning("fused copy of %s disagrees with it (max diff %.2g); predicting with the original",
-                           self.artifact["architecture"], float((got - expected).abs().max()))
-            return self.model
-        return fused
+        return checked_copy(self.model, fused, probe, f"fused copy of {self.artifact['architecture']}")
 
     # --- hooks -----------------------------------------------------------------------------------------------------
 
@@ -100,11 +75,6 @@ class VisionHandler(BundleHandler):
         images = batch.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
         return images.contiguous(memory_format=torch.channels_last)
 
-    def autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)
-
     def predict(self, batch):
         with torch.inference_mode(), self.autocast():
             return self.inference_model(self.model_input(batch)).float().cpu()
@@ -117,9 +87,7 @@ class VisionHandler(BundleHandler):
     def format(self, example, output):
         _, k = example
         probabilities, classes = output
-        return {"label": self.labels[classes[0]],
-                "probabilities": {self.labels[i]: round(p, 4) for p, i in zip(probabilities[:k], classes[:k])},
-                "model": self.model_name, "version": self.version}
+        return self.top_k_reply(probabilities, classes, k)
 
     def explain(self, examples):
         """Grad-CAM (captum's LayerGradCam) of the predicted class on the model's last convolutional feature map

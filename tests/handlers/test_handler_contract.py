@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from handlers.common import CounterBuffer, RequestError, quote
-from handlers.runtimes import TorchRuntime, to_device
-from handlers.mnist import equivalence_tolerance, inference_copy
+from handlers.runtimes import TorchRuntime, equivalence_tolerance, to_device
+from handlers.mnist import inference_copy
 from models import architecture, build
 from tests.samples import heldout_patients
 from tests.worker import Request, valid_reason
@@ -72,8 +72,8 @@ def test_the_eager_runtime_passes_through_what_the_model_takes_and_returns():
 
 
 def test_channels_last_copy_is_checked_with_a_device_aware_tolerance(monkeypatch):
-    assert equivalence_tolerance(torch.device("cpu")) == 1e-4
-    assert equivalence_tolerance(torch.device("cuda", 0)) >= 1e-3  # TF32 convolutions on CUDA
+    assert equivalence_tolerance(torch.device("cpu")) == 1e-3  # float rounding of a re-laid-out or folded copy
+    assert equivalence_tolerance(torch.device("cuda", 0)) >= 1e-2  # TF32 convolutions on CUDA
     model = build(architecture("models.mnist", "DigitCNN", width=4)).eval()
     assert inference_copy(model, torch.device("cpu")) is not model
     allclose = torch.allclose

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers import vision
+from handlers import runtimes, vision
 from handlers.common import RequestError
 from handlers.images import decode_fitted
 from models import build, load_model, read_manifest
@@ -387,18 +387,18 @@ def test_cpu_batches_are_not_pinned():
 @pytest.mark.parametrize("setting, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), (False, None),
                                             (None, None), ("off", None)])
 def test_amp_setting_of_the_model_config_on_cuda(setting, dtype):
-    assert vision.amp_dtype(setting, torch.device("cuda:0")) == dtype
+    assert runtimes.amp_dtype(setting, torch.device("cuda:0")) == dtype
 
 
 def test_amp_is_ignored_on_the_cpu_and_a_typo_fails_loading():
-    assert vision.amp_dtype("bf16", torch.device("cpu")) is None
+    assert runtimes.amp_dtype("bf16", torch.device("cpu")) is None
     with pytest.raises(ValueError, match="handler.amp must be one of bf16, fp16"):
-        vision.amp_dtype("fp8", torch.device("cuda:0"))
+        runtimes.amp_dtype("fp8", torch.device("cuda:0"))
 
 
 def test_predictions_on_cuda_run_under_autocast_with_the_configured_dtype():
     handler = gpu_handler("cuda:0", amp=torch.bfloat16)
-    with mock.patch("handlers.vision.torch.autocast") as autocast:
+    with mock.patch("torch.autocast") as autocast:
         handler.autocast()
     autocast.assert_called_once_with(device_type="cuda", dtype=torch.bfloat16)
 
