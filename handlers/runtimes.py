@@ -19,6 +19,8 @@ import os
 import torch
 from torch import nn
 
+from models import as_tuple
+
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
@@ -43,10 +45,6 @@ def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def as_tuple(batch):
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
 def to_device(value, device):

@@ -69,6 +69,11 @@ def load_model(artifact_dir, manifest: dict, device: torch.device | str = "cpu")
     return model.to(device).eval()
 
 
+def as_tuple(value) -> tuple:
+    """A model's inputs or outputs as a tuple: a tuple or list item by item, anything else as the only item."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's CPU limit;
     ``os.cpu_count()`` counts the node's cores)."""

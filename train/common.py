@@ -27,13 +27,16 @@ class DataError(ValueError):
     """Unusable training data or arguments; the command line reports it in one line and exits with 2."""
 
 
-def build_parser(description: str, default_out: str, default_epochs: int) -> argparse.ArgumentParser:
-    """Argument parser with the flags every training script shares."""
+def build_parser(description: str, default_out: str, default_epochs: int,
+                 held_out_split: bool = True) -> argparse.ArgumentParser:
+    """Argument parser with the flags every training script shares; ``held_out_split``: the script draws its own
+    held-out split (``--test-fraction``), else its data sets have official test sets and the flag does not exist."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=positive_int, default=default_epochs, help="training epochs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the shuffling (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="artifact folder to write (default %(default)s)")
-    parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
+    if held_out_split:
+        parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
     return parser
 

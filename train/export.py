@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import MANIFEST_FILE, load_model, read_manifest
+from models import MANIFEST_FILE, as_tuple, load_model, read_manifest
 
 TORCHSCRIPT_FILE = "model.ts.pt"
 ONNX_FILE = "model.onnx"
@@ -57,10 +57,6 @@ def signature(names, tensors, dynamic) -> list[dict]:
                        for axis, size in enumerate(tensor.shape)],
              "dtype": str(tensor.dtype).removeprefix("torch.")}
             for name, tensor in zip(names, tensors)]
-
-
-def as_tuple(outputs) -> tuple:
-    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def max_abs_diff(model, run, manifest: dict) -> float:

@@ -111,7 +111,8 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> torc
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/fashion", default_epochs=5)
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/fashion", default_epochs=5,
+                          held_out_split=False)  # Fashion-MNIST and CIFAR-10 have official test sets
     parser.add_argument("--dataset", default="fashion-mnist", help=f"{' | '.join(DATASETS)} (default %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="data root: DIR/FashionMNIST/raw or DIR/cifar-10-batches-py (default %(default)s)")

@@ -126,6 +126,12 @@ def test_cifar10_run_reads_the_python_batches_and_records_rgb_input(tmp_path, mo
     assert metrics["dataset"]["n_train"] == 5 * 12 and metrics["dataset"]["n_test"] == 12
 
 
+def test_test_fraction_is_refused_since_both_data_sets_have_official_test_sets():
+    with pytest.raises(SystemExit) as exited:
+        train_vision.parse_args(["--test-fraction", "0.1"])
+    assert exited.value.code == 2
+
+
 def test_missing_cifar10_is_one_clear_line_and_exit_2(tmp_path):
     (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # there, but without the batches
     env_offline = {"no_proxy": "", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
