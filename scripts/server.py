@@ -261,7 +261,7 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
         entry, version = registry.archive(stem)
         print(f"    READY  {entry.name} {version.version}  ({minutes(started)})", flush=True)
         if not announced and stem != pending[-1]:
-            report_ready(server, started, final=False)
+            report_ready(server, started, final=False, list_versions=False)  # its READY line is just above
             announced = True
     if pending:
         report_ready(server, started, final=True)
@@ -282,10 +282,10 @@ def minutes(started: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s after make serve started"
 
 
-def report_ready(server: TorchServe, started: float, final: bool) -> None:
-    """The READY versions and curl lines for them; ``final``: nothing is left to build."""
+def report_ready(server: TorchServe, started: float, final: bool, list_versions: bool = True) -> None:
+    """The READY versions (``list_versions``) and curl lines for them; ``final``: nothing is left to build."""
     ready = sorted(server.ready_versions())
-    for model, version in ready:
+    for model, version in ready if list_versions else ():
         print(f"    READY  {model} {version}")
     inference, management, metrics = (server.url(api) for api in ("inference", "management", "metrics"))
     examples = "\n".join(f"  {line}" for line in registry.curl_examples(inference, set(ready)))

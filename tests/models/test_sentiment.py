@@ -5,8 +5,6 @@ import json
 import math
 import pickle
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import registry
 from models import load_model, read_manifest
 from models.sentiment import (ARCHITECTURES, CHAR_NGRAM_LENGTHS, PAD_ID, TOKENIZERS, UNK_ID, CharNgramEncoder,
                               TfidfLinearClassifier, encode, text_encoder, tokenize, tokenize_trigrams, tokenize_words)
-from scripts.server import ROOT
+from tests import cli
 from train import sentiment, sentiment_eval
 
 POSITIVE = ["很好", "不错", "非常满意", "很喜欢", "值得推荐", "超级棒"]
@@ -52,8 +50,7 @@ def tiny_artifacts(tmp_path_factory):
 
 
 def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "train.sentiment", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return cli.run_module("train.sentiment", *args)
 
 
 # --- tokenizers and architectures ----------------------------------------------------------------------------------

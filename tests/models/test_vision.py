@@ -21,6 +21,7 @@ from handlers.images import decode_fitted
 from models import build, load_model, read_manifest
 from models.vision import mobilenet, resnet, vgg
 from scripts.server import ROOT
+from tests.cli import run_module
 from tests.fixtures.servers import rezip
 from tests.load import checks, payloads
 from tests.worker import Request, valid_reason
@@ -135,9 +136,8 @@ def test_test_fraction_is_refused_since_both_data_sets_have_official_test_sets()
 def test_missing_cifar10_is_one_clear_line_and_exit_2(tmp_path):
     (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # there, but without the batches
     env_offline = {"no_proxy": "", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    result = subprocess.run([sys.executable, "-m", "train.vision", "--dataset", "cifar10", "--data-dir",
-                             str(tmp_path / "data"), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                            text=True, env={**dict(__import__("os").environ), **env_offline}, timeout=300)
+    result = run_module("train.vision", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                        "--out", tmp_path / "out", env=env_offline)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vision.py: error: no CIFAR-10:") and "Traceback" not in result.stderr

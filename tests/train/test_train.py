@@ -2,8 +2,6 @@
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,9 @@ from PIL import Image, ImageDraw
 from models.mnist import NORMALIZE, DigitCNN, canonicalize_digit
 from models.regression import TabularRegressor
 from models.sentiment import ARCHITECTURES, UNK_ID, FastTextClassifier, encode, tokenize, tokenizer
+from tests.cli import run_module
 from train import mnist, regression, sentiment
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMON_METRICS_KEYS = {"model", "dataset", "seed", "epochs", "train_seconds", "test", "args"}
 COMMON_MANIFEST_KEYS = {"model", "weights", "model_module", "architecture", "arch_kwargs", "files"}
 
@@ -331,10 +329,6 @@ def test_regression_trains_an_mlp_on_any_numeric_csv(tmp_path):
 # ---------------------------------------------------------------- command line
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def bad_csv(tmp_path) -> Path:
     path = tmp_path / "bad.csv"
@@ -353,7 +347,7 @@ def bad_csv(tmp_path) -> Path:
     ids=["unknown-dataset", "missing-column", "non-numeric", "missing-file"],
 )
 def test_bad_arguments_give_one_clear_line_and_exit_2(args, message, bad_csv):
-    result = run_script(*(arg.format(bad_csv=bad_csv) for arg in args))
+    result = run_module(*(arg.format(bad_csv=bad_csv) for arg in args))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
