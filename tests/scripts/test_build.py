@@ -157,8 +157,11 @@ def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bun
     env.update(TMPDIR=str(tmp_path / "tmp"), TEMP=str(tmp_path / "tmp"))  # `torchserve --stop` stops this one only
     digit = (bundle / "samples" / "digit_7.png").read_bytes()
     try:
+        # SIGINT at its default, as in a terminal's foreground job: a suite started in the background (CI, nohup,
+        # `cmd &`) inherits it ignored, and Python turns it into KeyboardInterrupt only where it is not.
         first = subprocess.Popen(["make", "serve"], cwd=bundle, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         out = ""
         for line in first.stdout:
             out += line
