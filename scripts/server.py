@@ -192,17 +192,16 @@ def stale_archives() -> list[str]:
                               capture_output=True).returncode != 0]
 
 
-def serve_config(loaded: list[str], registering: bool) -> Path:
-    """logs/serve.properties: config.properties with only the up-to-date archives to load, and while any archive
-    is still to be trained, the model API on so that `make serve` can register it once built (by file name from
-    the local model store only: allowed_urls=^$; management API on loopback, behind its token)."""
-    properties = read_properties(CONFIG)
-    properties["load_models"] = ",".join(f"{stem}.mar" for stem in loaded)
+def serve_config(properties: dict, loaded: list[str], registering: bool) -> Path:
+    """logs/serve.properties: config.properties' ``properties`` with only the up-to-date archives to load, and
+    while any archive is still to be trained, the model API on so that `make serve` can register it once built (by
+    file name from the local model store only: allowed_urls=^$; management API on loopback, behind its token)."""
+    served = {**properties, "load_models": ",".join(f"{stem}.mar" for stem in loaded)}
     if registering:
-        properties["enable_model_api"] = "true"
+        served["enable_model_api"] = "true"
     path = ROOT / "logs" / "serve.properties"
     path.write_text("# Written by `make serve` (scripts/server.py) from config.properties.\n"
-                    + "".join(f"{key}={value}\n" for key, value in properties.items()))
+                    + "".join(f"{key}={value}\n" for key, value in served.items()))
     return path
 
 
@@ -218,7 +217,7 @@ def start_daemon(since: float):
     properties = read_properties(CONFIG)
     subprocess.run(["torchserve", "--stop"], cwd=ROOT, capture_output=True)
     (ROOT / "logs").mkdir(exist_ok=True)
-    config = serve_config(loaded, registering=bool(pending))
+    config = serve_config(properties, loaded, registering=bool(pending))
     env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it would win over --ts-config
     with open(ROOT / "logs" / "console.log", "ab") as console:  # the daemon must not hold the caller's terminal/pipe
         # A session of its own: Ctrl-C on `make serve` while models train must not reach TorchServe.
@@ -244,8 +243,8 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
     file name: the model-config's workers, waiting until they are READY);
     the curl lines are shown once the first version is READY (unless ``announced``), and again at the end."""
     failed = []
-    for stem in pending:
-        print(f"==> [serve] still to build: {', '.join(pending[pending.index(stem):])}", flush=True)
+    for position, stem in enumerate(pending):
+        print(f"==> [serve] still to build: {', '.join(pending[position:])}", flush=True)
         if subprocess.run(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT).returncode != 0:
             failed.append(stem)
             print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
@@ -257,8 +256,8 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
             print(f"==> [serve] registering {stem}.mar failed: {reply.status_code} {reply.text.strip()} "
                   f"(logs/ts_log.log, logs/model_log.log)", flush=True)
             continue
-        keep_default_version(server, stem)
         entry, version = registry.archive(stem)
+        keep_default_version(server, entry, version)
         print(f"    READY  {entry.name} {version.version}  ({minutes(started)})", flush=True)
         if not announced and stem != pending[-1]:
             report_ready(server, started, final=False, list_versions=False)  # its READY line is just above
@@ -269,9 +268,8 @@ def build_and_register(server: TorchServe, pending: list[str], started: float, a
         sys.exit(f"make serve: {', '.join(failed)} could not be built or served (above); the others are served")
 
 
-def keep_default_version(server: TorchServe, stem: str) -> None:
-    """After registering model_store/<stem>.mar: the registry's first version of its model stays the default."""
-    entry, version = registry.archive(stem)
+def keep_default_version(server: TorchServe, entry: registry.Model, version: registry.Version) -> None:
+    """After registering ``version`` of ``entry``: the registry's first version of the model stays the default."""
     default = entry.versions[0].version
     if version.version != default and (entry.name, default) in server.ready_versions():
         server.management("PUT", f"/models/{entry.name}/{default}/set-default").raise_for_status()

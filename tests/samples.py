@@ -26,10 +26,9 @@ def training_record(artifact_dir):
 def split_arguments(artifact_dir):
     """{seed, test_fraction} of the held-out split ``artifact_dir`` was trained with; before it is trained (the fast
     tier), the training scripts' defaults, so that parameter lists built at import time still have real rows."""
-    path = ROOT / artifact_dir / "metrics.json"
-    if not path.exists():
+    if not (ROOT / artifact_dir / "metrics.json").exists():
         return {"seed": 0, "test_fraction": 0.2}
-    record = json.loads(path.read_text())
+    record = training_record(artifact_dir)
     return {"seed": record["seed"], "test_fraction": record["args"]["test_fraction"]}
 
 
