@@ -3,7 +3,8 @@
 # TorchServe image of the bundle, built from the environment the tests run in: Python 3.11, the pinned
 # requirements.txt (torch 2.14.1 from PyPI is a CUDA build; TorchServe 0.12.0; captum, snownlp, ...), a Java 17
 # runtime for TorchServe's frontend, and the archives built with each model's GPU profile. The image holds no
-# config.properties: Kubernetes mounts it (k8s/10-config.yaml) and each Deployment names the archives it serves.
+# config.properties: Kubernetes mounts it (k8s/10-config.yaml); each Deployment names its A/B variant, and
+# registry.py (the entrypoint) turns that into the archives it serves.
 #
 #   ./archive.sh --profile gpu         # model_store_gpu/*.mar: handlers/<m>.gpu.yaml inside (registry.py configs)
 #   docker build -t registry.example.com/torchserve-bundle:0.1.0 .
@@ -34,11 +35,12 @@ RUN groupadd --system --gid 10001 torchserve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp \
         --shell /usr/sbin/nologin torchserve
 
-# The archives, the bundle's metric declarations (config.properties: metrics_config) and the readiness probe
-# (k8s/20-torchserve-*.yaml), root-owned and read-only.
+# The archives, the bundle's metric declarations (config.properties: metrics_config), the readiness probe
+# (k8s/20-torchserve-*.yaml) and the registry that names each variant's archives, root-owned and read-only.
 COPY --chown=root:root --chmod=0444 ${ARCHIVES}/*.mar /opt/torchserve/model-store/
 COPY --chown=root:root --chmod=0444 metrics.yaml /opt/torchserve/metrics.yaml
 COPY --chown=root:root --chmod=0444 scripts/readiness.py /opt/torchserve/readiness.py
+COPY --chown=root:root --chmod=0444 registry.py /opt/torchserve/registry.py
 
 # Kubernetes mounts emptyDirs on /tmp and /opt/torchserve/logs (read-only root filesystem) and the
 # ConfigMap on /opt/torchserve/config; the directories exist here too so that `docker run` works.
@@ -56,7 +58,8 @@ WORKDIR /opt/torchserve
 # Inference and metrics; the management API (8081) listens on loopback only.
 EXPOSE 8080 8082
 
-# TorchServe in the foreground, as the container's process; --ncs: no config snapshots (an
-# immutable pod has nothing to resume). Kubernetes replaces CMD with its own --ts-config/--models.
-ENTRYPOINT ["torchserve", "--foreground", "--ncs"]
-CMD ["--ts-config", "/opt/torchserve/config/config.properties", "--models", "all"]
+# TorchServe in the foreground, as the container's process (registry.py execs it with the --models of the
+# variant); --ncs: no config snapshots (an immutable pod has nothing to resume). Kubernetes replaces CMD with
+# its own --variant and --ts-config.
+ENTRYPOINT ["python", "/opt/torchserve/registry.py", "serve"]
+CMD ["--variant", "a", "--ts-config", "/opt/torchserve/config/config.properties"]

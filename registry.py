@@ -10,10 +10,15 @@ Standard library only: the Makefile reads it before the venv exists.
     python3 registry.py archives            ARCHIVE MODEL VERSION ARTIFACT_DIR, one line per served version
     python3 registry.py train-command DIR   the command that trains artifact folder DIR
     python3 registry.py makefile            the Makefile's rules: what each artifact and archive is built from
+    python3 registry.py variant-models V    TorchServe's --models for A/B variant V of k8s/ (a or b)
+    python3 registry.py serve --variant V [TORCHSERVE ARGS]
+                                            the image's entrypoint: torchserve in the foreground with --models of
+                                            A/B variant V (a: the default versions, b: the candidates)
 """
 
 import ast
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +94,9 @@ class Model:
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
     load: Load | None = None
+    candidate: str | None = None
+    """The version that variant b of the Kubernetes A/B test serves (k8s/20-torchserve-b.yaml); variant a, and b
+    when this is None, serve the default version."""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -118,6 +126,7 @@ MODELS = (
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
         load=Load("tests.load.payloads:digits", "tests.load.checks:check_mnist", weight=3,
                   mix={"digit-28px": 4, "digit-64px-paper": 3, "digit-128px": 2, "digit-300px-paper": 1}),
+        candidate="2.0",
     ),
     Model(
         name="sentiment",
@@ -277,6 +286,23 @@ def resolve(name: str):
     return getattr(importlib.import_module(module), attribute)
 
 
+VARIANTS = ("a", "b")
+
+
+def variant_models(variant: str) -> list[str]:
+    """TorchServe's ``--models`` for a pod of A/B ``variant`` ("a": each model's default version; "b": its
+    ``candidate``, else the default), as NAME=ARCHIVE.mar; optional models are not in the image."""
+    if variant not in VARIANTS:
+        raise KeyError(f"no variant {variant!r} (variants: {', '.join(VARIANTS)})")
+    models = []
+    for entry in MODELS:
+        wanted = entry.candidate if variant == "b" and entry.candidate else entry.versions[0].version
+        version = next(v for v in entry.versions if v.version == wanted)
+        if not version.optional:
+            models.append(f"{entry.name}={version.archive}.mar")
+    return models
+
+
 def makefile_rules() -> str:
     """Make rules: each artifact folder from its model's sources (and its training command, through a stamp file
     that changes only when the command does), each archive from its artifacts, handler and model-config.
@@ -319,6 +345,19 @@ def main(argv: list[str]) -> int:
         print(commands[0])
     elif command == "makefile":
         print(makefile_rules())
+    elif command == "variant-models" and len(args) == 1 or command == "serve" and args[:1] == ["--variant"]:
+        variant = args[0] if command == "variant-models" else args[1] if len(args) > 1 else ""
+        try:
+            models = variant_models(variant)
+        except KeyError as error:
+            print(f"registry.py: {error.args[0]}", file=sys.stderr)
+            return 2
+        if command == "variant-models":
+            print(" ".join(models))
+        else:
+            # The image's entrypoint (k8s/20-torchserve-*.yaml): exec, so that TorchServe stays PID 1 and
+            # scripts/readiness.py reads the --models it serves from PID 1's command line.
+            os.execvp("torchserve", ["torchserve", "--foreground", "--ncs", *args[2:], "--models", *models])
     else:
         print(__doc__.split("\n\n")[-1], file=sys.stderr)
         return 2

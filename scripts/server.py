@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -226,46 +227,67 @@ def start_daemon(since: float):
                        start_new_session=True)
     server = TorchServe(ROOT, model_store=ROOT / properties["model_store"])
     server.ports = {name: int(re.search(r":(\d+)$", properties[key]).group(1)) for name, key in PORT_KEYS.items()}
-    print(f"==> [serve] TorchServe started; waiting for {len(loaded)} built version(s) (logs/ts_log.log)...",
-          flush=True)
-    server.wait_ready(timeout=300, expect_ready=len(loaded))
-    if loaded:
-        report_ready(server, started, final=not pending)
+    print(f"==> [serve] TorchServe starting with {len(loaded)} built version(s) (logs/ts_log.log)", flush=True)
+    registrar = Registrar(server, started, pending)
     try:
-        build_and_register(server, pending, started, announced=bool(loaded))
+        # One thread registers, in order: first the wait for the server and the built versions, then each archive
+        # as make finishes it; so TorchServe starts and each model's workers load while the next model trains.
+        with ThreadPoolExecutor(max_workers=1) as registering:
+            starting = registering.submit(registrar.start, len(loaded))
+            for position, stem in enumerate(pending):
+                if starting.done():
+                    starting.result()  # TorchServe did not start: say why now, not after the training
+                print(f"==> [serve] still to build: {', '.join(pending[position:])}", flush=True)
+                if subprocess.run(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT).returncode:
+                    registrar.failed.append(stem)
+                    print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
+                else:
+                    registering.submit(registrar.register, stem)
     except KeyboardInterrupt:
         sys.exit("\nmake serve: stopped while building; TorchServe goes on serving the READY models "
                  "(make stop stops it; make serve again builds the rest)")
-
-
-def build_and_register(server: TorchServe, pending: list[str], started: float, announced: bool) -> None:
-    """Build each archive of ``pending`` with make (training first where needed) and register it when built (by
-    file name: the model-config's workers, waiting until they are READY);
-    the curl lines are shown once the first version is READY (unless ``announced``), and again at the end."""
-    failed = []
-    for position, stem in enumerate(pending):
-        print(f"==> [serve] still to build: {', '.join(pending[position:])}", flush=True)
-        if subprocess.run(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT).returncode != 0:
-            failed.append(stem)
-            print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
-            continue
-        reply = server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"},
-                                  timeout=600)
-        if reply.status_code != 200:
-            failed.append(stem)
-            print(f"==> [serve] registering {stem}.mar failed: {reply.status_code} {reply.text.strip()} "
-                  f"(logs/ts_log.log, logs/model_log.log)", flush=True)
-            continue
-        entry, version = registry.archive(stem)
-        keep_default_version(server, entry, version)
-        print(f"    READY  {entry.name} {version.version}  ({minutes(started)})", flush=True)
-        if not announced and stem != pending[-1]:
-            report_ready(server, started, final=False, list_versions=False)  # its READY line is just above
-            announced = True
+    starting.result()
     if pending:
         report_ready(server, started, final=True)
-    if failed:
-        sys.exit(f"make serve: {', '.join(failed)} could not be built or served (above); the others are served")
+    if registrar.failed:
+        sys.exit(f"make serve: {', '.join(registrar.failed)} could not be built or served (above); the others are "
+                 f"served")
+
+
+class Registrar:
+    """Registers each archive that `make serve` builds (by file name: the model-config's workers, waiting until they
+    are READY); the curl lines are shown once the first version is READY, and again at the end."""
+
+    def __init__(self, server: TorchServe, started: float, pending: list[str]):
+        self.server, self.started, self.pending = server, started, pending
+        self.failed: list[str] = []
+        self.announced = False
+
+    def start(self, loaded: int) -> None:
+        """Wait for TorchServe and the ``loaded`` versions it loads at start; show them (unless there are none)."""
+        self.server.wait_ready(timeout=300, expect_ready=loaded)
+        if loaded:
+            report_ready(self.server, self.started, final=not self.pending)
+            self.announced = True
+
+    def register(self, stem: str) -> None:
+        try:
+            reply = self.server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"},
+                                           timeout=600)
+        except requests.RequestException as error:
+            reply = error
+        if not isinstance(reply, requests.Response) or reply.status_code != 200:
+            self.failed.append(stem)
+            answer = f"{reply.status_code} {reply.text.strip()}" if isinstance(reply, requests.Response) else reply
+            print(f"==> [serve] registering {stem}.mar failed: {answer} (logs/ts_log.log, logs/model_log.log)",
+                  flush=True)
+            return
+        entry, version = registry.archive(stem)
+        keep_default_version(self.server, entry, version)
+        print(f"    READY  {entry.name} {version.version}  ({minutes(self.started)})", flush=True)
+        if not self.announced and stem != self.pending[-1]:
+            report_ready(self.server, self.started, final=False, list_versions=False)  # its READY line is above
+            self.announced = True
 
 
 def keep_default_version(server: TorchServe, entry: registry.Model, version: registry.Version) -> None:

@@ -51,7 +51,7 @@ CLUSTER_ONLY_SETTINGS = {
     "inference_address", "management_address", "metrics_address",  # listeners: pod network vs loopback
     "disable_token_authorization",  # auth at the gateway (see k8s/10-config.yaml)
     "model_store", "metrics_config", "allowed_urls",  # paths inside the image
-    "load_models",  # each Deployment names its archives with --models
+    "load_models",  # each Deployment's --variant names its archives (registry.py serve, the entrypoint)
     "number_of_gpu", "default_workers_per_model", "vmargs",  # pod sizing, container JVM
 }
 LIVENESS_PATH = "/api-description"  # answered by the frontend itself: no model, no token (tests/serving/test_probes.py)
@@ -191,13 +191,19 @@ def option_values(args, option):
     return values
 
 
+def container_variant(container):
+    """The A/B variant the container's `--variant` names (registry.py serve, the image's entrypoint), or None."""
+    values = option_values(container.get("args", []), "--variant")
+    return values[0] if values else None
+
+
 def served_models(container):
-    """{model name: archive file} from the container's `--models name=file ...`."""
-    served = {}
-    for entry in option_values(container.get("args", []), "--models"):
-        name, _, file = entry.rpartition("=")
-        served[name or Path(file).stem] = file
-    return served
+    """{model name: archive file} that the container serves: registry.py's --models of its `--variant`."""
+    try:
+        models = registry.variant_models(container_variant(container))
+    except KeyError:
+        return {}  # check_models reports it
+    return dict(entry.split("=", 1) for entry in models)
 
 
 def torchserve_config(objs, deployment):
@@ -602,7 +608,7 @@ def normalised(obj, variant):
         container = obj["spec"]["template"]["spec"]["containers"][0]
         container["image"] = container["image"].rsplit(":", 1)[0]  # each variant runs its own release tag
         args = container.get("args", [])
-        container["args"] = [a for a in args if a not in option_values(args, "--models")]
+        container["args"] = [a for a in args if a not in option_values(args, "--variant")]
     if obj["kind"] == "HorizontalPodAutoscaler":
         obj["spec"].pop("minReplicas", None)  # the stable arm keeps more pods
     return obj
@@ -617,7 +623,7 @@ def differences(a, b, path=""):
 
 
 def check_variants_in_sync(objs):
-    """A and B are copies of each other except for the variant, image tag, archives and HPA minimum."""
+    """A and B are copies of each other except for the variant, image tag and HPA minimum."""
     problems = []
     for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
         by_variant = {variant_of(o): o for o in of_kind(objs, kind) if variant_of(o)}
@@ -637,9 +643,13 @@ def check_models(objs, archives, required=None):
     served_names = {}
     served_pairs = set()
     for deployment in of_kind(objs, "Deployment"):
-        served = served_models(containers(deployment)[0])
+        container = containers(deployment)[0]
+        served = served_models(container)
+        if container_variant(container) != variant_of(deployment):
+            problems.append(f"{ref(deployment)}: --variant {container_variant(container)} is not its own variant "
+                            f"{variant_of(deployment)} ({', '.join(registry.VARIANTS)})")
         if not served:
-            problems.append(f"{ref(deployment)}: names no archives (--models)")
+            problems.append(f"{ref(deployment)}: serves no archives (--variant of registry.py)")
         for name, file in served.items():
             if file not in archives:
                 problems.append(f"{ref(deployment)}: loads {file}, which registry.py does not register")
@@ -1149,15 +1159,12 @@ BREAKAGES = {
         "20-torchserve-b.yaml", "Deployment", "torchserve-b",
         _set(CONTAINER + ["resources", "limits", "memory"], "32Gi"),
         "differ beyond their variant at: .spec.template.spec.containers[0].resources.limits.memory"),
-    "archive that registry.py does not register": (
-        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist_v3.mar"),
-        "loads mnist_v3.mar, which registry.py does not register"),
-    "registered version served by no Deployment": (
-        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 3], "mnist=mnist.mar"),
+    "a variant registry.py does not know": (
+        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 1], "c"),
+        "serves no archives"),
+    "B runs variant a: the candidate is served by no Deployment": (
+        "20-torchserve-b.yaml", "Deployment", "torchserve-b", _set(CONTAINER + ["args", 1], "a"),
         "mnist 2.0 is registered in registry.py but no Deployment serves it"),
-    "archive served under another model's name": (
-        "20-torchserve-a.yaml", "Deployment", "torchserve-a", _set(CONTAINER + ["args", 4], "sentiment=regression.mar"),
-        "serves regression.mar as 'sentiment'"),
 }
 
 

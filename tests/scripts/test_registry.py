@@ -1,4 +1,9 @@
-"""registry.py's derived tables: what each model is retrained from, read from its modules' imports."""
+"""registry.py's derived tables: what each model is retrained from (read from its modules' imports), and what each
+A/B variant of k8s/ serves."""
+
+import os
+import subprocess
+import sys
 
 import registry
 
@@ -21,3 +26,29 @@ def test_relative_absolute_and_function_level_imports_are_followed(tmp_path, mon
         (tmp_path / name).write_text(text)
     found = {path.relative_to(tmp_path).as_posix() for path in registry.repository_imports(tmp_path / "pkg" / "a.py")}
     assert found == set(files) - {"pkg/unused.py"}
+
+
+def fake_torchserve(folder):
+    """A `torchserve` on PATH that prints its arguments, one per line."""
+    script = folder / "torchserve"
+    script.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_the_image_entrypoint_execs_torchserve_with_the_variants_models(tmp_path):
+    """k8s runs `registry.py serve --variant b --ts-config FILE`: TorchServe in the foreground with B's models (each
+    model's candidate, else its default); a variant registry.py does not know is refused, naming the variants."""
+    env = fake_torchserve(tmp_path)
+    served = subprocess.run([sys.executable, "registry.py", "serve", "--variant", "b", "--ts-config", "/c.properties"],
+                            cwd=registry.ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert served[:4] == ["--foreground", "--ncs", "--ts-config", "/c.properties"]
+    assert served[4] == "--models"
+    models = dict(pair.split("=") for pair in served[5:])
+    assert models["mnist"] == "mnist_v2.mar" and models["sentiment"] == "sentiment.mar"
+    assert set(models) == {entry.name for entry in registry.MODELS if not entry.versions[0].optional}
+    assert registry.variant_models("a")[0] == "mnist=mnist.mar"
+    refused = subprocess.run([sys.executable, "registry.py", "serve", "--variant", "c"], cwd=registry.ROOT, env=env,
+                             capture_output=True, text=True)
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert "no variant 'c' (variants: a, b)" in refused.stderr
