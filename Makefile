@@ -12,7 +12,7 @@ READY := $(VENV)/.ready
 # When this make started (seconds since the epoch): `make serve` reports its times from here, setup included.
 STARTED := $(shell date +%s)
 
-.PHONY: setup train archive serve stop test test-fast bench k8s-check clean
+.PHONY: setup train archive serve stop test test-fast bench docs k8s-check clean
 .DELETE_ON_ERROR:
 
 include .make/rules.mk
@@ -57,6 +57,11 @@ test-fast: $(READY)
 
 bench: archive
 	@$(PY) -m tests.load.bench $(ARGS)
+
+# The figures of README.md and docs/ (their <!-- generated: NAME --> blocks) from the run records:
+# artifacts/*/metrics.json, docs/seeds.json, docs/benchmark*.json, docs/fresh-clone.json (scripts/docs.py).
+docs: $(READY)
+	@$(PY) -m scripts.docs
 
 k8s-check: $(READY)
 	@echo "==> [k8s] offline validation of k8s/ (first run builds .venv-checkov)"

@@ -39,17 +39,34 @@ class Sample:
 
 @dataclass(frozen=True)
 class Load:
-    """How the load tests and the benchmark exercise a model (tests/load/): held-out payloads with known answers.
+    """How the load tests, the benchmark and the fuzz tests exercise a model (tests/load/): payloads with known
+    answers, and the check that a reply is a correct answer.
 
-    ``payloads`` and ``check`` are "module:function" names: ``payloads()`` returns ``[tests.load.payloads.Sample]``,
-    ``check(body, expected)`` raises ``tests.load.checks.WrongAnswer``. ``weight`` is this model's share of locust
-    users; ``mix`` weighs sample names (default: every sample alike).
+    ``payloads`` and ``check`` are "module:function" names: ``payloads()`` returns ``[tests.load.payloads.Sample]``
+    (default None: the model's own samples, with their labels), ``check(body, expected)`` raises
+    ``tests.load.checks.WrongAnswer`` (default: a JSON object, whose "label" is the expected one where the sample
+    names one). ``weight`` is this model's share of locust users; ``mix`` weighs sample names (default: every
+    sample alike).
     """
 
-    payloads: str
-    check: str
+    payloads: str | None = None
+    check: str = "tests.load.checks:check_reply"
     weight: int = 1
     mix: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """How ``python -m scripts.promote`` judges a candidate version against the default on labelled requests.
+
+    ``requests`` is a "module:function" name: ``function(record, path=None)`` returns [(key, body, content type,
+    truth)] for the examples that the training run of ``record`` (a version's metrics.json) held out, or for the
+    labelled data at ``path`` (--data). ``kind``: "classifier" (accuracy; the reply's ``answer`` field is compared
+    with the truth) or "regression" (R2 and RMSE of the reply's ``answer`` field)."""
+
+    requests: str
+    kind: str = "classifier"
+    answer: str = "label"
 
 
 @dataclass(frozen=True)
@@ -93,10 +110,16 @@ class Model:
     versions: tuple[Version, ...]
     """The first is the default version."""
     samples: tuple[Sample, ...] = field(default=())
-    load: Load | None = None
+    load: Load = field(default_factory=Load)
+    promotion: Promotion | None = None
     candidate: str | None = None
     """The version that variant b of the Kubernetes A/B test serves (k8s/20-torchserve-b.yaml); variant a, and b
     when this is None, serve the default version."""
+
+    @property
+    def load_tested(self) -> bool:
+        """Whether the load tests have payloads for this model: its own, or samples of its default version."""
+        return self.load.payloads is not None or any(sample.version is None for sample in self.samples)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -126,6 +149,7 @@ MODELS = (
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
         load=Load("tests.load.payloads:digits", "tests.load.checks:check_mnist", weight=3,
                   mix={"digit-28px": 4, "digit-64px-paper": 3, "digit-128px": 2, "digit-300px-paper": 1}),
+        promotion=Promotion("train.mnist:labelled_requests"),
         candidate="2.0",
     ),
     Model(
@@ -140,6 +164,7 @@ MODELS = (
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
         load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
+        promotion=Promotion("train.sentiment:labelled_requests"),
     ),
     Model(
         name="regression",
@@ -152,6 +177,7 @@ MODELS = (
                           quality=(Quality("r2", goal=0.45, margin=0.05),)),),
         samples=(Sample("samples/patient.json", "application/json"),),
         load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
+        promotion=Promotion("train.regression:labelled_requests", kind="regression", answer="prediction"),
     ),
     Model(
         name="fashion",

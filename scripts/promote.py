@@ -11,6 +11,7 @@ The held-out set: by default the examples that BOTH versions held out when they 
 training record, from ``GET /models/MODEL/VERSION?customized=true``, names its split), so that neither was trained on
 what it is judged by. ``--data`` reads a labelled file instead, with the model's own readers: mnist a torchvision MNIST
 folder (its test set), sentiment a folder with neg.txt and pos.txt, regression a CSV with the training target column.
+Both come from the model's registry entry (``Promotion``: a function of its training module).
 
 Exit status: 0 promoted (--dry-run: the gates pass, nothing changed), 3 refused (nothing changed), 2 bad input
 (unknown model or version, unreadable data, a server that does not answer).
@@ -25,7 +26,6 @@ Sources: ``HeldOutSource`` measures by sending requests, ``PrometheusSource`` re
 """
 
 import argparse
-import io
 import json
 import math
 import shlex
@@ -38,9 +38,9 @@ from typing import Callable
 import numpy as np
 import requests
 import yaml
-from PIL import Image
 from scipy import stats
 
+import registry
 from scripts.promql import BY_NAME
 from scripts.server import CONFIG, PORT_KEYS, ROOT, read_properties
 
@@ -64,89 +64,27 @@ class Example:
     truth: object  # a label (classifiers) or a number (regression)
 
 
-def png(pixels):
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+def promotion(model):
+    """The registry's Promotion of ``model``: how its candidates are judged."""
+    try:
+        entry = registry.model(model)
+    except KeyError as err:
+        raise BadInput(err.args[0]) from None
+    if entry.promotion is None:
+        judged = ", ".join(e.name for e in registry.MODELS if e.promotion)
+        raise BadInput(f"no promotion task for model {model!r} in registry.py (models with one: {judged})")
+    return entry.promotion
 
 
-def digits(images, labels):
-    return [Example(f"{label}:{png(image).hex()}", png(image), "image/png", str(int(label)))
-            for image, label in zip(images, labels)]
+def labelled_examples(task, record, path=None):
+    """The Examples of ``task.requests`` for a training record (held out) or a labelled file."""
+    return [Example(*request) for request in registry.resolve(task.requests)(record, path)]
 
 
-def mnist_heldout(record):
-    from train.mnist import load_split
-
-    args = record["args"]
-    split = load_split(args.get("dataset", "digits"), record["seed"], args["test_fraction"],
-                       Path(args.get("data_dir") or "data"), args.get("limit"))
-    return digits(split.test_images, split.test_labels)
-
-
-def mnist_file(path, record):
-    from train.mnist import load_split
-
-    split = load_split("mnist", data_dir=Path(path))  # the official test set of a torchvision MNIST folder
-    return digits(split.test_images, split.test_labels)
-
-
-def reviews(texts, labels):
-    names = ("negative", "positive")
-    return [Example(text, text.encode(), "text/plain; charset=utf-8", names[int(label)])
-            for text, label in zip(texts, labels)]
-
-
-def sentiment_heldout(record):
-    from train.sentiment import load_split
-
-    split = load_split(record["seed"], record["args"]["test_fraction"], record["args"].get("limit"))
-    return reviews(split.test_texts, split.test_labels)
-
-
-def sentiment_file(path, record):
-    from train.sentiment import read_reviews
-
-    negative, positive = read_reviews(Path(path) / "neg.txt"), read_reviews(Path(path) / "pos.txt")
-    return reviews(negative + positive, [0] * len(negative) + [1] * len(positive))
-
-
-def rows(names, features, targets):
-    examples = []
-    for row, target in zip(features, targets):
-        body = json.dumps(dict(zip(names, map(float, row)))).encode()
-        examples.append(Example(body.decode(), body, "application/json", float(target)))
-    return examples
-
-
-def regression_heldout(record):
-    from train.regression import load_split
-
-    args = record["args"]
-    split = load_split(args.get("csv"), args.get("target"), record["seed"], args["test_fraction"], args.get("limit"))
-    return rows(split.feature_names, split.test_features, split.test_target)
-
-
-def regression_file(path, record):
-    from train.regression import DIABETES_TARGET, read_numeric_csv
-
-    names, features, targets = read_numeric_csv(Path(path), record["args"].get("target") or DIABETES_TARGET)
-    return rows(names, features, targets)
-
-
-@dataclass(frozen=True)
-class Task:
-    kind: str  # "classifier" or "regression"
-    heldout: Callable[[dict], list]  # training record -> the examples that run held out
-    from_file: Callable[[str, dict], list]  # --data PATH, training record -> examples
-    answer: Callable[[dict], object]  # a reply -> what is compared with the truth
-
-
-TASKS = {
-    "mnist": Task("classifier", mnist_heldout, mnist_file, lambda reply: reply["label"]),
-    "sentiment": Task("classifier", sentiment_heldout, sentiment_file, lambda reply: reply["label"]),
-    "regression": Task("regression", regression_heldout, regression_file, lambda reply: float(reply["prediction"])),
-}
+def answer(task, reply):
+    """What is compared with the truth: the reply's ``task.answer`` field (a number for regressions)."""
+    value = reply[task.answer]
+    return float(value) if task.kind == "regression" else value
 
 
 # --- the server ----------------------------------------------------------------------------------------------------
@@ -245,7 +183,7 @@ class HeldOutSource:
         if reply.status_code != 200:
             return None, latency, f"{reply.status_code} {reply.text[:200]}"
         try:
-            return self.task.answer(reply.json()), latency, None
+            return answer(self.task, reply.json()), latency, None
         except (ValueError, KeyError, TypeError) as err:
             return None, latency, f"unreadable reply ({err}): {reply.text[:200]}"
 
@@ -509,9 +447,9 @@ def examples_for(task, server, model, versions, data):
         raise BadInput(f"{model}: a version has no training record in its describe (customizedMetadata.training)")
     try:
         if data:
-            examples = task.from_file(data, records[0])
+            examples = labelled_examples(task, records[0], data)
         else:
-            per_version = [task.heldout(record) for record in records]
+            per_version = [labelled_examples(task, record) for record in records]
             common = set.intersection(*({e.key for e in examples} for examples in per_version))
             examples = [e for e in per_version[0] if e.key in common]
     except (OSError, ValueError, KeyError) as err:
@@ -526,7 +464,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m scripts.promote", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("model", help=f"model name ({', '.join(TASKS)})")
+    parser.add_argument("model", help=f"model name ({', '.join(e.name for e in registry.MODELS if e.promotion)})")
     parser.add_argument("--candidate", required=True, help="the version to promote (served by the same TorchServe)")
     parser.add_argument("--data", help="a labelled file or folder the model's readers take (default: held-out split)")
     parser.add_argument("--limit", type=int, help="use at most this many examples")
@@ -554,9 +492,7 @@ def parse_args(argv):
 
 
 def run(args):
-    if args.model not in TASKS:
-        raise BadInput(f"no promotion task for model {args.model!r} (models: {', '.join(TASKS)})")
-    task = TASKS[args.model]
+    task = promotion(args.model)
     if args.by == "variant":  # the cluster: A and B are two Deployments, and the HTTPRoute's weights promote B
         if not (args.prometheus and args.dry_run):
             raise BadInput("--by variant judges the cluster's variants from Prometheus: add --prometheus URL and "

@@ -231,9 +231,12 @@ def start_daemon(since: float):
     registrar = Registrar(server, started, pending)
     try:
         # One thread registers, in order: first the wait for the server and the built versions, then each archive
-        # as make finishes it; so TorchServe starts and each model's workers load while the next model trains.
+        # as make finishes it; so each model's workers load while the next model trains. The built versions are
+        # shown before any training starts; with none (a fresh clone), TorchServe starts while the first trains.
         with ThreadPoolExecutor(max_workers=1) as registering:
             starting = registering.submit(registrar.start, len(loaded))
+            if loaded:
+                starting.result()
             for position, stem in enumerate(pending):
                 if starting.done():
                     starting.result()  # TorchServe did not start: say why now, not after the training

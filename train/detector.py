@@ -437,8 +437,9 @@ def parse_args(argv: list[str] | None = None):
                         help="Fashion-MNIST root, VOC root (holding VOCdevkit/) or COCO image folder")
     parser.add_argument("--ann", type=Path, help="--dataset coco: the instances JSON")
     parser.add_argument("--year", default="2012", help="--dataset voc: the VOC year (default %(default)s)")
-    parser.add_argument("--train-images", type=positive_int, default=19200,
-                        help="composed training images, each made when it is used (default %(default)s)")
+    parser.add_argument("--train-images", type=positive_int, default=17600,
+                        help="composed training images, each made when it is used (default %(default)s: 2,200 steps "
+                             "of 2 x 4 images, the knee of held-out AP against steps, docs/models/detector.md)")
     parser.add_argument("--heldout-images", type=positive_int, default=200, help="composed held-out images")
     parser.add_argument("--arch", choices=("small", "resnet50"), default="small",
                         help="backbone: the small one built here, or ResNet-50 FPN (for GPUs)")

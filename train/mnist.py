@@ -169,6 +169,28 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args(argv)
 
 
+def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, bytes, str, str]]:
+    """Promotion's labelled set (registry.Promotion): the digits that the training run of ``record`` (its
+    metrics.json) held out, or the test set of the torchvision MNIST folder ``path``; (key, PNG body, content type,
+    label) each."""
+    import io
+
+    from PIL import Image
+
+    args = record["args"]
+    if path:
+        split = load_split("mnist", data_dir=Path(path))
+    else:
+        split = load_split(args.get("dataset", "digits"), record["seed"], args["test_fraction"],
+                           Path(args.get("data_dir") or "data"), args.get("limit"))
+    requests = []
+    for image, label in zip(split.test_images, split.test_labels):
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+        requests.append((f"{label}:{buffer.getvalue().hex()}", buffer.getvalue(), "image/png", str(int(label))))
+    return requests
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     generator = seed_everything(args.seed)

@@ -7,6 +7,7 @@ standardised with training-split statistics, which the manifest records for the 
 """
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,23 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default %(default)s)")
     return parser.parse_args(argv)
+
+
+def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, bytes, str, float]]:
+    """Promotion's labelled set (registry.Promotion): the rows that the training run of ``record`` (its
+    metrics.json) held out, or those of the CSV ``path`` (with the training run's target column); (key, JSON body,
+    content type, target) each."""
+    args = record["args"]
+    if path:
+        names, features, targets = read_numeric_csv(Path(path), args.get("target") or DIABETES_TARGET)
+    else:
+        split = load_split(args.get("csv"), args.get("target"), record["seed"], args["test_fraction"], args.get("limit"))
+        names, features, targets = split.feature_names, split.test_features, split.test_target
+    requests = []
+    for row, target in zip(features, targets):
+        body = json.dumps(dict(zip(names, map(float, row)))).encode()
+        requests.append((body.decode(), body, "application/json", float(target)))
+    return requests
 
 
 def main(argv: list[str] | None = None) -> dict:

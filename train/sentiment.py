@@ -347,6 +347,20 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     return args
 
 
+def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, bytes, str, str]]:
+    """Promotion's labelled set (registry.Promotion): the reviews that the training run of ``record`` (its
+    metrics.json) held out, or those of a folder ``path`` with neg.txt and pos.txt; (key, UTF-8 body, content type,
+    label) each."""
+    if path:
+        negative, positive = read_reviews(Path(path) / "neg.txt"), read_reviews(Path(path) / "pos.txt")
+        texts, labels = negative + positive, [0] * len(negative) + [1] * len(positive)
+    else:
+        split = load_split(record["seed"], record["args"]["test_fraction"], record["args"].get("limit"))
+        texts, labels = split.test_texts, split.test_labels
+    names = ("negative", "positive")
+    return [(text, text.encode(), "text/plain; charset=utf-8", names[int(label)]) for text, label in zip(texts, labels)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:

@@ -26,13 +26,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from ts.protocol.otf_message_handler import create_predict_response
 
-from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
+import registry
+from registry import ROOT
+from tests.load.checks import WrongAnswer
+from tests.samples import heldout_digits, heldout_patients, render_digit
 from tests.worker import Request
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 40))  # e.g. FUZZ_EXAMPLES=1000 for a long hunt
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                             HealthCheck.data_too_large])
-STEMS = ["mnist", "mnist_v2", "sentiment", "regression"]
+STEMS = [version.archive for _, version in registry.served()]
 CONTENT_TYPES = ["application/octet-stream", "application/json", "application/json; charset=utf-8",
                  "application/vnd.api+json", "text/plain", "text/plain; charset=utf-8", "text/csv", "image/png",
                  "image/jpeg", "application/x-www-form-urlencoded", "", "*/*"]
@@ -46,22 +49,6 @@ def finite(value, low=-math.inf, high=math.inf):
     return isinstance(value, float) and math.isfinite(value) and low <= value <= high
 
 
-def valid_mnist(body, worker):
-    assert set(body) == {"label", "probabilities", "model", "version"}, body
-    assert body["label"] in worker.handler.labels and body["label"] in body["probabilities"]
-    assert all(finite(p, 0.0, 1.0) for p in body["probabilities"].values()), body
-    assert (body["model"], body["version"]) == (worker.handler.model_name, worker.handler.version)
-
-
-def valid_sentiment(body, worker):
-    assert set(body) == {"label", "score"} and body["label"] in worker.handler.labels, body
-    assert finite(body["score"], 0.5, 1.0), body
-
-
-def valid_regression(body, worker):
-    assert set(body) == {"prediction"} and finite(body["prediction"]), body
-
-
 def all_finite(value):
     """Every number in a JSON-able value is finite (explanations: attributions, scores, predictions)."""
     if isinstance(value, dict):
@@ -71,7 +58,15 @@ def all_finite(value):
     return not isinstance(value, float) or math.isfinite(value)
 
 
-VALID = {"mnist": valid_mnist, "mnist_v2": valid_mnist, "sentiment": valid_sentiment, "regression": valid_regression}
+def valid_prediction(stem, body):
+    """A 200 reply of archive ``stem`` is a correct answer by its model's load-test check (registry.Load), strict
+    JSON with finite numbers."""
+    entry, _ = registry.archive(stem)
+    try:
+        registry.resolve(entry.load.check)(body)
+    except WrongAnswer as error:
+        raise AssertionError(f"{stem}: {error}: {str(body)[:300]}") from None
+    assert all_finite(body), body
 
 
 def check_batch(worker, stem, requests, explain=False):
@@ -84,7 +79,7 @@ def check_batch(worker, stem, requests, explain=False):
                 if explain:
                     assert isinstance(item, dict) and item and all_finite(item), item
                 else:
-                    VALID[stem](item, worker)
+                    valid_prediction(stem, item)
         else:
             assert 400 <= reply.status < 500, (reply.status, reply.body)
             assert isinstance(reply.body, dict) and set(reply.body) == {"code", "type", "message"}, reply.body
@@ -96,20 +91,41 @@ def check_batch(worker, stem, requests, explain=False):
     return replies
 
 
+def sample_request(stem):
+    """The registry sample of archive ``stem``'s version (else its model's first sample) as a request."""
+    entry, version = registry.archive(stem)
+    default = version is entry.versions[0]
+    sample = next((s for s in entry.samples if s.version == (None if default else version.version)),
+                  entry.samples[0])
+    return Request((ROOT / sample.file).read_bytes(), sample.content_type)
+
+
 @pytest.fixture(scope="module")
 def good():
-    """One good request per archive, and its expected label/prediction (checked in every fuzzed batch)."""
-    digit = render_digit(heldout_digits()[0][0], 28)
-    return {"mnist": Request(digit, "image/png"), "mnist_v2": Request(digit, "image/png"),
-            "sentiment": Request(heldout_reviews()[0][0], TEXT),
-            "regression": Request(json.dumps(heldout_patients()[0][0]), JSON)}
+    """One good request per archive: its registry sample (checked in every fuzzed batch)."""
+    return {stem: sample_request(stem) for stem in STEMS}
+
+
+def same_answer(got, expected):
+    """Replies equal up to float noise (a batch of two may round differently from a batch of one)."""
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and got.keys() == expected.keys() and all(
+            same_answer(got[key], value) for key, value in expected.items())
+    if isinstance(expected, list):
+        return isinstance(got, list) and len(got) == len(expected) and all(map(same_answer, got, expected))
+    if isinstance(expected, float):
+        return got == pytest.approx(expected, abs=1e-3)
+    return got == expected
 
 
 @pytest.fixture(scope="module")
 def fuzz(worker, good):
     """fuzz(stem, request): the request batched with that archive's good request; both must behave."""
-    expected = {stem: worker(stem).run_one(request).body for stem, request in good.items()}
-    assert all(worker(stem).run_one(request).status == 200 for stem, request in good.items())
+    expected = {}
+    for stem, request in good.items():
+        reply = worker(stem).run_one(request)
+        assert reply.status == 200, (stem, reply.body)
+        expected[stem] = reply.body
 
     def run(stem, request):
         explain = request.headers.get("explain") == "True"
@@ -117,10 +133,7 @@ def fuzz(worker, good):
             return check_batch(worker(stem), stem, [request], explain=True)[0]
         replies = check_batch(worker(stem), stem, [request, good[stem]])
         assert replies[1].status == 200, f"a fuzzed request broke its batch neighbour: {replies[1].body}"
-        if stem == "regression":
-            assert replies[1].body["prediction"] == pytest.approx(expected[stem]["prediction"], abs=1e-3)
-        else:
-            assert replies[1].body["label"] == expected[stem]["label"]
+        assert same_answer(replies[1].body, expected[stem]), (replies[1].body, expected[stem])
         return replies[0]
 
     return run
@@ -233,7 +246,7 @@ def test_random_bytes(fuzz, stem, body, content_type):
     fuzz(stem, Request(body, content_type))
 
 
-@pytest.mark.parametrize("stem", ["mnist", "mnist_v2", "sentiment", "regression"])
+@pytest.mark.parametrize("stem", STEMS)
 @FUZZ
 @given(request=json_requests())
 @example(request=Request(b'{"data": NaN, "text": Infinity, "age": -Infinity}', JSON))

@@ -20,6 +20,9 @@ class WrongAnswer(Exception):
 
 
 def parse(body):
+    """The reply as JSON: raw bytes or text from the wire, or an already decoded object (in-process workers)."""
+    if isinstance(body, (dict, list)):
+        return body
     if isinstance(body, (bytes, bytearray)):
         body = bytes(body).decode("utf-8", errors="replace")
     try:
@@ -45,6 +48,17 @@ def _probabilities(mapping, keys, top, what):
     if sum(values) > 1.0 + EPS:
         raise WrongAnswer(f"{what}: probabilities sum to {sum(values):.4f} > 1")
     return values
+
+
+def check_reply(body, expected=None):
+    """Any model's reply (registry.Load's default check): a JSON object; its "label" is ``expected`` where the sample
+    names a label. Returns the label (None when the reply has none)."""
+    reply = parse(body)
+    if not isinstance(reply, dict) or not reply:
+        raise WrongAnswer(f"expected a non-empty JSON object, got {str(reply)[:120]}")
+    if expected is not None and str(reply.get("label")) != str(expected):
+        raise WrongAnswer(f"label {reply.get('label')!r}, expected {expected!r}")
+    return reply.get("label")
 
 
 def check_mnist(body, expected=None, model="mnist"):

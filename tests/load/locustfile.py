@@ -164,7 +164,7 @@ class ModelUser(FastHttpUser):
 
 def _user_class(entry):
     """``<Model>User``: the locust user of one registry entry (None for a model without load-test payloads)."""
-    if entry.load is None:
+    if not entry.load_tested:
         return None
     return type(f"{entry.name.title().replace('_', '')}User", (ModelUser,), {
         "__doc__": f"A client of {entry.name}: its load-test payloads, each reply checked by {entry.load.check}.",

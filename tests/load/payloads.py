@@ -15,7 +15,9 @@ load tests count it as a failure. Run from the repo root (artifacts/ and the tra
 import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
+from registry import ROOT
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 
 MNIST_ARTIFACTS = ("artifacts/mnist", "artifacts/mnist-v2")  # both versions are served as "mnist"
@@ -42,7 +44,6 @@ class Sample:
 
 def _mnist_models():
     from models import load_model, read_manifest
-    from scripts.server import ROOT
 
     models = []
     for folder in MNIST_ARTIFACTS:
@@ -84,7 +85,6 @@ def reviews(count=120):
     correctly with probability >= MIN_CONFIDENCE."""
     import tempfile
 
-    from scripts.server import ROOT
     from tests.worker import Request, Worker
 
     worker = Worker(ROOT / "model_store" / "sentiment.mar", tempfile.mkdtemp(prefix="payloads-sentiment-"))
@@ -156,7 +156,6 @@ def heldout_fashion(count=200):
     training found them (artifacts/fashion's --data-dir, else Debian's package)."""
     from pathlib import Path
 
-    from scripts.server import ROOT
     from train.datasets import fashion_mnist
     from tests.samples import training_record
 
@@ -174,7 +173,6 @@ def fashion(renderings=tuple(FASHION_RENDERINGS), count=80, confident_only=True)
 
     from handlers.images import decode_fitted
     from models import load_model, read_manifest
-    from scripts.server import ROOT
 
     folder = ROOT / FASHION_ARTIFACT
     manifest = read_manifest(folder)
@@ -216,7 +214,6 @@ def detector(renderings=tuple(DETECTOR_RENDERINGS), count=16):
 
     from PIL import Image
 
-    from scripts.server import ROOT
     from tests.samples import training_record
     from train.datasets import fashion_mnist
     from train.detector import HELDOUT_PHOTOS, ComposedImages, fashion_groups
@@ -237,11 +234,21 @@ def detector(renderings=tuple(DETECTOR_RENDERINGS), count=16):
     return samples
 
 
+def of_model(entry):
+    """The load-test payloads of a registry entry: its ``load.payloads``, else the samples of its default version."""
+    if entry.load.payloads:
+        import registry
+
+        return registry.resolve(entry.load.payloads)()
+    return [Sample(Path(sample.file).stem, (ROOT / sample.file).read_bytes(), sample.content_type, sample.label)
+            for sample in entry.samples if sample.version is None]
+
+
 def build_all():
     """{model: samples} for every model the registry load-tests."""
     import registry
 
-    return {entry.name: registry.resolve(entry.load.payloads)() for entry in registry.MODELS if entry.load}
+    return {entry.name: of_model(entry) for entry in registry.MODELS if entry.load_tested}
 
 
 if __name__ == "__main__":

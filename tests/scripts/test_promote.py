@@ -11,9 +11,11 @@ import zipfile
 import pytest
 import torch
 
+import registry
 from scripts import promote
 from scripts.promote import GATES, Limits, Observations, compare, decide, kubectl_steps
 from tests.fixtures.servers import MANIFEST, STORE, rezip, running, serialized_file, store_with
+from tests.cli import run_module
 from tests.k8s.test_k8s import kubectl
 
 LIMITS = Limits(margin=0.01, p99_fraction=0.25, p99_floor_ms=5.0, alpha=0.05)
@@ -258,3 +260,28 @@ def test_a_stale_token_is_bad_input_not_a_refusal(copies_server, tmp_path):
                "--key-file", str(stale)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=promote.ROOT)
     assert result.returncode == 2 and "refused the token" in result.stderr
+
+
+@pytest.mark.parametrize("model, message", [
+    ("fashion", "no promotion task for model 'fashion' in registry.py (models with one: mnist, sentiment, regression)"),
+    ("nosuch", "no model 'nosuch' in registry.py"),
+])
+def test_a_model_without_a_promotion_task_is_refused_before_any_request(model, message):
+    """The task comes from the model's registry entry; a model without one (or no model) exits 2, naming those with
+    one, before any server is asked (the ports here answer nothing)."""
+    result = run_module("scripts.promote", model, "--candidate", "2.0", "--inference", "http://127.0.0.1:9",
+                        "--management", "http://127.0.0.1:9")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert message in result.stderr
+
+
+def test_the_labelled_requests_of_a_training_record_are_what_that_run_held_out():
+    """registry.Promotion's function of each judged model, on a record that names its split (no artifacts needed)."""
+    from train import regression
+
+    record = {"seed": 0, "args": {"test_fraction": 0.2}}
+    examples = promote.labelled_examples(registry.model("regression").promotion, record)
+    split = regression.load_split(None, None, 0, 0.2, None)
+    assert len(examples) == len(split.test_target)
+    assert json.loads(examples[0].body) == dict(zip(split.feature_names, map(float, split.test_features[0])))
+    assert examples[0].truth == pytest.approx(float(split.test_target[0]))

@@ -44,7 +44,16 @@ def hostile(name, model, body, headers=None, path="predictions"):
                         id=name)
 
 
+EVERY_MODEL = [  # (name, body, headers, path): sent to every served model
+    ("nested-5000", b"[" * 5000 + b"]" * 5000, JSON, "predictions"),
+    ("json-keys-crlf", json.dumps({CONTROL: 1}).encode(), JSON, "predictions"),
+    ("control-text", CONTROL.encode("utf-8"), TEXT, "predictions"),
+    ("garbage-as-png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, {"Content-Type": "image/png"}, "predictions"),
+    ("explain-garbage", b"\r\n\x00", {"Content-Type": "image/png"}, "explanations"),
+]
 HOSTILE = [  # (model, body, headers, path): every field a handler quotes in an error, and the lists' limits
+    *[pytest.param(entry.name, body, headers, path, id=f"{entry.name}-{name}")
+      for entry in registry.served_models() for name, body, headers, path in EVERY_MODEL],
     hostile("regression-key-crlf", "regression", row(**{CONTROL: 1})),
     hostile("regression-key-newline-11-bytes", "regression", b'{"a\\nb": 1}'),
     hostile("regression-key-lone-surrogate", "regression", b'{"\\ud800\\udfff\\udc00": 1}'),
@@ -55,7 +64,6 @@ HOSTILE = [  # (model, body, headers, path): every field a handler quotes in an 
     hostile("regression-many-unknown-keys", "regression", {f"{CONTROL}{i}": i for i in range(5000)}),
     hostile("regression-list-item-crlf", "regression", [row(), CONTROL]),
     hostile("regression-rows-over-limit", "regression", [row()] * 1025),
-    hostile("regression-nested-5000", "regression", b"[" * 5000 + b"]" * 5000),
     hostile("regression-1e300", "regression", row(age=1e300)),
     hostile("regression-int-1e400", "regression", row(age=10 ** 400)),
     hostile("regression-NaN", "regression", b'{"age": NaN}'),
@@ -70,9 +78,7 @@ HOSTILE = [  # (model, body, headers, path): every field a handler quotes in an 
     hostile("sentiment-list-of-non-strings", "sentiment", [CONTROL, {CONTROL: 1}]),
     hostile("mnist-data-crlf", "mnist", {"data": CONTROL}),
     hostile("mnist-data-surrogate", "mnist", b'{"data": "\\ud800"}'),
-    hostile("mnist-keys-crlf", "mnist", {CONTROL: 1}),
     hostile("mnist-text-body", "mnist", CONTROL.encode("utf-8"), TEXT),
-    hostile("mnist-explain-garbage", "mnist", b"\r\n\x00", {"Content-Type": "image/png"}, "explanations"),
     hostile("regression-explain-crlf", "regression", row(**{CONTROL: 1}), path="explanations"),
     hostile("sentiment-explain-crlf", "sentiment", {CONTROL: "x"}, path="explanations"),
 ]

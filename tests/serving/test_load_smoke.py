@@ -34,7 +34,7 @@ def test_locust_users_get_correct_answers_from_every_model(server, tmp_path):
     stats = {entry["name"]: entry for entry in json.loads((tmp_path / "stats.json").read_text())}
     assert sum(entry["num_requests"] for entry in stats.values()) >= REQUESTS, report
     assert sum(entry["num_failures"] for entry in stats.values()) == 0, report
-    for model in (entry.name for entry in registry.MODELS if entry.load):  # every user class sent requests
+    for model in (entry.name for entry in registry.MODELS if entry.load_tested):  # every user class sent requests
         assert any(name.startswith(f"/predictions/{model} ") for name in stats), (model, report)
     sizes = {name.split(" ", 1)[1] for name in stats if name.startswith("/predictions/mnist ")}
     assert len(sizes) >= 3, sizes  # digits of several sizes

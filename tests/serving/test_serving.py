@@ -3,6 +3,7 @@
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,17 @@ JSON = {"Content-Type": "application/json"}
 
 def test_every_archive_is_ready_with_its_version(server):
     assert sorted(server.ready_versions()) == sorted((entry.name, v.version) for entry, v in registry.served())
+
+
+@pytest.mark.parametrize("entry, sample", [pytest.param(entry, sample, id=Path(sample.file).name)
+                                           for entry in registry.served_models() for sample in entry.samples])
+def test_every_registry_sample_gets_its_answer_over_http(server, entry, sample):
+    """What `make serve` and the README print as curl lines: each sample's request, with its raw body, gets a 200
+    that the model's load-test check accepts (and the sample's label, where it names one)."""
+    reply = server.predict(entry.name, (registry.ROOT / sample.file).read_bytes(), sample.version,
+                           headers={"Content-Type": sample.content_type})
+    assert reply.status_code == 200, reply.text[:300]
+    registry.resolve(entry.load.check)(reply.content, sample.label)
 
 
 @pytest.mark.parametrize("size, dark_on_light", [(28, False), (28, True), (120, False), (300, True)])

@@ -1,0 +1,408 @@
+"""Render the generated blocks of README.md and docs/**/*.md from the run records (`make docs`).
+
+    python -m scripts.docs            # rewrite the files whose generated blocks are stale
+    python -m scripts.docs --check    # list those files and exit 1 if there are any; writes nothing
+
+A generated block is the text between ``<!-- generated: NAME -->`` and ``<!-- /generated -->`` (each marker on a
+line of its own); NAME picks the renderer in ``BLOCKS``, or ``metrics-<model>`` for a model of registry.py. Every
+figure that comes from a run sits in such a block, rendered from these records:
+
+- ``artifacts/<dir>/metrics.json`` and ``manifest.json`` of each version in registry.py (``make train``): the
+  held-out ("test") figures, the training time, the exports' parity with the eager model;
+- ``docs/seeds.json`` (``python -m scripts.seeds``): the seeds each quality floor comes from;
+- ``docs/benchmark.json`` (``make bench``) and ``docs/benchmark-levers.json`` (``python -m tests.load.levers``);
+- ``docs/fresh-clone.json``: the times of a fresh clone's steps (setup, ``make serve``, ``make test``).
+
+A missing record renders as "not measured yet (run ...)", so a fresh clone renders without failing. The table
+between docs/benchmark.md's bench markers is not one of these blocks: ``make bench`` writes it itself.
+"""
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import registry
+from scripts import seeds
+
+ROOT = registry.ROOT
+WIDTH = 118  # prose lines of a block; the docs' limit is 120
+BLOCK = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /generated -->$", re.M | re.S)
+
+LABELS = {"accuracy": "accuracy", "r2": "R²", "rmse": "RMSE", "mae": "MAE",
+          "box_map_50": "box AP@0.5", "box_map": "box AP@[.5:.95]", "box_map_75": "box AP@0.75",
+          "mask_map_50": "mask AP@0.5", "mask_map": "mask AP@[.5:.95]", "mask_map_75": "mask AP@0.75"}
+MISSING_TRAINING = "not measured yet (run make train)"
+MISSING_BENCH = "not measured yet (run make bench)"
+
+
+# --- records ---------------------------------------------------------------------------------------------------------
+
+def read_json(path: Path):
+    """The JSON of ``path``, or None when the file does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def versions() -> list[tuple[registry.Model, registry.Version]]:
+    """Every version of registry.py, optional ones included (they render as not trained until they are)."""
+    return [(entry, version) for entry in registry.MODELS for version in entry.versions]
+
+
+def load_records(root: Path = ROOT) -> dict:
+    """Every record the blocks are rendered from; a missing file is None."""
+    return {
+        "metrics": {v.archive: read_json(root / v.artifacts / "metrics.json") for _, v in versions()},
+        "manifests": {v.archive: read_json(root / v.artifacts / "manifest.json") for _, v in versions()},
+        "seeds": read_json(root / "docs" / "seeds.json"),
+        "benchmark": read_json(root / "docs" / "benchmark.json"),
+        "levers": read_json(root / "docs" / "benchmark-levers.json"),
+        "fresh_clone": read_json(root / "docs" / "fresh-clone.json"),
+    }
+
+
+# --- formatting ------------------------------------------------------------------------------------------------------
+
+def duration(seconds: float) -> str:
+    """136 -> "2 min 16 s"; 38 -> "38 s"; 0.38 -> "0.4 s"."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s"
+
+
+def number(value: float) -> str:
+    """A count or a rate with thousands separators: 1794.2 -> "1,794"."""
+    return f"{value:,.0f}"
+
+
+def figure(value: float) -> str:
+    """A held-out figure: 4 decimals under 10 (accuracy, R², AP), else 2 (an error in target units)."""
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def latency(ms: float) -> str:
+    """A latency in ms: one decimal under 100 ms, else whole milliseconds."""
+    return f"{ms:.1f}" if ms < 100 else f"{ms:,.0f}"
+
+
+def wrap(text: str) -> str:
+    return "\n".join(textwrap.wrap(text, WIDTH, break_on_hyphens=False))
+
+
+def item(text: str) -> str:
+    """A markdown list item wrapped to the width, continuation lines indented."""
+    return "\n".join(textwrap.wrap(text, WIDTH, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False))
+
+
+def met(value: float, goal: float) -> str:
+    return f"≥ {goal} {'✔' if value >= goal else '✘'}"
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def missing(version: registry.Version) -> str:
+    if version.optional:
+        return f"not trained (optional: `{version.train}`)"
+    return MISSING_TRAINING
+
+
+# --- blocks from the training records --------------------------------------------------------------------------------
+
+def training_cost(record: dict) -> str:
+    """"30 epochs, 55 s" (and the processes and CPU time where the record has them)."""
+    text = f"{record['epochs']} epoch{'s' if record['epochs'] != 1 else ''}, {duration(record['train_seconds'])}"
+    if record.get("processes", 1) > 1:
+        text += f" in {record['processes']} processes"
+    if "train_cpu_seconds" in record:
+        text += f" ({number(record['train_cpu_seconds'])} CPU-s)"
+    return text
+
+
+def models_table(records: dict) -> str:
+    """README: per version, its quality figures on the held-out split, the goals, and what training took."""
+    rows = ["| version | held-out figures | held out | goal (reported) | training |", "|---|---|---|---|---|"]
+    for entry, version in versions():
+        record = records["metrics"].get(version.archive)
+        if record is None:
+            goals = ", ".join(str(q.goal) for q in version.quality) or "–"
+            state = "not trained (optional)" if version.optional else MISSING_TRAINING
+            rows.append(f"| {entry.name} {version.version} | {state} | – | {goals} | – |")
+            continue
+        test = record["test"]
+        shown = [q.metric for q in version.quality] or [key for key in test if "/" not in key][:1]
+        figures = ", ".join(f"{label(metric)} **{figure(test[metric])}**" for metric in shown)
+        held_out = record.get("dataset", {}).get("n_test")
+        goals = ", ".join(f"{q.goal} {'✔' if test[q.metric] >= q.goal else '✘'}" for q in version.quality) or "–"
+        processes = f" ({record['processes']} processes)" if record.get("processes", 1) > 1 else ""
+        rows.append(f"| {entry.name} {version.version} | {figures} | {number(held_out) if held_out else '–'} | "
+                    f"{goals} | {duration(record['train_seconds'])}{processes} |")
+    return "\n".join(rows)
+
+
+def model_metrics(name: str, records: dict) -> str:
+    """A model page: every held-out figure of each of its versions, the data and the training run."""
+    entry = registry.model(name)
+    parts = []
+    for version in entry.versions:
+        record = records["metrics"].get(version.archive)
+        title = f"**{entry.name} {version.version}** (`{version.artifacts}/metrics.json`)"
+        if record is None:
+            parts.append(wrap(f"{title}: {missing(version)}."))
+            continue
+        data = record.get("dataset", {})
+        sizes = ", ".join(f"{number(data[key])} {what}" for key, what in
+                          (("n_train", "training"), ("n_test", "held-out"), ("n_lexicon", "lexicon")) if key in data)
+        parts.append(wrap(f"{title}: {data.get('name', 'data')}{f' ({sizes} examples)' if sizes else ''}; "
+                          f"seed {record.get('seed', 0)}, {training_cost(record)} of training."))
+        goals = {q.metric: q.goal for q in version.quality}
+        rows = ["| held-out metric | value | goal (reported) |", "|---|---|---|"]
+        for metric, value in record["test"].items():
+            if "/" not in metric and metric != "final_train_loss":
+                goal = met(value, goals[metric]) if metric in goals else ""
+                rows.append(f"| {label(metric)} | {figure(value)} | {goal} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def detector_classes(records: dict) -> str:
+    """The detector's AP@0.5 per class, boxes and masks."""
+    record = records["metrics"].get("detector")
+    if record is None:
+        return MISSING_TRAINING
+    test = record["test"]
+    classes = [key.split("/", 1)[1] for key in test if key.startswith("box_ap_50/")]
+    rows = ["| class | box AP@0.5 | mask AP@0.5 |", "|---|---|---|"]
+    rows += [f"| {c} | {figure(test[f'box_ap_50/{c}'])} | "
+             f"{figure(test[f'mask_ap_50/{c}']) if f'mask_ap_50/{c}' in test else '–'} |" for c in classes]
+    return "\n".join(rows)
+
+
+def exports_table(records: dict) -> str:
+    """Each exported file's max abs difference from the eager model, as the export check measured it."""
+    rows = ["| version | TorchScript | ONNX | checked batch sizes |", "|---|---|---|---|"]
+    for entry, version in versions():
+        manifest = records["manifests"].get(version.archive)
+        if manifest is None:
+            if not version.optional:
+                rows.append(f"| {entry.name} {version.version} | {MISSING_TRAINING} | | |")
+            continue
+        cells, sizes = [], set()
+        for fmt in ("torchscript", "onnx"):
+            export = manifest.get("exports", {}).get(fmt)
+            if export is None:
+                cells.append("not exported")
+            elif "unsupported" in export:
+                cells.append("unsupported (the manifest says why)")
+            else:
+                opset = f", opset {export['opset']}" if "opset" in export else ""
+                cells.append(f"`{export['file']}`: {export['max_abs_diff']:.3g}{opset}")
+                sizes.update(export.get("checked_batch_sizes", []))
+        rows.append(f"| {entry.name} {version.version} | {' | '.join(cells)} | "
+                    f"{', '.join(map(str, sorted(sizes))) or '–'} |")
+    return "\n".join(rows)
+
+
+def seeds_table(records: dict) -> str:
+    if records["seeds"] is None:
+        return "not measured yet (run python -m scripts.seeds)"
+    return seeds.table(records["seeds"])
+
+
+# --- blocks from the fresh-clone and benchmark records ---------------------------------------------------------------
+
+def fresh_clone(records: dict) -> str:
+    record = records["fresh_clone"]
+    if record is None:
+        return "not measured yet (docs/fresh-clone.json is missing)"
+    rows = ["| step | time |", "|---|---|"]
+    rows += [f"| {step['step']} | {duration(step['seconds'])} |" for step in record["steps"]]
+    return "\n".join([wrap(f"Measured on a fresh clone (commit {record['commit']}) on a {record['machine']}, "
+                           f"{record['date']}:"), "", *rows])
+
+
+def machine(bench: dict) -> str:
+    m = bench["machine"]
+    return (f"{m['cores']} cores ({m['cpu']}), torch {m['torch'].split('+')[0]}, TorchServe {m['torchserve']}, "
+            f"{bench['started'][:10]}")
+
+
+def step(bench: dict, path: str, users: int):
+    return next((s for s in bench["paths"].get(path, {}).get("steps", []) if s["users"] == users), None)
+
+
+def bench_headline(records: dict) -> str:
+    """README: a few lines of what the last `make bench` served at 16 users."""
+    bench = records["benchmark"]
+    if bench is None:
+        return MISSING_BENCH
+    users = bench["ratios"].get("users", 16)
+    parts = []
+    for path, what, unit in (("ours", "mnist", "req/s"), ("sentiment", "sentiment", "req/s"),
+                             ("fashion", "fashion", "req/s"), ("detector", "detector", "images/s")):
+        s = step(bench, path, users)
+        if s:
+            parts.append(f"{what} {number(s['rps'])} {unit} (p99 {s['p99_ms']:.0f} ms)")
+    failed = sum(s["failed"] for path in bench["paths"].values() for s in path["steps"])
+    text = f"`make bench` at {users} concurrent users on {machine(bench)}: {', '.join(parts)}"
+    if "ours_vs_stock" in bench["ratios"]:
+        text += f"; mnist is {bench['ratios']['ours_vs_stock']}× TorchServe's stock handler with its defaults"
+    return wrap(f"{text}; {failed} failed requests in the whole run.")
+
+
+def bench_paths(records: dict) -> str:
+    """docs/benchmark.md: req/s and p50/p95/p99 per path and concurrency."""
+    bench = records["benchmark"]
+    if bench is None:
+        return MISSING_BENCH
+    users = bench["settings"]["users"]
+    rows = ["| path | " + " | ".join(f"{u} user{'s' if u > 1 else ''}" for u in users) + " |",
+            "|---|" + "---|" * len(users)]
+    for name in bench["paths"]:
+        cells = []
+        for u in users:
+            s = step(bench, name, u)
+            cells.append(f"{number(s['rps'])} · {'/'.join(latency(s[k]) for k in ('p50_ms', 'p95_ms', 'p99_ms'))}"
+                         if s else "–")
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    failed = sum(s["failed"] for path in bench["paths"].values() for s in path["steps"])
+    head = wrap(f"`{bench['command']}` on {machine(bench)} ({duration(bench['duration_s'])}; "
+                f"`docs/benchmark.json`). req/s · p50/p95/p99 ms (the detector: images/s); {failed} failed requests:")
+    in_process = [f"{stem} {number(s['rps'])} per second in batches of {s['batch_size']}"
+                  for stem, s in bench.get("in_process", {}).items()]
+    tail = [wrap("In-process (the same archive and handler code through TorchServe's loader, no server; the model's "
+                 f"own ceiling on this machine): {', '.join(in_process)}.")] if in_process else []
+    return "\n".join([head, "", *rows, *([""] + tail if tail else [])])
+
+
+RATIOS = (("ours_vs_stock", "mnist ÷ stock"), ("ours_vs_ceiling", "mnist ÷ no-op ceiling (batched)"),
+          ("ours_vs_ceiling_unbatched", "mnist ÷ no-op ceiling (unbatched)"),
+          ("ours_vs_baseline", "mnist ÷ baseline"),
+          ("fashion_vs_in_process", "fashion ÷ in-process"), ("fashion_vs_stock", "fashion ÷ stock"),
+          ("detector_vs_in_process", "detector ÷ in-process"), ("sentiment_vs_naive", "sentiment ÷ naive"),
+          ("sentiment_vs_baseline", "sentiment ÷ sentiment-baseline"))
+
+
+def bench_ratios(records: dict) -> str:
+    """docs/benchmark.md: the ratios at 16 users against their targets (tests/load/bench.py's TARGETS)."""
+    bench = records["benchmark"]
+    if bench is None:
+        return MISSING_BENCH
+    r = bench["ratios"]
+    goals = {}
+    for key in ("targets_met", "fashion_targets_met"):
+        for target, ok in r.get(key, {}).items():
+            name, _, bound = target.partition(" >= ")
+            if bound:
+                goals[name] = f"≥ {bound} {'✔' if ok else '✘'}"
+    rows = [f"| at {r.get('users', 16)} users | this run | target |", "|---|---|---|"]
+    rows += [f"| {what} | **{r[key]}** | {goals.get(key, '')} |" for key, what in RATIOS if key in r]
+    for path, p99, failed in (("mnist", "ours_p99_ms", "ours_failed"), ("fashion", "fashion_p99_ms", "fashion_failed")):
+        if p99 in r:
+            rows.append(f"| {path} p99 / failed requests | {r[p99]} ms / {r[failed]} | ≤ 100 ms / 0 "
+                        f"{'✔' if r[p99] <= 100 and r[failed] == 0 else '✘'} |")
+    return "\n".join(rows)
+
+
+def lever_name(key: str) -> str:
+    """The record's key, or for the handler-code steps (a folder of handler code) the step's folder name."""
+    return f"handler step {Path(key).parent.name}" if key.startswith("/") else key
+
+
+def levers(records: dict) -> str:
+    """docs/benchmark.md: one lever at a time, mnist at 1/16/32 users."""
+    record = records["levers"]
+    if record is None:
+        return "not measured yet (run python -m tests.load.levers)"
+    shipped = next((s["rps"] for s in record.get("shipped", {}).get("steps", []) if s["users"] == 16), None)
+    rows = ["| variant | req/s at 1 / 16 / 32 users | p99 at 16 users | ÷ shipped at 16 users |", "|---|---|---|---|"]
+    notes = []
+    for key, lever in record.items():
+        by_users = {s["users"]: s for s in lever["steps"]}
+        rates = " / ".join(number(by_users[u]["rps"]) if u in by_users else "–" for u in (1, 16, 32))
+        p99 = f"{by_users[16]['p99_ms']:.0f} ms" if 16 in by_users else "–"
+        versus = f"{by_users[16]['rps'] / shipped:.2f}" if shipped and 16 in by_users else "–"
+        rows.append(f"| {lever_name(key)} | {rates} | {p99} | {versus} |")
+        if not key.startswith("/"):
+            notes.append(item(f"{lever_name(key)}: {lever['what']}"))
+    return "\n".join([*rows, "", *notes])
+
+
+BLOCKS = {
+    "models": models_table,
+    "seeds": seeds_table,
+    "exports": exports_table,
+    "detector-classes": detector_classes,
+    "fresh-clone": fresh_clone,
+    "bench-headline": bench_headline,
+    "bench-paths": bench_paths,
+    "bench-ratios": bench_ratios,
+    "levers": levers,
+}
+
+
+def block(name: str, records: dict) -> str:
+    """The rendered body of block ``name`` (without its markers)."""
+    if name in BLOCKS:
+        return BLOCKS[name](records)
+    if name.startswith("metrics-") and name[len("metrics-"):] in {entry.name for entry in registry.MODELS}:
+        return model_metrics(name[len("metrics-"):], records)
+    raise KeyError(f"no generated block {name!r} (known: {', '.join(BLOCKS)}, metrics-<model>)")
+
+
+# --- files -----------------------------------------------------------------------------------------------------------
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """README.md and every markdown file under docs/."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def render(text: str, records: dict, only: set[str] | None = None) -> str:
+    """``text`` with each generated block (of a name in ``only``, if given) rendered afresh."""
+    def replace(match):
+        name = match["name"]
+        if only is not None and name not in only:
+            return match[0]
+        return f"<!-- generated: {name} -->\n{block(name, records)}\n<!-- /generated -->"
+    return BLOCK.sub(replace, text)
+
+
+def stale(paths: list[Path], records: dict, only: set[str] | None = None) -> dict[Path, str]:
+    """{path: its text rendered afresh} for each file whose generated blocks are not current."""
+    result = {}
+    for path in paths:
+        text = path.read_text()
+        fresh = render(text, records, only)
+        if fresh != text:
+            result[path] = fresh
+    return result
+
+
+def main(argv=None, paths: list[Path] | None = None, records: dict | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="list the stale files and exit 1; write nothing")
+    args = parser.parse_args(argv)
+    paths = documents() if paths is None else paths
+    changed = stale(paths, load_records() if records is None else records)
+    for path, text in changed.items():
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        if args.check:
+            print(f"stale: {shown}")
+        else:
+            path.write_text(text)
+            print(f"wrote {shown}")
+    if args.check and changed:
+        print("run `make docs` (python -m scripts.docs) to render them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
