@@ -73,7 +73,7 @@ class Promotion:
 class Quality:
     """A held-out figure of metrics.json's "test" section that a version's training is judged by.
 
-    ``goal`` is what training aims at: reported (README), never asserted, since the same seed trains to different
+    ``goal`` is what training aims at: reported (README, docs/models), never asserted, since the same seed trains to different
     figures on different CPUs. The test asserts a floor: the worst figure of several seeds measured on one machine
     (docs/seeds.json, written by ``python -m scripts.seeds``) less ``margin``."""
 

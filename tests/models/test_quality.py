@@ -44,7 +44,7 @@ def test_the_trained_version_reaches_its_floor_and_its_goal_is_reported(version,
     assert figure >= limit, f"{version.archive} {quality.metric} {figure:.4f} under its floor {limit}"
     if figure < quality.goal:
         warnings.warn(f"{version.archive} {quality.metric} {figure:.4f} is under its goal {quality.goal} "
-                      f"(floor {limit}): see README.md, Quality across seeds", UserWarning)
+                      f"(floor {limit}): see docs/testing.md, the seeds table", UserWarning)
 
 
 def test_the_docs_seeds_table_is_the_one_generated_from_the_seed_record():

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from tests.fixtures.servers import on_free_ports
 
 pytestmark = pytest.mark.trained  # reads the built artifacts and archives
 
-TINY = ROOT / "tests" / "data" / "tiny_model"
 
 
 @pytest.fixture
@@ -105,41 +103,6 @@ def test_a_failed_build_exits_1_and_keeps_the_old_archive(bundle, break_it, mess
     assert archive.read_bytes() == before
     touch(bundle / "handlers" / "sentiment.py")
     assert make(bundle, "model_store/sentiment.mar").returncode != 0  # make stops too
-
-
-@pytest.mark.slow
-def test_adding_a_model_is_one_registry_entry_and_its_modules(bundle, tmp_path):
-    """The README's "Adding a model", done on a throwaway model: make trains and archives it, and it serves."""
-    for source in TINY.rglob("*"):
-        if source.is_file() and source.suffix != ".txt":
-            shutil.copy(source, bundle / source.relative_to(TINY))
-    text = (bundle / "registry.py").read_text()
-    end_of_models = text.index("\n)\n", text.index("MODELS = ("))
-    (bundle / "registry.py").write_text(text[:end_of_models + 1] + (TINY / "registry_entry.txt").read_text()
-                                        + text[end_of_models + 1:])
-
-    built = make(bundle, "archive")
-    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
-    assert "==> [train] artifacts/tiny" in built.stdout and built.stdout.count("==> [train]") == 1, built.stdout
-    listing = archive_sh(bundle, "--list").stdout.splitlines()
-    assert "tiny tiny 1.0 artifacts/tiny" in listing
-    with zipfile.ZipFile(bundle / "model_store" / "tiny.mar") as archive:
-        assert {"handlers/tiny.py", "models/tiny.py", "manifest.json", "model.pt"} <= set(archive.namelist())
-
-    # In the copy's own Python process: this one has already imported the checkout's handlers and models packages.
-    served = subprocess.run([sys.executable, "-c", SERVE_TINY, str(tmp_path / "unpacked")], cwd=bundle,
-                            capture_output=True, text=True, timeout=120)
-    assert served.returncode == 0, served.stderr[-2000:]
-    assert served.stdout.split() == ["200", '{"y":8.0}', "400", "InvalidInput"], served.stdout
-
-
-SERVE_TINY = """
-import json, sys
-from tests.worker import Request, Worker
-worker = Worker("model_store/tiny.mar", sys.argv[1])
-good, bad = worker.run(Request(b'{"x": [1, 2]}', "application/json"), Request(b'{"x": "no"}', "application/json"))
-print(good.status, json.dumps(good.body, separators=(",", ":")), bad.status, bad.body["type"])
-"""
 
 
 @pytest.mark.slow

@@ -236,11 +236,12 @@ def test_scaling_down_under_load_fails_no_request(mnist_v2_scaling, digits):
     most scale-downs hit at least one of these): a batch in flight on a removed worker is answered 500 "Worker
     died."; sometimes a request is dropped with no answer at all (the client waits until its own timeout; the
     frontend logs "Unexpected job in sendError()"); sometimes a removed worker stays READY although max_worker=1;
-    sometimes the scaling call itself is answered 500 ConcurrentModificationException, and is sent again (README).
+    sometimes the scaling call itself is answered 500 ConcurrentModificationException, and is sent again
+    (docs/security.md).
     That is upstream, outside what the bundle can fix, so when it happens this test is marked XFAIL with what
     was seen. What TorchServe does guarantee is asserted: only requests in flight on the removed workers are
     affected (at most batchSize x removed workers, all "Worker died." or unanswered), every other request gets
-    its correct answer. README.md (Security model): scale down when idle, and clients retry idempotent predictions.
+    its correct answer. docs/security.md: scale down when idle, and clients retry idempotent predictions.
     """
     server = mnist_v2_scaling
     expected = labels_of(server, digits, "2.0")
@@ -285,7 +286,7 @@ def test_response_timeout_gives_an_error_and_the_worker_recovers(faults, digits)
 
     TorchServe 0.12 answers a response timeout with 500 {"type": "InternalServerException", "message": "Worker
     died."} - the same answer as a crashed worker; the frontend log names the cause ("did not respond in given
-    time"). README.md (Security model) tells clients to treat it as retryable.
+    time"). docs/security.md tells clients to treat it as retryable.
     """
     server = faults.server
     config = server.describe("slow", "1.0")

@@ -2,7 +2,7 @@
 
 Tokens, request size and the model API run on the session server (the shipped config.properties); the model API
 turned on and TLS need servers of their own. Every URL points at 127.0.0.1; the "remote" archive URL points at a
-local listener that counts connections. See README.md (Security model) for the model behind each default.
+local listener that counts connections. See docs/security.md for the model behind each default.
 Hostile request bodies are tests/serving/test_hostile_http.py's.
 """
 
