@@ -7,8 +7,10 @@ A generated block is the text between ``<!-- generated: NAME -->`` and ``<!-- /g
 line of its own); NAME picks the renderer in ``BLOCKS``, or ``metrics-<model>`` for a model of registry.py. Every
 figure that comes from a run sits in such a block, rendered from these records:
 
-- ``artifacts/<dir>/metrics.json`` and ``manifest.json`` of each version in registry.py (``make train``): the
-  held-out ("test") figures, the training time, the exports' parity with the eager model;
+- ``docs/runs.json``: the ``metrics.json`` and ``manifest.json`` of each version's training run (``make train``):
+  the held-out ("test") figures, the training time, the exports' parity with the eager model. ``make docs`` first
+  copies them there from ``artifacts/`` (the versions trained in this checkout), so the docs show committed records
+  only, and ``--check`` (a test) judges them the same on any machine, trained or not;
 - ``docs/seeds.json`` (``python -m scripts.seeds``): the seeds each quality floor comes from;
 - ``docs/benchmark.json`` (``make bench``) and ``docs/benchmark-levers.json`` (``python -m tests.load.levers``);
 - ``docs/fresh-clone.json``: the times of a fresh clone's steps (setup, ``make serve``, ``make test``).
@@ -50,11 +52,27 @@ def versions() -> list[tuple[registry.Model, registry.Version]]:
     return [(entry, version) for entry in registry.MODELS for version in entry.versions]
 
 
+RUNS = ROOT / "docs" / "runs.json"
+
+
+def collect_runs(root: Path = ROOT) -> dict:
+    """docs/runs.json's content with the training runs of ``root``'s artifacts/ in place of the recorded ones:
+    {archive: {"metrics": metrics.json, "manifest": manifest.json}} (a version not trained here keeps its record)."""
+    runs = read_json(root / "docs" / "runs.json") or {}
+    for _, version in versions():
+        metrics = read_json(root / version.artifacts / "metrics.json")
+        if metrics is not None:
+            runs[version.archive] = {"metrics": metrics,
+                                     "manifest": read_json(root / version.artifacts / "manifest.json")}
+    return runs
+
+
 def load_records(root: Path = ROOT) -> dict:
-    """Every record the blocks are rendered from; a missing file is None."""
+    """Every record the blocks are rendered from (committed files only); a missing file is None."""
+    runs = read_json(root / "docs" / "runs.json") or {}
     return {
-        "metrics": {v.archive: read_json(root / v.artifacts / "metrics.json") for _, v in versions()},
-        "manifests": {v.archive: read_json(root / v.artifacts / "manifest.json") for _, v in versions()},
+        "metrics": {v.archive: runs.get(v.archive, {}).get("metrics") for _, v in versions()},
+        "manifests": {v.archive: runs.get(v.archive, {}).get("manifest") for _, v in versions()},
         "seeds": read_json(root / "docs" / "seeds.json"),
         "benchmark": read_json(root / "docs" / "benchmark.json"),
         "levers": read_json(root / "docs" / "benchmark-levers.json"),
@@ -390,6 +408,11 @@ def main(argv=None, paths: list[Path] | None = None, records: dict | None = None
     parser.add_argument("--check", action="store_true", help="list the stale files and exit 1; write nothing")
     args = parser.parse_args(argv)
     paths = documents() if paths is None else paths
+    if records is None and not args.check:
+        runs = json.dumps(collect_runs(), indent=1, sort_keys=True) + "\n"
+        if read_json(RUNS) != json.loads(runs):
+            RUNS.write_text(runs)
+            print(f"wrote {RUNS.relative_to(ROOT)} (the training runs of artifacts/)")
     changed = stale(paths, load_records() if records is None else records)
     for path, text in changed.items():
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path

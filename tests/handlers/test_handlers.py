@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import registry
 from models.sentiment import TOKENIZERS
 from tests.samples import CROSS_DOMAIN_REVIEWS, encode_image, heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request
@@ -238,7 +239,7 @@ def test_regression_wrong_shape_is_a_400(worker, request_, kind):
 
 # --- shared behaviour ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stem", ["mnist", "sentiment", "regression"])
+@pytest.mark.parametrize("stem", [version.archive for _, version in registry.served()])
 def test_handler_runs_on_cpu_with_one_torch_thread(worker, stem):
     import torch
 
