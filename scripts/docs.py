@@ -147,13 +147,8 @@ def training_cost(record: dict) -> str:
 def models_table(records: dict) -> str:
     """README: per version, its quality figures on the held-out split, the goals, and what training took."""
     rows = ["| version | held-out figures | held out | goal (reported) | training |", "|---|---|---|---|---|"]
-    for entry, version in versions():
-        record = records["metrics"].get(version.archive)
-        if record is None:
-            goals = ", ".join(str(q.goal) for q in version.quality) or "–"
-            state = "not trained (optional)" if version.optional else MISSING_TRAINING
-            rows.append(f"| {entry.name} {version.version} | {state} | – | {goals} | – |")
-            continue
+    for entry, version in recorded(records):
+        record = records["metrics"][version.archive]
         test = record["test"]
         shown = [q.metric for q in version.quality] or [key for key in test if "/" not in key][:1]
         figures = ", ".join(f"{label(metric)} **{figure(test[metric])}**" for metric in shown)
@@ -162,7 +157,13 @@ def models_table(records: dict) -> str:
         processes = f" ({record['processes']} processes)" if record.get("processes", 1) > 1 else ""
         rows.append(f"| {entry.name} {version.version} | {figures} | {number(held_out) if held_out else '–'} | "
                     f"{goals} | {duration(record['train_seconds'])}{processes} |")
-    return "\n".join(rows)
+    return "\n".join(rows) if len(rows) > 2 else MISSING_TRAINING
+
+
+def recorded(records: dict) -> list[tuple[registry.Model, registry.Version]]:
+    """The versions with a training run in docs/runs.json, in registry order: a model added to registry.py joins
+    the tables once `make docs` records its run, so adding one changes no generated file."""
+    return [(entry, version) for entry, version in versions() if records["metrics"].get(version.archive)]
 
 
 def model_metrics(name: str, records: dict) -> str:
@@ -206,12 +207,8 @@ def detector_classes(records: dict) -> str:
 def exports_table(records: dict) -> str:
     """Each exported file's max abs difference from the eager model, as the export check measured it."""
     rows = ["| version | TorchScript | ONNX | checked batch sizes |", "|---|---|---|---|"]
-    for entry, version in versions():
-        manifest = records["manifests"].get(version.archive)
-        if manifest is None:
-            if not version.optional:
-                rows.append(f"| {entry.name} {version.version} | {MISSING_TRAINING} | | |")
-            continue
+    for entry, version in recorded(records):
+        manifest = records["manifests"].get(version.archive) or {}
         cells, sizes = [], set()
         for fmt in ("torchscript", "onnx"):
             export = manifest.get("exports", {}).get(fmt)
@@ -225,7 +222,7 @@ def exports_table(records: dict) -> str:
                 sizes.update(export.get("checked_batch_sizes", []))
         rows.append(f"| {entry.name} {version.version} | {' | '.join(cells)} | "
                     f"{', '.join(map(str, sorted(sizes))) or '–'} |")
-    return "\n".join(rows)
+    return "\n".join(rows) if len(rows) > 2 else MISSING_TRAINING
 
 
 def seeds_table(records: dict) -> str:
