@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     def on_serve_line(line):
         elapsed = time.monotonic() - started
-        if line.startswith("==> [train]") and "setup" not in marks:
+        if "==> [train]" in line and "setup" not in marks:
             marks["setup"] = elapsed
         ready = READY.match(line)
         if ready:

@@ -12,10 +12,12 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -209,8 +211,9 @@ def serve_config(properties: dict, loaded: list[str], registering: bool) -> Path
 def start_daemon(since: float):
     """`make serve`: TorchServe from the repo root as a daemon, serving each model as soon as its archive is built.
 
-    The archives that are up to date are served at once; the others are trained and archived one at a time, in
-    registry order, and registered as each one is built, so the quick models answer while the slow ones train.
+    The archives that are up to date are served at once; the others are trained and archived in registry order
+    (``Builder``: two at a time after the first) and registered as each one is built, so the quick models answer
+    while the slow ones train.
     Times are reported from ``since`` (seconds since the epoch: when `make serve` started, setup included)."""
     started = time.monotonic() - (time.time() - since)
     pending = stale_archives()
@@ -237,15 +240,13 @@ def start_daemon(since: float):
             starting = registering.submit(registrar.start, len(loaded))
             if loaded:
                 starting.result()
-            for position, stem in enumerate(pending):
-                if starting.done():
-                    starting.result()  # TorchServe did not start: say why now, not after the training
-                print(f"==> [serve] still to build: {', '.join(pending[position:])}", flush=True)
-                if subprocess.run(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT).returncode:
-                    registrar.failed.append(stem)
-                    print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
-                else:
-                    registering.submit(registrar.register, stem)
+            builder = Builder(pending, lambda stem: registering.submit(registrar.register, stem), registrar.failed,
+                              starting)
+            try:
+                builder.run()
+            except KeyboardInterrupt:
+                builder.stop()
+                raise
     except KeyboardInterrupt:
         sys.exit("\nmake serve: stopped while building; TorchServe goes on serving the READY models "
                  "(make stop stops it; make serve again builds the rest)")
@@ -255,6 +256,80 @@ def start_daemon(since: float):
     if registrar.failed:
         sys.exit(f"make serve: {', '.join(registrar.failed)} could not be built or served (above); the others are "
                  f"served")
+
+
+class Builder:
+    """Builds the pending archives with make in registry order: the first alone (the first prediction comes
+    soonest), then two at a time, as two trainings on 2 cores fill each other's single-threaded stretches
+    (start-up, data, export, archive); a torchrun build (a process per core) runs alone. Each build's output lines
+    are prefixed with its archive name; ``built(stem)`` is called as each one is built."""
+
+    def __init__(self, pending: list[str], built, failed: list[str], starting):
+        self.queue, self.built, self.failed, self.starting = list(pending), built, failed, starting
+        self.condition = threading.Condition()
+        self.running, self.alone, self.stopping = 0, False, False
+        self.lanes = [threading.Thread(target=self.lane, daemon=True) for _ in range(2)]
+
+    def run(self) -> None:
+        if self.queue:
+            self.build(self.queue.pop(0))
+        for lane in self.lanes:
+            lane.start()
+        for lane in self.lanes:
+            lane.join()
+
+    def stop(self) -> None:
+        """Ctrl-C: the builds in progress got the signal too; start no other one and wait for those to end."""
+        with self.condition:
+            self.stopping = True
+            self.condition.notify_all()
+        for lane in self.lanes:
+            if lane.is_alive():
+                lane.join()
+
+    def lane(self) -> None:
+        while True:
+            with self.condition:
+                while True:
+                    if self.stopping or not self.queue:
+                        return
+                    alone = runs_alone(self.queue[0])
+                    if not self.alone and (self.running == 0 or not alone):
+                        break
+                    self.condition.wait()
+                stem = self.queue.pop(0)
+                self.running, self.alone = self.running + 1, alone
+            try:
+                self.build(stem)
+            finally:
+                with self.condition:
+                    self.running, self.alone = self.running - 1, False
+                    self.condition.notify_all()
+
+    def build(self, stem: str) -> None:
+        if self.starting.done():
+            self.starting.result()  # TorchServe did not start: say why now, not after the training
+        with self.condition:
+            rest = ", ".join(self.queue)
+        print(f"==> [serve] building {stem}.mar" + (f"; still to build: {rest}" if rest else ""), flush=True)
+        process = subprocess.Popen(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            print(f"[{stem}] {line}", end="", flush=True)
+        code = process.wait()
+        if code == -signal.SIGINT:  # make re-raises Ctrl-C: build nothing more (stop() is on its way)
+            self.stopping = True
+        elif code == 0:
+            self.built(stem)
+        elif not self.stopping:
+            self.failed.append(stem)
+            print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
+
+
+def runs_alone(stem: str) -> bool:
+    """Whether archive ``stem``'s training is a torchrun job: a process per core, which takes the machine alone."""
+    _, version = registry.archive(stem)
+    return shlex.split(version.train)[0] == "torchrun"
 
 
 class Registrar:
