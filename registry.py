@@ -93,6 +93,9 @@ class Version:
     optional: bool = False
     """Built and served only when its artifacts exist (trained by hand, e.g. on a GPU); make never trains it."""
     quality: tuple[Quality, ...] = ()
+    light: bool = False
+    """Its training is small enough to share the machine: `make serve` builds two light versions side by side, each
+    on its own half of the cores (one torch thread each on 2 cores); the others build alone, on every core."""
 
     @property
     def trained(self) -> bool:
@@ -140,10 +143,10 @@ MODELS = (
         configs={"cpu": "handlers/mnist.yaml", "gpu": "handlers/mnist.gpu.yaml"},
         versions=(
             Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist",
-                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),), light=True),
             Version("2.0", "mnist_v2", "artifacts/mnist-v2",
                     "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong",
-                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),), light=True),
         ),
         samples=(Sample("samples/digit_7.png", "image/png", "7"),
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
@@ -160,7 +163,7 @@ MODELS = (
         configs={"cpu": "handlers/sentiment.yaml", "gpu": "handlers/sentiment.gpu.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
                           "python -m train.sentiment --arch tfidf --out artifacts/sentiment",
-                          quality=(Quality("accuracy", goal=0.85, margin=0.01),)),),
+                          quality=(Quality("accuracy", goal=0.85, margin=0.01),), light=True),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
         load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
@@ -174,7 +177,7 @@ MODELS = (
         configs={"cpu": "handlers/regression.yaml", "gpu": "handlers/regression.gpu.yaml"},
         versions=(Version("1.0", "regression", "artifacts/regression",
                           "python -m train.regression --out artifacts/regression",
-                          quality=(Quality("r2", goal=0.45, margin=0.05),)),),
+                          quality=(Quality("r2", goal=0.45, margin=0.05),), light=True),),
         samples=(Sample("samples/patient.json", "application/json"),),
         load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
         promotion=Promotion("train.regression:labelled_requests", kind="regression", answer="prediction"),

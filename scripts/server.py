@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -258,21 +257,29 @@ def start_daemon(since: float):
                  f"served")
 
 
+PINNED = ("import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(',')));"
+          " os.execvp(sys.argv[2], sys.argv[2:])")
+"""``python -c PINNED CPUS COMMAND...``: COMMAND on the CPUs listed (comma-separated), its children too."""
+
+
 class Builder:
     """Builds the pending archives with make in registry order: the first alone (the first prediction comes
-    soonest), then two at a time, as two trainings on 2 cores fill each other's single-threaded stretches
-    (start-up, data, export, archive); a torchrun build (a process per core) runs alone. Each build's output lines
+    soonest); then two light versions (registry ``Version.light``) side by side, each pinned to its half of the
+    cores, so that their single-threaded stretches (start-up, data, export, archive) overlap without two trainings'
+    thread pools fighting over the same cores; every other build alone, on every core. Each build's output lines
     are prefixed with its archive name; ``built(stem)`` is called as each one is built."""
 
     def __init__(self, pending: list[str], built, failed: list[str], starting):
         self.queue, self.built, self.failed, self.starting = list(pending), built, failed, starting
         self.condition = threading.Condition()
-        self.running, self.alone, self.stopping = 0, False, False
-        self.lanes = [threading.Thread(target=self.lane, daemon=True) for _ in range(2)]
+        self.running, self.stopping = {}, False  # running: {lane: light}
+        cpus = sorted(os.sched_getaffinity(0))
+        self.shares = [cpus[0::2], cpus[1::2]] if len(cpus) > 1 else [cpus]
+        self.lanes = [threading.Thread(target=self.lane, args=(i,), daemon=True) for i in range(len(self.shares))]
 
     def run(self) -> None:
         if self.queue:
-            self.build(self.queue.pop(0))
+            self.build(self.queue.pop(0), None)
         for lane in self.lanes:
             lane.start()
         for lane in self.lanes:
@@ -287,33 +294,38 @@ class Builder:
             if lane.is_alive():
                 lane.join()
 
-    def lane(self) -> None:
+    def lane(self, index: int) -> None:
         while True:
             with self.condition:
                 while True:
                     if self.stopping or not self.queue:
                         return
-                    alone = runs_alone(self.queue[0])
-                    if not self.alone and (self.running == 0 or not alone):
+                    light = registry.archive(self.queue[0])[1].light
+                    if not self.running or (light and all(self.running.values())):
                         break
                     self.condition.wait()
                 stem = self.queue.pop(0)
-                self.running, self.alone = self.running + 1, alone
+                self.running[index] = light
             try:
-                self.build(stem)
+                self.build(stem, self.shares[index] if light and len(self.shares) > 1 else None)
             finally:
                 with self.condition:
-                    self.running, self.alone = self.running - 1, False
+                    del self.running[index]
                     self.condition.notify_all()
 
-    def build(self, stem: str) -> None:
+    def build(self, stem: str, cpus: list[int] | None) -> None:
+        """``make model_store/<stem>.mar`` (training first where needed), on ``cpus`` only when given."""
         if self.starting.done():
             self.starting.result()  # TorchServe did not start: say why now, not after the training
         with self.condition:
             rest = ", ".join(self.queue)
-        print(f"==> [serve] building {stem}.mar" + (f"; still to build: {rest}" if rest else ""), flush=True)
-        process = subprocess.Popen(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        where = f" on CPU {', '.join(map(str, cpus))}" if cpus else ""
+        print(f"==> [serve] building {stem}.mar{where}" + (f"; still to build: {rest}" if rest else ""), flush=True)
+        command = ["make", "--no-print-directory", f"model_store/{stem}.mar"]
+        if cpus:  # pinned before make starts, so that every process of the build inherits it
+            command = [sys.executable, "-c", PINNED, ",".join(map(str, cpus)), *command]
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1)
         for line in process.stdout:
             print(f"[{stem}] {line}", end="", flush=True)
         code = process.wait()
@@ -324,12 +336,6 @@ class Builder:
         elif not self.stopping:
             self.failed.append(stem)
             print(f"==> [serve] building {stem}.mar failed (above); going on with the others", flush=True)
-
-
-def runs_alone(stem: str) -> bool:
-    """Whether archive ``stem``'s training is a torchrun job: a process per core, which takes the machine alone."""
-    _, version = registry.archive(stem)
-    return shlex.split(version.train)[0] == "torchrun"
 
 
 class Registrar:
