@@ -19,6 +19,7 @@ Standard library only: the Makefile reads it before the venv exists.
 import ast
 import importlib
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ class Promotion:
 class Quality:
     """A held-out figure of metrics.json's "test" section that a version's training is judged by.
 
-    ``goal`` is what training aims at: reported (README, docs/models), never asserted, since the same seed trains to different
+    ``goal`` is what training aims at: reported (README, docs/models), never asserted, since the same seed trains to
+    different
     figures on different CPUs. The test asserts a floor: the worst figure of several seeds measured on one machine
     (docs/seeds.json, written by ``python -m scripts.seeds``) less ``margin``."""
 
@@ -93,9 +95,13 @@ class Version:
     optional: bool = False
     """Built and served only when its artifacts exist (trained by hand, e.g. on a GPU); make never trains it."""
     quality: tuple[Quality, ...] = ()
-    light: bool = False
-    """Its training is small enough to share the machine: `make serve` builds two light versions side by side, each
-    on its own half of the cores (one torch thread each on 2 cores); the others build alone, on every core."""
+
+    @property
+    def light(self) -> bool:
+        """Its training runs on one torch thread (``--threads 1`` in its command, so its figures are the same however
+        it is built): `make serve` builds two light versions side by side; the others alone, on every core."""
+        words = shlex.split(self.train)
+        return "--threads" in words[:-1] and words[words.index("--threads") + 1] == "1"
 
     @property
     def trained(self) -> bool:
@@ -142,11 +148,11 @@ MODELS = (
         handler="handlers/mnist.py",
         configs={"cpu": "handlers/mnist.yaml", "gpu": "handlers/mnist.gpu.yaml"},
         versions=(
-            Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist",
-                    quality=(Quality("accuracy", goal=0.99, margin=0.01),), light=True),
+            Version("1.0", "mnist", "artifacts/mnist", "python -m train.mnist --out artifacts/mnist --threads 1",
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
             Version("2.0", "mnist_v2", "artifacts/mnist-v2",
-                    "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong",
-                    quality=(Quality("accuracy", goal=0.99, margin=0.01),), light=True),
+                    "python -m train.mnist --out artifacts/mnist-v2 --seed 2 --epochs 40 --augment strong --threads 1",
+                    quality=(Quality("accuracy", goal=0.99, margin=0.01),)),
         ),
         samples=(Sample("samples/digit_7.png", "image/png", "7"),
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
@@ -162,8 +168,8 @@ MODELS = (
         handler="handlers/sentiment.py",
         configs={"cpu": "handlers/sentiment.yaml", "gpu": "handlers/sentiment.gpu.yaml"},
         versions=(Version("1.0", "sentiment", "artifacts/sentiment",
-                          "python -m train.sentiment --arch tfidf --out artifacts/sentiment",
-                          quality=(Quality("accuracy", goal=0.85, margin=0.01),), light=True),),
+                          "python -m train.sentiment --arch tfidf --out artifacts/sentiment --threads 1",
+                          quality=(Quality("accuracy", goal=0.85, margin=0.01),)),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
         load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
@@ -176,8 +182,8 @@ MODELS = (
         handler="handlers/regression.py",
         configs={"cpu": "handlers/regression.yaml", "gpu": "handlers/regression.gpu.yaml"},
         versions=(Version("1.0", "regression", "artifacts/regression",
-                          "python -m train.regression --out artifacts/regression",
-                          quality=(Quality("r2", goal=0.45, margin=0.05),), light=True),),
+                          "python -m train.regression --out artifacts/regression --threads 1",
+                          quality=(Quality("r2", goal=0.45, margin=0.05),)),),
         samples=(Sample("samples/patient.json", "application/json"),),
         load=Load("tests.load.payloads:patients", "tests.load.checks:check_regression"),
         promotion=Promotion("train.regression:labelled_requests", kind="regression", answer="prediction"),

@@ -211,7 +211,7 @@ def start_daemon(since: float):
     """`make serve`: TorchServe from the repo root as a daemon, serving each model as soon as its archive is built.
 
     The archives that are up to date are served at once; the others are trained and archived in registry order
-    (``Builder``: two at a time after the first) and registered as each one is built, so the quick models answer
+    (``Builder``: two light versions at a time) and registered as each one is built, so the quick models answer
     while the slow ones train.
     Times are reported from ``since`` (seconds since the epoch: when `make serve` started, setup included)."""
     started = time.monotonic() - (time.time() - since)
@@ -257,29 +257,19 @@ def start_daemon(since: float):
                  f"served")
 
 
-PINNED = ("import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(',')));"
-          " os.execvp(sys.argv[2], sys.argv[2:])")
-"""``python -c PINNED CPUS COMMAND...``: COMMAND on the CPUs listed (comma-separated), its children too."""
-
-
 class Builder:
-    """Builds the pending archives with make in registry order: the first alone (the first prediction comes
-    soonest); then two light versions (registry ``Version.light``) side by side, each pinned to its half of the
-    cores, so that their single-threaded stretches (start-up, data, export, archive) overlap without two trainings'
-    thread pools fighting over the same cores; every other build alone, on every core. Each build's output lines
-    are prefixed with its archive name; ``built(stem)`` is called as each one is built."""
+    """Builds the pending archives with make in registry order: two light versions (registry ``Version.light``: one
+    torch thread each) side by side, so that on 2 cores they, and their single-threaded stretches (start-up, data,
+    export, archive), overlap; every other build alone, on every core. Each build's output lines are prefixed with
+    its archive name; ``built(stem)`` is called as each one is built."""
 
     def __init__(self, pending: list[str], built, failed: list[str], starting):
         self.queue, self.built, self.failed, self.starting = list(pending), built, failed, starting
         self.condition = threading.Condition()
         self.running, self.stopping = {}, False  # running: {lane: light}
-        cpus = sorted(os.sched_getaffinity(0))
-        self.shares = [cpus[0::2], cpus[1::2]] if len(cpus) > 1 else [cpus]
-        self.lanes = [threading.Thread(target=self.lane, args=(i,), daemon=True) for i in range(len(self.shares))]
+        self.lanes = [threading.Thread(target=self.lane, args=(i,), daemon=True) for i in range(2)]
 
     def run(self) -> None:
-        if self.queue:
-            self.build(self.queue.pop(0), None)
         for lane in self.lanes:
             lane.start()
         for lane in self.lanes:
@@ -307,25 +297,21 @@ class Builder:
                 stem = self.queue.pop(0)
                 self.running[index] = light
             try:
-                self.build(stem, self.shares[index] if light and len(self.shares) > 1 else None)
+                self.build(stem)
             finally:
                 with self.condition:
                     del self.running[index]
                     self.condition.notify_all()
 
-    def build(self, stem: str, cpus: list[int] | None) -> None:
-        """``make model_store/<stem>.mar`` (training first where needed), on ``cpus`` only when given."""
+    def build(self, stem: str) -> None:
+        """``make model_store/<stem>.mar``, training first where needed."""
         if self.starting.done():
             self.starting.result()  # TorchServe did not start: say why now, not after the training
         with self.condition:
             rest = ", ".join(self.queue)
-        where = f" on CPU {', '.join(map(str, cpus))}" if cpus else ""
-        print(f"==> [serve] building {stem}.mar{where}" + (f"; still to build: {rest}" if rest else ""), flush=True)
-        command = ["make", "--no-print-directory", f"model_store/{stem}.mar"]
-        if cpus:  # pinned before make starts, so that every process of the build inherits it
-            command = [sys.executable, "-c", PINNED, ",".join(map(str, cpus)), *command]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1)
+        print(f"==> [serve] building {stem}.mar" + (f"; still to build: {rest}" if rest else ""), flush=True)
+        process = subprocess.Popen(["make", "--no-print-directory", f"model_store/{stem}.mar"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in process.stdout:
             print(f"[{stem}] {line}", end="", flush=True)
         code = process.wait()

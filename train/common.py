@@ -38,6 +38,9 @@ def build_parser(description: str, default_out: str, default_epochs: int,
     if held_out_split:
         parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: this process's share of the CPUs it may use); the figures of a "
+                             "seed depend on it")
     return parser
 
 
@@ -130,13 +133,14 @@ def run_cli(main: Callable[[list[str] | None], object]) -> None:
         sys.exit(2)
 
 
-def seed_everything(seed: int, processes: int = 1) -> torch.Generator:
-    """Seed Python, NumPy and torch, pin torch's thread count to this process's share of the CPUs available (the
-    ``processes`` of a torchrun job on one node share them); return a torch generator."""
+def seed_everything(seed: int, processes: int = 1, threads: int | None = None) -> torch.Generator:
+    """Seed Python, NumPy and torch, set torch's thread count to ``threads`` (``--threads``), else to this process's
+    share of the CPUs available (the ``processes`` of a torchrun job on one node share them); return a torch
+    generator."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, available_cpus() // processes))
+    torch.set_num_threads(threads or max(1, available_cpus() // processes))
     return torch.Generator().manual_seed(seed)
 
 

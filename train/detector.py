@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.samples:
         return write_samples(args.samples, args.data_dir, args.seed)
     job = Distributed.from_environment()
-    generator = seed_everything(args.seed, job.local_world_size)
+    generator = seed_everything(args.seed, job.local_world_size, args.threads)
     log = job.log
     with contextlib.nullcontext() if job.is_main else contextlib.redirect_stdout(io.StringIO()):
         data = load_data(args)  # where the data came from: said once, by rank 0

@@ -193,7 +193,7 @@ def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    generator = seed_everything(args.seed)
+    generator = seed_everything(args.seed, threads=args.threads)
     split = load_split(args.dataset, args.seed, args.test_fraction, args.data_dir, args.limit)
     train_images, test_images = canonical_batch(split.train_images), normalize(canonical_batch(split.test_images))
     train_labels, test_labels = torch.from_numpy(split.train_labels).long(), torch.from_numpy(split.test_labels).long()

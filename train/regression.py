@@ -181,7 +181,7 @@ def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    generator = seed_everything(args.seed)
+    generator = seed_everything(args.seed, threads=args.threads)
     split = load_split(args.csv, args.target, args.seed, args.test_fraction, args.limit)
     feature_mean, feature_std = standardisation(split.train_features)
     target_mean, target_std = float(split.train_target.mean()), float(split.train_target.std() or 1.0)

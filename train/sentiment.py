@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args) -> dict:
     arch = ARCHS[args.arch]
-    generator = seed_everything(args.seed)
+    generator = seed_everything(args.seed, threads=args.threads)
     split = load_split(args.seed, args.test_fraction, args.limit, args.csv, args.text_column, args.label_column)
     fitted = fit_classifier(args, split.train_texts, split.train_labels, split.test_texts, split.test_labels,
                             generator)

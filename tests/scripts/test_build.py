@@ -165,41 +165,40 @@ def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bun
         subprocess.run(["make", "stop"], cwd=bundle, env=env, capture_output=True, timeout=120)
 
 
-def test_make_serve_builds_two_light_versions_side_by_side_each_on_its_cores_and_the_others_alone(monkeypatch):
-    """scripts.server.Builder's schedule, with the builds faked: the first alone; then light versions two at a time,
-    each pinned to its lane's half of the cores (on a machine with two or more); every other version alone,
-    unpinned."""
+def test_make_serve_builds_two_light_versions_side_by_side_and_the_others_alone(monkeypatch):
+    """scripts.server.Builder's schedule, with the builds faked: in registry order, light versions (one torch thread
+    each) two at a time, every other version alone."""
     from concurrent.futures import Future
 
     from scripts import server
 
     events, lock = [], threading.Lock()
 
-    def fake_build(self, stem, cpus):
+    def fake_build(self, stem):
         with lock:
-            events.append(("start", stem, tuple(cpus) if cpus else None))
+            events.append(("start", stem))
         time.sleep(0.2)
         with lock:
-            events.append(("end", stem, None))
+            events.append(("end", stem))
 
     monkeypatch.setattr(server.Builder, "build", fake_build)
     pending = [version.archive for _, version in registry.served()]
-    builder = server.Builder(pending, built=lambda stem: None, failed=[], starting=Future())
-    builder.run()
-    running, overlaps, pinned = set(), set(), {}
-    for kind, stem, cpus in events:
+    server.Builder(pending, built=lambda stem: None, failed=[], starting=Future()).run()
+    running, overlaps = set(), set()
+    for kind, stem in events:
         if kind == "start":
             overlaps |= {frozenset((stem, other)) for other in running}
             running.add(stem)
-            pinned[stem] = cpus
         else:
             running.discard(stem)
     light = {stem for stem in pending if registry.archive(stem)[1].light}
-    assert [stem for kind, stem, _ in events if kind == "start"] == pending  # registry order
-    assert all(pair <= light for pair in overlaps) and pending[0] not in {s for pair in overlaps for s in pair}
-    cpus = sorted(os.sched_getaffinity(0))
-    for stem in pending:
-        in_a_lane = stem in light and stem != pending[0] and len(cpus) > 1
-        assert pinned[stem] in ((tuple(cpus[0::2]), tuple(cpus[1::2])) if in_a_lane else (None,)), stem
-    if len(cpus) > 1:
-        assert overlaps, "no two light versions were built side by side"
+    assert [stem for kind, stem in events if kind == "start"] == pending  # registry order
+    assert overlaps and all(pair <= light for pair in overlaps), overlaps
+    assert frozenset(pending[:2]) in overlaps  # the first two are light: they start together
+
+
+def test_a_light_version_is_one_whose_training_command_runs_one_torch_thread():
+    light = registry.Version("1.0", "x", "artifacts/x", "python -m train.x --threads 1 --out artifacts/x")
+    heavy = registry.Version("1.0", "x", "artifacts/x", "python -m train.x --out artifacts/x --threads 2")
+    assert light.light and not heavy.light
+    assert not registry.Version("1.0", "x", "artifacts/x", "python -m train.x --threads").light

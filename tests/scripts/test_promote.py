@@ -190,11 +190,15 @@ def test_a_candidate_with_shuffled_weights_is_refused(mnist_server, tmp_path):
 
 @pytest.mark.slow
 def test_mnist_2_is_promoted(mnist_server, tmp_path):
-    dry = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--dry-run", report=tmp_path / "dry")
+    """The promotion itself (dry run, set-default, report, rollout steps). The held-out set both versions share is
+    small (~70 digits), and which one digit a version gets wrong changes with the CPU it trained on: a margin of 5
+    points keeps one such digit from deciding the test (the gate's arithmetic has tests of its own above)."""
+    dry = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--dry-run", "--margin", "0.05",
+                      report=tmp_path / "dry")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "dry run" in dry.stdout and default_version(mnist_server) == "1.0"
 
-    result = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--k8s", report=tmp_path)
+    result = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--k8s", "--margin", "0.05", report=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert default_version(mnist_server) == "2.0"
     report = json.loads((tmp_path / "promote-mnist-1.0-vs-2.0.json").read_text())
