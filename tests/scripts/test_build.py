@@ -130,9 +130,9 @@ def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bun
         out, interrupted = "", False
         for line in first.stdout:
             out += line
-            # Both light, sentiment and regression build side by side: Ctrl-C once sentiment is archived and
-            # regression is training.
-            ready = "==> [train] artifacts/regression" in out and "archive.sh: model_store/sentiment.mar" in out
+            # Both light, sentiment and regression build side by side: Ctrl-C once sentiment is served and
+            # regression is still training.
+            ready = "==> [train] artifacts/regression" in out and "READY  sentiment 1.0" in out
             if ready and not interrupted:
                 os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal
                 interrupted = True
@@ -142,8 +142,8 @@ def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bun
         assert "READY  mnist 1.0" in first_block and "Try these now" in first_block
         assert "READY  sentiment" not in first_block and "/predictions/regression" not in first_block
         assert first_block.count("/predictions/mnist") == 2  # the curl lines of the served versions' samples
-        # Registered on a thread of its own while regression trains; Ctrl-C lets that registration finish.
         assert out.index("archive.sh: model_store/sentiment.mar") < out.index("READY  sentiment 1.0")
+        assert "archive.sh: model_store/regression.mar" not in out  # stopped before regression was archived
         assert server.predict("mnist", digit).status_code == 200  # the server outlived the Ctrl-C
 
         again = subprocess.run(["make", "serve"], cwd=bundle, env=env, capture_output=True, text=True, timeout=600,

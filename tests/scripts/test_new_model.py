@@ -91,8 +91,8 @@ def test_an_existing_file_is_never_overwritten(tmp_path, monkeypatch):
 def test_the_entry_is_appended_to_models_and_the_registry_still_loads(tmp_path):
     """On a copy of registry.py: the new entry is the last of MODELS, with its sample and both profiles."""
     (tmp_path / "registry.py").write_bytes(registry.ROOT.joinpath("registry.py").read_bytes())
-    new_model.add_model("my_texts", "text-classification", root=tmp_path)
+    new_model.add_model("appended", "text-classification", root=tmp_path)  # a name no copy's registry takes
     loaded = run_in(tmp_path, "-c", "import registry; e = registry.MODELS[-1]; "
                     "print(e.name, e.configs['gpu'], e.samples[0].file, e.samples[0].label, e.versions[0].train)")
-    assert loaded.stdout.split() == ["my_texts", "handlers/my_texts.gpu.yaml", "samples/my_texts.txt", "positive",
-                                     "python", "-m", "train.my_texts", "--out", "artifacts/my_texts"], loaded.stderr
+    assert loaded.stdout.split() == ["appended", "handlers/appended.gpu.yaml", "samples/appended.txt", "positive",
+                                     "python", "-m", "train.appended", "--out", "artifacts/appended"], loaded.stderr
