@@ -78,6 +78,14 @@ class RequestError(Exception):
         return {"code": self.code, "type": self.kind, "message": self.message}
 
 
+def internal_error(model, idx, stage, err):
+    """A 500 for request ``idx`` alone, from an exception that is not a ``RequestError``: logged with its
+    traceback, named in the reply by type only (its text may hold internals)."""
+    logger.error("%s: internal error %s request %d", model, stage, idx, exc_info=err)
+    return RequestError(f"internal error while {stage} this request ({type(err).__name__}); the model log has the "
+                        "details, and the other requests of its batch were answered", code=500, kind="InternalError")
+
+
 # --- request bodies ----------------------------------------------------------------------------------------------
 
 def request_payload(row):
@@ -409,6 +417,9 @@ class BundleHandler:
             except RequestError as err:
                 replies[idx] = self.reject(idx, err)
                 continue
+            except Exception as err:  # a bug met by this request alone: its neighbours are still answered
+                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "reading", err))
+                continue
             (to_explain if explaining else to_predict).append((idx, examples, many))
         self.counters.add(self.metric_requests, len(data), self._dims())
         self.counters.add(self.metric_preprocess, (time.perf_counter() - started) * 1000, self._dims())
@@ -421,6 +432,9 @@ class BundleHandler:
             except RequestError as err:
                 replies[idx] = self.reject(idx, err)
                 continue
+            except Exception as err:
+                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "explaining", err))
+                continue
             replies[idx] = answers if many else answers[0]
         elapsed = time.perf_counter() - started
         context.metrics.add_time("HandlerTime", round(elapsed * 1000, 2), None, "ms")
@@ -428,29 +442,53 @@ class BundleHandler:
         return [self._bounded(idx, reply) for idx, reply in enumerate(replies)]
 
     def _answer_predictions(self, to_predict, replies):
-        """Predict every example of the batch, ``max_forward_examples`` per forward pass, and fill in the replies."""
+        """Predict every example of the batch, ``max_forward_examples`` per forward pass, and fill in the replies.
+
+        When a forward pass raises, each request is predicted on its own, so that only the requests it fails for
+        get a 500; a request whose reply cannot be formatted gets its own 500."""
         examples = [example for _, request_examples, _ in to_predict for example in request_examples]
-        outputs = []
-        for start in range(0, len(examples), self.max_forward_examples):
-            chunk = examples[start : start + self.max_forward_examples]
-            outputs += self.output_rows(self.predict(self.collate(chunk)))
+        try:
+            outputs = []
+            for start in range(0, len(examples), self.max_forward_examples):
+                chunk = examples[start : start + self.max_forward_examples]
+                outputs += self.output_rows(self.predict(self.collate(chunk)))
+        except Exception as err:
+            if len(to_predict) > 1:
+                for request in to_predict:
+                    self._answer_predictions([request], replies)
+            else:
+                idx = to_predict[0][0]
+                if not isinstance(err, RequestError):
+                    err = internal_error(self.model_name, idx, "predicting", err)
+                replies[idx] = self.reject(idx, err)
+            return
         position, labels = 0, {}
         for idx, request_examples, many in to_predict:
             rows = outputs[position : position + len(request_examples)]
-            answers = [self.format(example, row) for example, row in zip(request_examples, rows)]
             position += len(request_examples)
+            try:
+                answers = [self.format(example, row) for example, row in zip(request_examples, rows)]
+                replies[idx] = self._oip_reply(idx, rows, answers) if idx in self.oip_requests else (
+                    answers if many else answers[0])
+            except RequestError as err:
+                replies[idx] = self.reject(idx, err)
+                continue
+            except Exception as err:
+                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "formatting", err))
+                continue
             for answer in answers:
                 label = self.label_of(answer)
                 if label is not None:
                     labels[label] = labels.get(label, 0) + 1
-            replies[idx] = self._oip_reply(idx, rows, answers) if idx in self.oip_requests else (
-                answers if many else answers[0])
         for label, count in labels.items():
             self.counters.add(self.metric_predictions, count, self._dims(label))
 
     def _bounded(self, idx, reply):
         """``reply`` as JSON bytes, or a 413 in its place when it is larger than ``max_reply_bytes``."""
-        body = reply.body if isinstance(reply, oip.Response) else compact_json(reply)
+        try:
+            body = reply.body if isinstance(reply, oip.Response) else compact_json(reply)
+        except Exception as err:  # e.g. a value JSON cannot carry
+            body = compact_json(self.reject(idx, internal_error(self.model_name, idx, "encoding", err)))
         if len(body) > self.max_reply_bytes:
             err = RequestError(f"the reply would be {len(body)} bytes, over this model's limit of "
                                f"{self.max_reply_bytes}; send fewer or shorter items", code=413, kind="ReplyTooLarge")

@@ -249,7 +249,12 @@ def start_daemon(since: float):
     except KeyboardInterrupt:
         sys.exit("\nmake serve: stopped while building; TorchServe goes on serving the READY models "
                  "(make stop stops it; make serve again builds the rest)")
-    starting.result()
+    except (RuntimeError, TimeoutError) as error:  # from starting.result(): TorchServe did not come up
+        sys.exit(f"make serve: TorchServe did not start: {error}")
+    try:
+        starting.result()
+    except (RuntimeError, TimeoutError) as error:
+        sys.exit(f"make serve: TorchServe did not start: {error}")
     if pending:
         report_ready(server, started, final=True)
     if registrar.failed:
@@ -288,7 +293,8 @@ class Builder:
         while True:
             with self.condition:
                 while True:
-                    if self.stopping or not self.queue:
+                    # TorchServe did not start: build nothing more; start_daemon says why, not after the training
+                    if self.stopping or not self.queue or self.starting.done() and self.starting.exception():
                         return
                     light = registry.archive(self.queue[0])[1].light
                     if not self.running or (light and all(self.running.values())):
@@ -305,8 +311,6 @@ class Builder:
 
     def build(self, stem: str) -> None:
         """``make model_store/<stem>.mar``, training first where needed."""
-        if self.starting.done():
-            self.starting.result()  # TorchServe did not start: say why now, not after the training
         with self.condition:
             rest = ", ".join(self.queue)
         print(f"==> [serve] building {stem}.mar" + (f"; still to build: {rest}" if rest else ""), flush=True)
@@ -329,7 +333,8 @@ class Registrar:
     are READY); the curl lines are shown once the first version is READY, and again at the end."""
 
     def __init__(self, server: TorchServe, started: float, pending: list[str]):
-        self.server, self.started, self.pending = server, started, pending
+        self.server, self.started = server, started
+        self.unregistered = len(pending)
         self.failed: list[str] = []
         self.announced = False
 
@@ -337,10 +342,11 @@ class Registrar:
         """Wait for TorchServe and the ``loaded`` versions it loads at start; show them (unless there are none)."""
         self.server.wait_ready(timeout=300, expect_ready=loaded)
         if loaded:
-            report_ready(self.server, self.started, final=not self.pending)
+            report_ready(self.server, self.started, final=not self.unregistered)
             self.announced = True
 
     def register(self, stem: str) -> None:
+        self.unregistered -= 1
         try:
             reply = self.server.management("POST", "/models", params={"url": f"{stem}.mar", "synchronous": "true"},
                                            timeout=600)
@@ -355,7 +361,7 @@ class Registrar:
         entry, version = registry.archive(stem)
         keep_default_version(self.server, entry, version)
         print(f"    READY  {entry.name} {version.version}  ({minutes(self.started)})", flush=True)
-        if not self.announced and stem != self.pending[-1]:
+        if not self.announced and self.unregistered:  # the last one's READY is followed by the final report
             report_ready(self.server, self.started, final=False, list_versions=False)  # its READY line is above
             self.announced = True
 

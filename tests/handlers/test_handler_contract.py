@@ -109,12 +109,48 @@ def test_counters_are_written_at_once_after_a_quiet_interval_and_summed_under_lo
     assert requests.lines == [(4, ["m", "1.0"]), (10, ["m", "1.0"])] and errors.lines == [(5, ["m", "1.0"])]
 
 
-def test_a_batch_that_raises_still_counts_its_requests(tiny_regression, monkeypatch):
+def test_a_forward_pass_that_raises_is_a_500_for_its_requests_and_they_are_counted(tiny_regression, monkeypatch):
     regression = tiny_regression
     written = RecordingMetric()
     monkeypatch.setattr(regression.handler, "metric_requests", written)
     monkeypatch.setattr(regression.handler, "counters", CounterBuffer(interval=0.0))
     monkeypatch.setattr(regression.handler, "predict", lambda batch: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        regression.handler.handle([{"body": json.dumps(heldout_patients()[0][0]).encode()}], regression.context)
+    reply = regression.run_one(Request(json.dumps(heldout_patients()[0][0]), JSON))
+    assert (reply.status, reply.body["type"]) == (500, "InternalError") and valid_reason(reply)
+    assert "ZeroDivisionError" in reply.body["message"] and "division" not in reply.body["message"]
     assert written.lines == [(1, ["regression", "1.0"])]
+
+
+@pytest.mark.parametrize("hook", ["parse", "collate", "format"])
+def test_any_exception_of_one_request_fails_it_alone_and_its_neighbours_are_answered(tiny_regression, monkeypatch,
+                                                                                      hook):
+    """Per-request isolation holds for exceptions that are not the handler's own error type, raised while reading
+    one request (parse), in a forward pass (collate: the batch is then retried request by request) or while
+    formatting its reply: a bug that one request meets gives it a 500, and its neighbours are answered."""
+    handler = tiny_regression.handler
+    poisoned = set()  # ids of the examples of the request that the bug is met by
+    parse, original = handler.parse, getattr(handler, hook)
+
+    def tagging_parse(payload, as_json):
+        examples, many = parse(payload, as_json)
+        if isinstance(payload, dict) and payload.get("age") == 0.05:
+            if hook == "parse":
+                raise ValueError("a bug that only this request meets")
+            poisoned.update(map(id, examples))
+        return examples, many
+
+    def failing(*args):
+        examples = args[0] if hook == "collate" else [args[0]]
+        if poisoned & set(map(id, examples)):
+            raise ValueError("a bug that only this request meets")
+        return original(*args)
+
+    monkeypatch.setattr(handler, "parse", tagging_parse)
+    if hook != "parse":
+        monkeypatch.setattr(handler, hook, failing)
+    rows = heldout_patients()[0]
+    replies = tiny_regression.run(*(Request(json.dumps(row), JSON) for row in (rows[0], {**rows[1], "age": 0.05},
+                                                                               rows[2])))
+    assert [replies[0].status, replies[2].status] == [200, 200] and "prediction" in replies[2].body
+    assert (replies[1].status, replies[1].body["type"]) == (500, "InternalError") and valid_reason(replies[1])
+    assert "ValueError" in replies[1].body["message"] and "only this request" not in replies[1].body["message"]

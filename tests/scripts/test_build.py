@@ -205,3 +205,22 @@ def test_a_light_version_is_one_whose_training_command_runs_one_torch_thread():
     heavy = registry.Version("1.0", "x", "artifacts/x", "python -m train.x --out artifacts/x --threads 2")
     assert light.light and not heavy.light
     assert not registry.Version("1.0", "x", "artifacts/x", "python -m train.x --threads").light
+
+
+def test_make_serve_builds_nothing_more_once_torchserve_failed_to_start(monkeypatch):
+    """A TorchServe that did not come up stops both build lanes after the builds in progress, and make serve says
+    why instead of training every model first."""
+    from concurrent.futures import Future
+
+    from scripts import server
+
+    started, starting = [], Future()
+
+    def fake_build(self, stem):
+        started.append(stem)
+        starting.set_exception(TimeoutError("0/1 model versions READY after 300s"))  # while the first builds train
+
+    monkeypatch.setattr(server.Builder, "build", fake_build)
+    pending = [version.archive for _, version in registry.served()]
+    server.Builder(pending, built=lambda stem: None, failed=[], starting=starting).run()
+    assert 1 <= len(started) <= 2 and started == pending[:len(started)]
