@@ -29,8 +29,10 @@ per reply (below config.properties' ``max_response_size``, which would otherwise
 (bf16, fp16 or off) is the autocast dtype of ``autocast()`` on CUDA.
 """
 
+import codecs
 import http
 import json
+import os
 import logging
 import math
 import threading
@@ -99,17 +101,32 @@ def request_payload(row):
     return name, payload
 
 
-def is_json(context, idx, name):
-    """Whether request ``idx``'s parameter ``name`` was sent as JSON (any application/json or +json type)."""
+CHARSETS = {codecs.lookup(name).name: name for name in (
+    "utf-8", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be", "gb18030", "gbk", "gb2312",
+    "big5", "big5hkscs", "us-ascii", "iso-8859-1", "windows-1252", "shift_jis", "euc-jp", "euc-kr")}
+"""Charsets a text or JSON body may name (``Content-Type: text/plain; charset=gb18030``); any other is a 415.
+TorchServe's own decoding reads every ``text/*`` body as UTF-8 whatever its charset, so the handler decodes bodies
+itself (``initialize`` turns TorchServe's off)."""
+
+
+def media_type(context, idx, name):
+    """(media type in lower case, charset parameter or None) of request ``idx``'s parameter ``name``."""
     header = context.get_request_header(idx, name)
     content_type = header.get("content-type", "") if isinstance(header, dict) else ""
-    media_type = content_type.split(";")[0].strip().lower()
-    return media_type == "application/json" or media_type.endswith("+json")
+    kind, *parameters = content_type.split(";")
+    charset = next((value.strip().strip('"') for key, _, value in (p.partition("=") for p in parameters)
+                    if key.strip().lower() == "charset"), None)
+    return kind.strip().lower(), charset
 
 
-def decode_json(payload):
-    """JSON from bytes or text that TorchServe left undecoded."""
-    text = decode_text(payload)
+def is_json_type(kind):
+    """Whether a media type is JSON (application/json or any +json type)."""
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def decode_json(payload, charset=None):
+    """JSON from bytes (in ``charset``, default UTF-8) or text."""
+    text = decode_text(payload, charset)
     try:
         return json.loads(text)
     except ValueError as err:
@@ -118,17 +135,36 @@ def decode_json(payload):
         raise RequestError("the JSON body is nested too deeply", kind="InvalidJSON") from None
 
 
-def decode_text(payload):
-    """UTF-8 text from bytes (or a str as is); other encodings are a client error."""
+def decode_text(payload, charset=None):
+    """Text from bytes in ``charset`` (default UTF-8; one of ``CHARSETS``, else a 415), or a str as is. Bytes that
+    are not valid in the charset, or text holding NUL characters (UTF-16 or UTF-32 sent as UTF-8), are a 400."""
     if isinstance(payload, str):
-        return payload
-    if isinstance(payload, (bytes, bytearray)):
+        text = payload
+    elif isinstance(payload, (bytes, bytearray)):
+        codec = "utf-8" if charset is None else codec_of(charset)
         try:
-            return bytes(payload).decode("utf-8")
+            text = bytes(payload).decode(codec)
         except UnicodeDecodeError as err:
-            raise RequestError(f"the body is not valid UTF-8 text ({err.reason} at byte {err.start})",
-                               kind="InvalidEncoding") from None
-    raise RequestError(f"expected text, got JSON {type(payload).__name__}", kind="InvalidInput")
+            raise RequestError(f"the body is not valid {CHARSETS[codecs.lookup(codec).name]} text ({err.reason} "
+                               f"at byte {err.start}); name its charset in Content-Type", kind="InvalidEncoding") from None
+    else:
+        raise RequestError(f"expected text, got JSON {type(payload).__name__}", kind="InvalidInput")
+    if "\x00" in text:
+        raise RequestError("the text holds NUL characters: a UTF-16 or UTF-32 body sent as UTF-8? Name its charset "
+                           "in Content-Type (e.g. text/plain; charset=utf-16)", kind="InvalidEncoding")
+    return text
+
+
+def codec_of(charset):
+    """The Python codec of a charset that ``CHARSETS`` accepts; any other is a 415 naming the accepted ones."""
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        codec = None
+    if codec not in CHARSETS:
+        raise RequestError(f"unsupported charset {quote(charset)}; accepted: {', '.join(CHARSETS.values())}",
+                           code=415, kind="UnsupportedCharset")
+    return codec
 
 
 def bounded_list(items, limit, what):
@@ -258,6 +294,9 @@ class BundleHandler:
         self.initialized = False
 
     def initialize(self, context):
+        # Bodies reach the handler as bytes, decoded here (``media_type``, ``decode_text``): TorchServe's worker would
+        # decode text/* as UTF-8 whatever its charset, and JSON keeping only the last of duplicate keys.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         properties = context.system_properties
         self.model_dir = properties["model_dir"]
         self.model_config = context.model_yaml_config or {}
@@ -403,9 +442,12 @@ class BundleHandler:
                 if oip.is_request(context.get_all_request_header(idx), payload):
                     to_predict.append((idx, self._oip_examples(idx, payload), True))
                     continue
-                as_json = is_json(context, idx, name)
-                if as_json and isinstance(payload, (bytes, bytearray)):
-                    payload = decode_json(payload)  # TorchServe decodes plain "application/json" only
+                kind, charset = media_type(context, idx, name)
+                as_json = is_json_type(kind)
+                if as_json and isinstance(payload, (bytes, bytearray, str)):
+                    payload = decode_json(payload, charset)
+                elif kind.startswith("text/"):
+                    payload = decode_text(payload, charset)
                 explaining = context.get_request_header(idx, "explain") == "True"
                 if explaining and self.explain is None:
                     raise RequestError(f"model {self.model_name} has no explanations; use /predictions",

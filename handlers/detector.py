@@ -36,9 +36,15 @@ POLYGON_TOLERANCE = 1.0
 """Pixels a simplified polygon may stray from the mask's outline."""
 
 
-def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+DEFAULT_MAX_MASK_PIXELS = 100_000_000
+"""Masks x image pixels one request may ask for (``handler.max_mask_pixels``): each mask is encoded at the
+image's size, so this bounds the mask stage's work whatever the image and ``max_detections``."""
+
+
+def mask_polygons(mask: np.ndarray, top: int = 0, left: int = 0) -> list[list[float]]:
     """A binary mask's outlines as COCO polygons (x, y pairs, pixel-edge coordinates), simplified by
-    ``POLYGON_TOLERANCE``; parts of fewer than three points are left out."""
+    ``POLYGON_TOLERANCE``; parts of fewer than three points are left out. ``mask`` may be a crop whose first pixel
+    is at (``top``, ``left``) of the image."""
     from skimage.measure import approximate_polygon, find_contours
 
     padded = np.pad(mask, 1)  # outlines close around parts touching the border
@@ -46,8 +52,41 @@ def mask_polygons(mask: np.ndarray) -> list[list[float]]:
     for contour in find_contours(padded.astype(np.float32), 0.5):
         points = approximate_polygon(contour, POLYGON_TOLERANCE) - 1 + 0.5  # row/col of pixel centres -> edges
         if len(points) >= 4:  # closed: the first point repeats
-            polygons.append([round(float(v), 1) for row, col in points for v in (col, row)])
+            polygons.append([round(float(v), 1) for row, col in points for v in (col + left, row + top)])
     return polygons
+
+
+def mask_crop(mask: torch.Tensor, height: int, width: int):
+    """A mask probability map [1, h, w] at the model's size -> (top, left, binary crop) at the image's size
+    ``height`` x ``width``, or None when no pixel is in it.
+
+    The same pixels as bilinearly upsampling the whole map (align_corners=False) and keeping those over 0.5, computed
+    only where they can be: an upsampled pixel over 0.5 has a source neighbour over 0.5, so the crop covers the
+    source rows and columns that have one, plus one on each side. Its cost is the mask's area, not the image's."""
+    probabilities = mask[0].float()
+    rows = torch.nonzero((probabilities > 0.5).any(dim=1)).flatten()
+    cols = torch.nonzero((probabilities > 0.5).any(dim=0)).flatten()
+    if not len(rows):
+        return None
+    source_height, source_width = probabilities.shape
+    if (source_height, source_width) == (height, width):
+        top, left = int(rows[0]), int(cols[0])
+        return top, left, (probabilities[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1] > 0.5).numpy()
+
+    def span(first, last, source, target):
+        # target pixel i samples source coordinate (i + 0.5) * source / target - 0.5
+        scale = target / source
+        return max(0, int((first - 0.5) * scale - 0.5)), min(target, int((last + 2.5) * scale + 0.5) + 1)
+
+    top, bottom = span(int(rows[0]), int(rows[-1]), source_height, height)
+    left, right = span(int(cols[0]), int(cols[-1]), source_width, width)
+    ys = ((torch.arange(top, bottom) + 0.5) * (source_height / height) - 0.5) * 2 / (source_height - 1) - 1 \
+        if source_height > 1 else torch.zeros(bottom - top)
+    xs = ((torch.arange(left, right) + 0.5) * (source_width / width) - 0.5) * 2 / (source_width - 1) - 1 \
+        if source_width > 1 else torch.zeros(right - left)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].float()  # [1, rows, cols, (x, y)]
+    crop = F.grid_sample(probabilities[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return top, left, (crop[0, 0] > 0.5).numpy()
 
 
 def png_base64(label_map: np.ndarray) -> str:
@@ -64,6 +103,7 @@ class DetectorHandler(BundleHandler):
         config = self.model_config.get("handler") or {}
         self.min_size, self.max_size = self.artifact["input"]["min_size"], self.artifact["input"]["max_size"]
         self.bounds = {name: {**DEFAULT_BOUNDS[name], **(config.get(name) or {})} for name in NUMERIC_OPTIONS}
+        self.max_mask_pixels = int(config.get("max_mask_pixels", DEFAULT_MAX_MASK_PIXELS))
         self.metric_detections = context.metrics.add_metric_to_cache(
             "DetectionsPerImage", "Count", ["ModelName", "ModelVersion"], metric_type=MetricTypes.HISTOGRAM)
 
@@ -79,6 +119,8 @@ class DetectorHandler(BundleHandler):
         options = self.options(from_headers, fields)
         pixels = decode_image(image_bytes(payload, as_json), channels=3)
         height, width = pixels.shape[:2]
+        options["max_detections"] = self.mask_budget(options["max_detections"], height * width,
+                                                     asked="max_detections" in fields or "max_detections" in from_headers)
         size = working_size(height, width, self.min_size, self.max_size)
         resized = pixels if size == (height, width) else \
             np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
@@ -110,6 +152,18 @@ class DetectorHandler(BundleHandler):
                                    f"{bounds['min']} to {bounds['max']}, got {value:g}", kind="InvalidField")
             options[name] = kind(value)
         return options
+
+    def mask_budget(self, max_detections, pixels, asked):
+        """``max_detections`` within ``max_mask_pixels``: the default is lowered to what fits an image of ``pixels``
+        (the reply says how many it kept); a number the request asked for that does not fit is a 413."""
+        fitting = max(1, self.max_mask_pixels // pixels)
+        if max_detections <= fitting:
+            return max_detections
+        if asked:
+            raise RequestError(f"{max_detections} masks at this image's size ({pixels} pixels) exceed the limit of "
+                               f"{self.max_mask_pixels} mask pixels per request; ask for at most {fitting} "
+                               "(Max-Detections) or send a smaller image", code=413, kind="TooManyMaskPixels")
+        return fitting
 
     @staticmethod
     def choice(fields, name, allowed):
@@ -146,30 +200,41 @@ class DetectorHandler(BundleHandler):
         scale = torch.tensor([width, height, width, height]) / torch.tensor(example["image"].shape[2:0:-1] * 2)
         boxes = (output["boxes"][keep].float() * scale).clamp(min=0)
         boxes = torch.minimum(boxes, torch.tensor([width, height, width, height], dtype=boxes.dtype))
-        masks = output["masks"][keep].float()
+        masks = output["masks"][keep]
         labels, scores = output["labels"][keep].tolist(), output["scores"][keep].float().tolist()
         self.metric_detections.add_or_update(len(keep), self._dims())
-        reply = {"image_size": {"width": width, "height": height}}
+        crops = [mask_crop(mask, height, width) for mask in masks]
+        reply = {"image_size": {"width": width, "height": height}, "max_detections": example["max_detections"]}
         if example["output"] == "semantic":
             label_map = np.zeros((height, width), np.uint8)
             for index in reversed(range(len(keep))):  # the highest score painted last, on top
-                label_map[self.full_size(masks[index], height, width)] = labels[index]
+                if crops[index] is not None:
+                    top, left, crop = crops[index]
+                    label_map[top : top + crop.shape[0], left : left + crop.shape[1]][crop] = labels[index]
             reply["label_map"] = {"format": "png", "data": png_base64(label_map)}
             reply["legend"] = {"0": "background", **{str(i): name for i, name in enumerate(self.labels, start=1)}}
         else:
+            canvas = np.zeros((height, width), np.uint8, order="F") if example["mask_format"] == "rle" else None
             detections = []
             for index, (label, score) in enumerate(zip(labels, scores)):
-                mask = self.full_size(masks[index], height, width)
                 detections.append({"label": self.labels[label - 1], "score": round(score, 4),
                                    "box": [round(v, 1) for v in boxes[index].tolist()],
-                                   "mask": encode_mask(mask) if example["mask_format"] == "rle" else
-                                   mask_polygons(mask)})
+                                   "mask": self.encode(crops[index], canvas)})
             reply["detections"] = detections
         return {**reply, "model": self.model_name, "version": self.version}
 
     @staticmethod
-    def full_size(mask, height, width):
-        """A mask probability map [1, h, w] at the model's size -> binary [height, width] in the client's frame."""
-        if mask.shape[1:] != (height, width):
-            mask = F.interpolate(mask[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        return (mask[0] > 0.5).numpy()
+    def encode(crop, canvas):
+        """A mask crop (``mask_crop``) as COCO RLE at the image's size, pasted into ``canvas`` (zeros, Fortran
+        order; cleared again after), or as polygons when ``canvas`` is None."""
+        if crop is None:
+            return encode_mask(canvas) if canvas is not None else []
+        top, left, pixels = crop
+        if canvas is None:
+            return mask_polygons(pixels, top, left)
+        window = canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]]
+        window[...] = pixels
+        try:
+            return encode_mask(canvas)
+        finally:
+            window[...] = 0

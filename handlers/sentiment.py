@@ -3,6 +3,8 @@
 ``score`` is the calibrated probability of the returned label, softmax(logits / T) with the temperature T fitted on
 the training run's held-out split (manifest ``temperature``): of the reviews scored 0.8, about 80 % are labelled
 right on data like the held-out split. It is always >= 0.5 (two labels); on other domains it is less reliable.
+The model reads a text's first ``max_tokens`` tokens (manifest): a longer text is labelled on those, and its reply
+says so with ``"truncated": true`` and ``"tokens_read"``; otherwise ``"truncated": false``.
 """
 
 import json
@@ -25,7 +27,8 @@ class SentimentHandler(BundleHandler):
         with open(os.path.join(self.model_dir, self.artifact["vocab"]), encoding="utf-8") as f:
             vocab = json.load(f)
         self.max_tokens = self.artifact["max_tokens"]
-        self.encode_text = text_encoder(self.artifact["tokenizer"], vocab, self.max_tokens)
+        # one token more than the model reads: a text that has it is truncated, and its reply says so
+        self.encode_text = text_encoder(self.artifact["tokenizer"], vocab, self.max_tokens + 1)
         self.tokenize = tokenizer(self.artifact["tokenizer"])  # the token strings, for explanations
         self.temperature = float(self.artifact.get("temperature", 1.0))
 
@@ -43,13 +46,13 @@ class SentimentHandler(BundleHandler):
         return [self._example(payload, "body")], False  # a JSON string
 
     def _example(self, text, field):
-        """(text, ids of its first ``max_tokens`` tokens); ``field`` names it in error messages."""
+        """(text, ids of its first ``max_tokens`` tokens, whether it has more); ``field`` names it in errors."""
         if not isinstance(text, str):
             raise RequestError(f"{field} must be a string, got {type(text).__name__}", kind="InvalidField")
         ids = self.encode_text(text)
         if not len(ids):
             raise RequestError(f"{field} is empty: nothing to classify", kind="EmptyText")
-        return text, ids
+        return text, ids[: self.max_tokens], len(ids) > self.max_tokens
 
     oip_input, oip_output_names = ("text", "BYTES"), ("label", "score")
 
@@ -58,15 +61,18 @@ class SentimentHandler(BundleHandler):
                 for i, text in enumerate(bounded_list(tensor.data, MAX_TEXTS, "texts"))]
 
     def collate(self, examples):
-        ids = torch.full((len(examples), max(len(ids) for _, ids in examples)), PAD_ID, dtype=torch.long)
-        for row, (_, example_ids) in enumerate(examples):
+        ids = torch.full((len(examples), max(len(ids) for _, ids, _ in examples)), PAD_ID, dtype=torch.long)
+        for row, (_, example_ids, _) in enumerate(examples):
             ids[row, : len(example_ids)] = torch.from_numpy(example_ids)
         return ids
 
     def format(self, example, output):
         probabilities = calibrated_probabilities(output, self.temperature)
         best = int(probabilities.argmax())
-        return {"label": self.labels[best], "score": round(float(probabilities[best]), 4)}
+        reply = {"label": self.labels[best], "score": round(float(probabilities[best]), 4), "truncated": example[2]}
+        if example[2]:
+            reply["tokens_read"] = self.max_tokens
+        return reply
 
     def explain(self, examples):
         """Per-token Integrated Gradients (on the embedding layer) towards the predicted label; padding as baseline."""

@@ -34,10 +34,25 @@ UNK_TOKEN = "<unk>"
 _WHITESPACE = re.compile(r"\s+")
 
 
-def _chunks(text: str) -> list[str]:
+RAW_CHARS_PER_CHAR = 4
+"""Characters of raw text read per normalised character needed: NFKC composes at most a few code points into one
+(a Hangul syllable from 3 jamo, a letter and its accents), so this many cover what a reading limit needs, and
+nothing is normalised past them (NFKC expands some characters 18-fold: U+FDFA is 18 letters)."""
+
+
+def _chunks(text: str, limit: int | None = None) -> list[str]:
     """NFKC-normalised (full-width letters, digits and punctuation become half-width), lower-cased text, split at
-    whitespace runs."""
+    whitespace runs; with ``limit``, of about the first ``limit`` characters only (``RAW_CHARS_PER_CHAR``), so that
+    the cost of a text is bounded by what the model reads, not by its length."""
+    if limit is not None:
+        text = text[: RAW_CHARS_PER_CHAR * limit]
     return [chunk for chunk in _WHITESPACE.split(unicodedata.normalize("NFKC", text).lower()) if chunk]
+
+
+def reading_length(tokens: int, longest: int) -> int:
+    """Characters of normalised text that hold the first ``tokens`` character n-grams (each character starts at
+    least one n-gram, and chunks are joined by one space)."""
+    return 2 * tokens + longest
 
 
 def tokenize(text: str, limit: int | None = None, longest: int = 2) -> list[str]:
@@ -46,7 +61,7 @@ def tokenize(text: str, limit: int | None = None, longest: int = 2) -> list[str]
     bigram at each position: c1, c1c2, c1c2c3, c2, ...
     """
     tokens = []
-    for chunk in _chunks(text):
+    for chunk in _chunks(text, None if limit is None else reading_length(limit, longest)):
         if limit is not None:  # each position gives at least one token: later positions fall past the limit
             chunk = chunk[: limit - len(tokens) + longest - 1]
         size = len(chunk)
@@ -124,9 +139,8 @@ class CharNgramEncoder:
         return sum((ord(char) + 1) << (_CODE_BITS * position) for position, char in enumerate(ngram))
 
     def __call__(self, text: str) -> np.ndarray:
-        # each character of a chunk starts at least one n-gram and chunks are joined by one space, so the first
-        # max_tokens n-grams start in the first 2 x max_tokens characters
-        joined = " ".join(_chunks(text))[: 2 * self.max_tokens + self.longest]
+        reading = reading_length(self.max_tokens, self.longest)
+        joined = " ".join(_chunks(text, reading))[:reading]
         codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64) + 1
         grams = np.zeros((len(codes), self.longest), dtype=np.int64)  # [start, n - 1]; 0: no such n-gram
         inside = codes != _SPACE

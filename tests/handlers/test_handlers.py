@@ -177,6 +177,52 @@ def test_sentiment_bad_input_is_a_named_4xx(worker, request_, code, kind):
     assert reply.body["message"]
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-16", "utf-16-le", "gb18030", "GBK", "big5", "utf-32"])
+def test_sentiment_reads_the_charset_its_content_type_names(worker, charset):
+    text = "质量很好，非常满意，下次还来" if charset != "big5" else "質量很好，非常滿意，下次還來"
+    reply = worker("sentiment").run_one(Request(text.encode(charset), f"text/plain; charset={charset}"))
+    assert reply.status == 200 and reply.body["label"] == "positive", reply.body
+    as_json = worker("sentiment").run_one(Request(json.dumps({"text": text}, ensure_ascii=False).encode(charset),
+                                                  f"application/json; charset={charset}"))
+    assert as_json.status == 200 and as_json.body["label"] == "positive", as_json.body
+
+
+@pytest.mark.parametrize("body, content_type, code, kind, message", [
+    ("好".encode("utf-16-le"), "text/plain; charset=klingon", 415, "UnsupportedCharset", 'unsupported charset "klingon"'),
+    ("好".encode(), "text/plain; charset=rot13", 415, "UnsupportedCharset", "accepted: utf-8, utf-16"),
+    ("good value".encode("utf-16-le"), TEXT, 400, "InvalidEncoding", "NUL characters"),
+    ("好".encode("utf-16"), TEXT, 400, "InvalidEncoding", "not valid utf-8 text"),
+    ("好".encode("gb18030") + b"\xff", "text/plain; charset=gb18030", 400, "InvalidEncoding", "not valid gb18030"),
+], ids=["unknown", "not-a-text-codec", "utf-16-as-utf-8", "utf-16-bom-as-utf-8", "bad-gb18030"])
+def test_sentiment_refuses_text_it_cannot_decode_as_sent(worker, body, content_type, code, kind, message):
+    reply = worker("sentiment").run_one(Request(body, content_type))
+    assert (reply.status, reply.body["type"]) == (code, kind) and message in reply.body["message"], reply.body
+
+
+def test_sentiment_says_when_a_text_is_longer_than_it_reads(worker):
+    sentiment = worker("sentiment")
+    read = sentiment.handler.max_tokens
+    short, long = sentiment.run(Request("质量很好，非常满意", TEXT), Request("质量很好，非常满意" * 200, TEXT))
+    assert short.body["truncated"] is False and "tokens_read" not in short.body
+    assert long.body["truncated"] is True and long.body["tokens_read"] == read and long.body["label"] == "positive"
+
+
+def test_sentiment_normalises_no_more_text_than_it_reads(worker, monkeypatch):
+    """NFKC expands some characters 18-fold (U+FDFA): the normalisation sees a bounded prefix of any text."""
+    import unicodedata
+
+    from models import sentiment as sentiment_model
+
+    seen = []
+    normalize = unicodedata.normalize
+    monkeypatch.setattr(sentiment_model.unicodedata, "normalize", lambda form, text: seen.append(len(text)) or
+                        normalize(form, text))
+    sentiment = worker("sentiment")
+    reply = sentiment.run_one(Request("\ufdfa" * 1_000_000, TEXT))
+    assert reply.status == 200 and reply.body["truncated"] is True
+    assert seen and max(seen) <= 4 * (2 * (sentiment.handler.max_tokens + 1) + 3), max(seen)
+
+
 # --- regression ------------------------------------------------------------------------------------------------------
 
 def test_regression_predicts_heldout_patients(worker):

@@ -228,6 +228,44 @@ def test_a_reply_over_the_limit_is_a_413_not_a_dead_worker(detector):
     assert small.status == 200, "only the reply over the limit fails"
 
 
+def test_a_mask_crop_holds_the_pixels_of_the_whole_upsampled_mask():
+    """handlers.detector.mask_crop against upsampling the whole map, on random masks and sizes (both ways)."""
+    import torch.nn.functional as F
+
+    from handlers.detector import mask_crop
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        height, width = rng.integers(1, 60, 2)
+        target = tuple(int(n) for n in rng.integers(1, 300, 2))
+        mask = torch.zeros(1, height, width)
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        mask[0, top : top + rng.integers(1, 20), left : left + rng.integers(1, 20)] = float(rng.uniform(0.4, 1.0))
+        mask *= torch.from_numpy(rng.uniform(0, 1.3, mask.shape)).float()
+        whole = (F.interpolate(mask[None], size=target, mode="bilinear", align_corners=False)[0, 0] > 0.5).numpy()
+        pasted = np.zeros(target, bool)
+        crop = mask_crop(mask, *target)
+        if crop is not None:
+            row, col, pixels = crop
+            pasted[row : row + pixels.shape[0], col : col + pixels.shape[1]] = pixels
+        assert (pasted == whole).all()
+
+
+def test_masks_are_bounded_by_max_mask_pixels_before_they_are_made(detector):
+    """Masks x image pixels above ``max_mask_pixels``: asked for, a 413 naming what fits; by default, fewer masks,
+    and the reply says how many it kept at most."""
+    image = heldout()[5].image  # 128 x 128
+    with mock.patch.object(detector.handler, "max_mask_pixels", 128 * 128 * 3):
+        asked, default, fitting = detector.run(as_json(image, score_threshold=0.0, max_detections=4),
+                                               as_json(image, score_threshold=0.0),
+                                               as_json(image, score_threshold=0.0, max_detections=3))
+    assert (asked.status, asked.body["type"]) == (413, "TooManyMaskPixels") and valid_reason(asked)
+    assert "ask for at most 3 (Max-Detections)" in asked.body["message"]
+    assert default.status == 200 and default.body["max_detections"] == 3 and len(default.body["detections"]) == 3
+    assert fitting.status == 200 and len(fitting.body["detections"]) == 3
+    assert detector.run_one(as_json(image)).body["max_detections"] == 20  # the model-config's default fits
+
+
 @pytest.mark.parametrize("body, code, kind", [
     (b"", 400, "EmptyBody"),
     (b"not an image at all", 400, "InvalidImage"),

@@ -404,7 +404,7 @@ def test_handler_serves_calibrated_scores_and_explains_each_architecture(tiny_ar
     manifest = read_manifest(tiny_artifacts[arch])
     labels, scores = sentiment_eval.predict_in_process(tiny_artifacts[arch], manifest, [text], batch_size=1)
     reply = worker.run_one(Request(text, "text/plain; charset=utf-8"))
-    assert reply.status == 200 and reply.body == {"label": "negative", "score": round(scores[0], 4)}
+    assert reply.status == 200 and reply.body == {"label": "negative", "score": round(scores[0], 4), "truncated": False}
     explained = worker.run_one(Request(text, "text/plain; charset=utf-8", headers={"explain": "True"}))
     tokens = [item["token"] for item in explained.body["tokens"]]
     assert explained.body["label"] == "negative" and explained.body["method"] == "LayerIntegratedGradients"
