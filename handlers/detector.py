@@ -41,6 +41,10 @@ DEFAULT_MAX_MASK_PIXELS = 100_000_000
 image's size, so this bounds the mask stage's work whatever the image and ``max_detections``."""
 
 
+LARGE_IMAGE_PIXELS = 4_000_000
+"""Images above this size leave the heap trimmed after their batch (``BundleHandler.large_batch``)."""
+
+
 def mask_polygons(mask: np.ndarray, top: int = 0, left: int = 0) -> list[list[float]]:
     """A binary mask's outlines as COCO polygons (x, y pairs, pixel-edge coordinates), simplified by
     ``POLYGON_TOLERANCE``; parts of fewer than three points are left out. ``mask`` may be a crop whose first pixel
@@ -119,6 +123,7 @@ class DetectorHandler(BundleHandler):
         options = self.options(from_headers, fields)
         pixels = decode_image(image_bytes(payload, as_json), channels=3)
         height, width = pixels.shape[:2]
+        self.large_batch |= height * width > LARGE_IMAGE_PIXELS
         options["max_detections"] = self.mask_budget(options["max_detections"], height * width,
                                                      asked="max_detections" in fields or "max_detections" in from_headers)
         size = working_size(height, width, self.min_size, self.max_size)
