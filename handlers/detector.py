@@ -18,11 +18,12 @@ import io
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
+from skimage.measure import approximate_polygon, find_contours  # at load: 50 MB the first polygon would add
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.common import BundleHandler, RequestError, decode_text, finite_number, quote
-from handlers.images import decode_image, image_bytes
+from handlers.images import image_bytes, opened_image, pixels_of
 from models.detector import encode_mask, working_size
 
 OUTPUTS = ("instances", "semantic")
@@ -45,12 +46,23 @@ LARGE_IMAGE_PIXELS = 4_000_000
 """Images above this size leave the heap trimmed after their batch (``BundleHandler.large_batch``)."""
 
 
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of an encoded image as shown (EXIF orientation applied), from its header alone; None when
+    Pillow cannot read it (``opened_image`` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # a quarter turn
+                width, height = height, width
+            return height, width
+    except Exception:  # whatever Pillow raises for a bad header is reported by opened_image
+        return None
+
+
 def mask_polygons(mask: np.ndarray, top: int = 0, left: int = 0) -> list[list[float]]:
     """A binary mask's outlines as COCO polygons (x, y pairs, pixel-edge coordinates), simplified by
     ``POLYGON_TOLERANCE``; parts of fewer than three points are left out. ``mask`` may be a crop whose first pixel
     is at (``top``, ``left``) of the image."""
-    from skimage.measure import approximate_polygon, find_contours
-
     padded = np.pad(mask, 1)  # outlines close around parts touching the border
     polygons = []
     for contour in find_contours(padded.astype(np.float32), 0.5):
@@ -121,15 +133,19 @@ class DetectorHandler(BundleHandler):
         from_headers = {option: headers[header] for option, header in OPTION_HEADERS.items()
                         if isinstance(headers.get(header), str)}
         options = self.options(from_headers, fields)
-        pixels = decode_image(image_bytes(payload, as_json), channels=3)
-        height, width = pixels.shape[:2]
+        data = image_bytes(payload, as_json)
+        known = upright_size(data)
+        # a JPEG is decoded at the smallest DCT scale that covers the model's size, not at its full size
+        draft = None if known is None else (max(working_size(*known, self.min_size, self.max_size)),) * 2
+        with opened_image(data, channels=3, draft_size=draft) as decoded:
+            height, width = known or (decoded.height, decoded.width)
+            size = working_size(height, width, self.min_size, self.max_size)
+            resized = decoded if decoded.size == size[::-1] else decoded.resize(size[::-1], Image.BILINEAR)
+            pixels = pixels_of(resized, channels=3)
         self.large_batch |= height * width > LARGE_IMAGE_PIXELS
         options["max_detections"] = self.mask_budget(options["max_detections"], height * width,
                                                      asked="max_detections" in fields or "max_detections" in from_headers)
-        size = working_size(height, width, self.min_size, self.max_size)
-        resized = pixels if size == (height, width) else \
-            np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR))
-        image = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
         return [{"image": image, "height": height, "width": width, **options}], False
 
     def options(self, from_headers, fields):
