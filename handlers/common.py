@@ -585,7 +585,9 @@ class BundleHandler:
         self.counters.add(self.metric_rejected, 1, self._dims(err.kind))
         self.counters.add(self.metric_errors, 1, self._dims())
         logger.info("%s rejected request %d: %s %s", self.model_name, idx, err.code, err.message)
-        return oip.error_body(err.message) if idx in self.oip_requests else err.to_json()
+        if idx in self.oip_requests:
+            return oip.error_body(err.message, self.context.get_all_request_header(idx), self.model_name, self.version)
+        return err.to_json()
 
     @staticmethod
     def is_describe(data, context):

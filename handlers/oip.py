@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe v2 REST), read and written in the shared handler layer.
+"""The Open Inference Protocol (KServe v2), read and written in the shared handler layer.
 
 TorchServe routes ``POST /v2/models/{name}/infer`` to the default version's handler as a plain request (its
 ``kservev2`` envelope is not used: it breaks with batchSize > 1). A request of a batch is an inference request when
@@ -7,13 +7,26 @@ JSON, then the raw tensor bytes) or when its JSON body is an object with an ``in
 (``/v2/models/{m}/infer``, ``/predictions/{m}/{version}``) accepts it.
 
 Request:  ``{"id"?, "inputs": [{"name", "shape", "datatype", "data" | "parameters": {"binary_data_size"}}],
-"outputs"?: [{"name", "parameters"?: {"binary_data"}}], "parameters"?: {"binary_data_output"}}``.
+"outputs"?: [{"name", "parameters"?: {"binary_data"}}], "parameters"?: {"binary_data_output"}}``. ``data`` is a flat
+list in row-major order or lists nested exactly as ``shape``; anything else, and a JSON object with a key twice
+(``json.loads`` would keep the last), is a ``ProtocolError`` (where the handler gets the raw body: TorchServe's own
+JSON decoding, which drops duplicate keys, is off in the handler layer).
 Response: ``{"model_name", "model_version", "id"?, "outputs": [{"name", "shape", "datatype", "data" |
 "parameters": {"binary_data_size"}}]}``, binary outputs after the JSON with the same header. Errors
 (``ProtocolError``) are answered ``{"error"}``.
 BYTES elements are 4-byte little-endian lengths then the bytes in binary form, strings in JSON form.
+
+gRPC (``ts_open_inference_protocol=true``): TorchServe's ``ModelInfer`` hands the handler a request of its own
+making, without any HTTP header: one parameter ``body`` (application/json), ``{"id", "model_name", "inputs": [{"name",
+"shape", "datatype", "data"}]}`` built from the inputs' typed ``contents`` only (``raw_input_contents``, what
+tritonclient.grpc sends, are dropped), BYTES elements base64-encoded; requested outputs and parameters are dropped.
+It reads every reply as a ModelInferResponse whatever its status: ``id``, ``model_name``, ``model_version`` and each
+output's JSON ``data`` must be there, or the frontend fails on it and restarts the worker. So a bridged request
+(``bridged``) is answered in JSON form with its ``id``, and its error as the one BYTES output ``error``.
 """
 
+import base64
+import binascii
 import json
 import math
 import struct
@@ -55,6 +68,8 @@ class Request:
     """Requested output name -> whether binary; None: every output, binary when ``binary_default``."""
     binary_default: bool
     id: str | None
+    bridged: bool = False
+    """Whether it came through TorchServe's gRPC ModelInfer (``bridged``): answered in JSON form, always with an id."""
 
 
 @dataclass
@@ -65,9 +80,20 @@ class Response:
     header_length: int | None
 
 
-def error_body(message):
-    """The protocol's error reply."""
-    return {"error": message}
+def bridged(headers):
+    """Whether a request (its headers as the handler gets them) came through TorchServe's gRPC ModelInfer: it has
+    parameter entries (name -> {"content-type"}) but no HTTP header, which every REST request has (TorchServe adds
+    ``explain`` to each)."""
+    return bool(headers) and all(isinstance(value, dict) for value in headers.values())
+
+
+def error_body(message, headers=None, model_name="", version=""):
+    """The protocol's error reply, ``{"error"}``; to a ``bridged`` request (``headers``), a ModelInferResponse whose
+    one output ``error`` holds the message (the gRPC status is OK: TorchServe's bridge ignores the reply's status)."""
+    if not bridged(headers):
+        return {"error": message}
+    return {"id": "", "model_name": model_name, "model_version": version,
+            "outputs": [{"name": "error", "shape": [1], "datatype": "BYTES", "data": [message]}]}
 
 
 def header_length(headers):
@@ -76,7 +102,7 @@ def header_length(headers):
     if value is None:
         return None
     value = value.decode() if isinstance(value, bytes) else str(value)
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):  # str.isdigit() is true for '²', int('²') fails
         raise ProtocolError(f"header {HEADER} must be a byte count, got {quote(value)}", kind="InvalidHeader")
     return int(value)
 
@@ -89,10 +115,34 @@ def is_request(headers, payload):
         if not payload.lstrip()[:1] == b"{" or b'"inputs"' not in payload:
             return False
         try:
-            payload = json.loads(payload)
-        except (ValueError, RecursionError):
-            return False
+            payload = _loads(payload)
+        except ProtocolError as err:
+            if err.kind != "DuplicateKey":
+                return False
+            try:  # a key twice: parse() refuses it, if "inputs" makes it a protocol request at all
+                return "inputs" in json.loads(payload)
+            except (ValueError, RecursionError):
+                return False
     return isinstance(payload, dict) and isinstance(payload.get("inputs"), list)
+
+
+def _loads(raw):
+    """JSON from bytes; an object with a key twice is a ``ProtocolError`` (``json.loads`` would keep the last)."""
+    try:
+        return json.loads(bytes(raw), object_pairs_hook=_unique_keys)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as err:
+        raise ProtocolError(f"the inference request header is not valid JSON: {err}", kind="InvalidJSON") from None
+
+
+def _unique_keys(pairs):
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ProtocolError(f"the JSON object has the key {quote(key)} twice", kind="DuplicateKey")
+        seen.add(key)
+    return dict(pairs)
 
 
 def parse(headers, payload):
@@ -105,15 +155,13 @@ def parse(headers, payload):
                                kind="InvalidHeader")
         payload, binary = payload[:length], memoryview(payload)[length:]
     if isinstance(payload, (bytes, bytearray)):
-        try:
-            payload = json.loads(bytes(payload))
-        except (ValueError, RecursionError) as err:
-            raise ProtocolError(f"the inference request header is not valid JSON: {err}", kind="InvalidJSON") from None
+        payload = _loads(payload)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or not payload["inputs"]:
         raise ProtocolError('an inference request is a JSON object with a non-empty "inputs" list')
+    via_grpc = bridged(headers)
     inputs, offset = {}, 0
     for position, item in enumerate(payload["inputs"]):
-        tensor, size = _input(item, position, binary[offset:])
+        tensor, size = _input(item, position, binary[offset:], via_grpc)
         if tensor.name in inputs:
             raise ProtocolError(f"input {quote(tensor.name)} is given twice")
         inputs[tensor.name] = tensor
@@ -121,8 +169,9 @@ def parse(headers, payload):
     if offset != len(binary):
         raise ProtocolError(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     parameters = _object(payload.get("parameters"), "parameters")
+    request_id = payload.get("id")
     return Request(inputs, _requested(payload.get("outputs")), parameters.get("binary_data_output") is True,
-                   str(payload["id"]) if payload.get("id") is not None else None)
+                   str(request_id) if request_id is not None else ("" if via_grpc else None), via_grpc)
 
 
 def _object(value, where):
@@ -143,8 +192,8 @@ def _requested(outputs):
             for o in outputs}
 
 
-def _input(item, position, binary):
-    """(Tensor, bytes of ``binary`` it took) of ``inputs[position]``."""
+def _input(item, position, binary, via_grpc):
+    """(Tensor, bytes of ``binary`` it took) of ``inputs[position]`` (``via_grpc``: of a ``bridged`` request)."""
     where = f"inputs[{position}]"
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise ProtocolError(f"{where} must be an object with a string \"name\"")
@@ -167,7 +216,8 @@ def _input(item, position, binary):
         return Tensor(item["name"], datatype, shape, data), size
     if "data" not in item:
         raise ProtocolError(f"{where} has neither \"data\" nor parameters.binary_data_size")
-    return Tensor(item["name"], datatype, shape, _from_json(item["data"], datatype, shape, count, where)), 0
+    data = _from_json(item["data"], datatype, shape, count, where, via_grpc)
+    return Tensor(item["name"], datatype, shape, data), 0
 
 
 def _from_binary(raw, datatype, shape, count, where):
@@ -193,25 +243,48 @@ def _from_binary(raw, datatype, shape, count, where):
     return elements
 
 
-def _flatten(data):
-    flat, stack = [], [data]
+def _elements(data, shape, where):
+    """The elements of JSON ``data`` in row-major order: a flat list, or lists nested exactly as ``shape``."""
+    if not isinstance(data, list):
+        raise ProtocolError(f'{where}: "data" must be a JSON array, got {_json_type(data)}', kind="ShapeMismatch")
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat, stack = [], [(data, ())]
     while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
+        item, path = stack.pop()
+        at = f"{where}: data{''.join(f'[{i}]' for i in path)}"
+        if len(path) == len(shape):
+            if isinstance(item, list):
+                raise ProtocolError(f"{at} is nested deeper than shape {shape}", kind="ShapeMismatch")
             flat.append(item)
+        elif not isinstance(item, list) or len(item) != shape[len(path)]:
+            got = f"a list of {len(item)}" if isinstance(item, list) else _json_type(item)
+            raise ProtocolError(f"{at} is {got}, but shape {shape} has {shape[len(path)]} there (send data flat, or "
+                                "nested exactly as the shape)", kind="ShapeMismatch")
+        else:
+            stack.extend((child, (*path, i)) for i, child in reversed(list(enumerate(item))))
     return flat
 
 
-def _from_json(data, datatype, shape, count, where):
-    flat = _flatten(data)
+def _json_type(value):
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _from_json(data, datatype, shape, count, where, via_grpc):
+    flat = _elements(data, shape, where)
     if len(flat) != count:
-        raise ProtocolError(f"{where}: {len(flat)} data elements, but shape {shape} holds {count}", kind="InvalidShape")
+        hint = ("; TorchServe's gRPC ModelInfer reads only the inputs' typed contents, not raw_input_contents"
+                if via_grpc and not flat else "")
+        raise ProtocolError(f"{where}: {len(flat)} data elements, but shape {shape} holds {count}{hint}",
+                            kind="InvalidShape")
     if datatype == "BYTES":
         if not all(isinstance(item, str) for item in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings in JSON")
-        return flat
+        return [_unbase64(item, where) for item in flat] if via_grpc else flat
     wanted = bool if datatype == "BOOL" else (int, float)
     if not all(isinstance(item, wanted) and (datatype == "BOOL" or not isinstance(item, bool)) for item in flat):
         raise ProtocolError(f"{where}: {datatype} data must be JSON {'booleans' if datatype == 'BOOL' else 'numbers'}")
@@ -219,6 +292,15 @@ def _from_json(data, datatype, shape, count, where):
         return np.array(flat, dtype=DATATYPES[datatype]).reshape(shape)
     except (OverflowError, ValueError) as err:
         raise ProtocolError(f"{where}: a value does not fit {datatype}: {err}") from None
+
+
+def _unbase64(text, where):
+    """The bytes of a BYTES element as TorchServe's gRPC bridge passes it (base64 of the element's bytes)."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{where}: a BYTES element is not base64, as TorchServe's gRPC ModelInfer sends them") \
+            from None
 
 
 def input_tensor(request, name, datatype):
@@ -243,7 +325,7 @@ def encode(request, model_name, version, outputs):
         array = np.asarray(outputs[name])
         datatype = "BYTES" if array.dtype.kind in "OSU" else _datatype(array.dtype)
         entry = {"name": name, "shape": list(array.shape), "datatype": datatype}
-        if binary:
+        if binary and not request.bridged:  # the gRPC bridge reads JSON data only
             raw = (b"".join(struct.pack("<I", len(v)) + v for v in map(_bytes, array.ravel())) if datatype == "BYTES"
                    else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -251,8 +333,8 @@ def encode(request, model_name, version, outputs):
         else:
             entry["data"] = [_text(v) for v in array.ravel()] if datatype == "BYTES" else array.ravel().tolist()
         entries.append(entry)
-    reply = {"model_name": model_name, "model_version": version, **({"id": request.id} if request.id else {}),
-             "outputs": entries}
+    reply = {"model_name": model_name, "model_version": version,
+             **({"id": request.id} if request.id or request.bridged else {}), "outputs": entries}
     header = json.dumps(reply, separators=(",", ":")).encode()
     return Response(header + b"".join(chunks), len(header) if chunks else None)
 

@@ -16,6 +16,10 @@ from tests.worker import Request
 
 Client = triton.InferenceServerClient
 FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
+ROW = [50, 1, 26, 95, 188, 114, 50, 4, 4.6, 91]
+HTTP = {"explain": "False"}
+"""A header that TorchServe adds to every REST inference request: requests without any HTTP header are those of its
+gRPC ModelInfer bridge (``oip.bridged``)."""
 
 
 def tensor(name, datatype, array):
@@ -37,8 +41,23 @@ def raw_request(header, binary):
     return Request(text + binary, "", headers={oip.HEADER: str(len(text))})
 
 
-def json_request(inputs):
-    return Request(json.dumps({"inputs": inputs}), "application/json")
+def json_request(inputs, **fields):
+    return rest_request(json.dumps({"inputs": inputs, **fields}), "application/json")
+
+
+def rest_request(body, content_type=""):
+    """A request with ``body`` as TorchServe's REST API hands it to the handler (``content_type`` "": none sent)."""
+    return Request(body, content_type, headers={**HTTP, **({"Content-Type": content_type} if content_type else {})})
+
+
+def bridged_request(model, inputs, request_id=""):
+    """A request as TorchServe's gRPC ModelInfer hands it to the handler: its own JSON, BYTES elements in base64, no
+    HTTP header."""
+    return Request(json.dumps({"id": request_id, "model_name": model, "inputs": inputs}), "application/json")
+
+
+def features(data, shape):
+    return {"name": "features", "shape": shape, "datatype": "FP32", "data": data}
 
 
 def digit_images(count):
@@ -114,9 +133,7 @@ BAD_REQUESTS = [
      "must have shape [N, 10]"),
     ("regression", json_request([{"name": "features", "shape": [1, 10], "datatype": "FP32", "data": ["1"] * 10}]),
      "FP32 data must be JSON numbers"),
-    ("regression", Request(json.dumps({"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP32",
-                                                   "data": [0] * 10}], "outputs": [{"name": "y"}]}),
-                           "application/json"), 'unknown output "y"'),
+    ("regression", json_request([features([0] * 10, [1, 10])], outputs=[{"name": "y"}]), 'unknown output "y"'),
 ]
 
 
@@ -127,6 +144,117 @@ def test_bad_protocol_requests_get_400_with_the_protocol_error_body(worker, stem
     bad, fine = worker(stem).run(request_, good)
     assert bad.status == 400 and set(bad.body) == {"error"} and message in bad.body["error"], bad.body
     assert fine.status == 200  # the rest of the batch is answered
+
+
+def good_regression_request():
+    return rest_request(json.dumps(heldout_patients(count=1)[0][0]), "application/json")
+
+
+INPUT = json.dumps(features(ROW, [1, 10]))
+DUPLICATE_KEYS = [  # (key, body): a protocol request with one key twice, which json.loads would read as the last
+    ("inputs", f'{{"inputs": [{INPUT}], "inputs": []}}'),
+    ("data", f'{{"inputs": [{INPUT[:-1]}, "data": {json.dumps([0] * 10)}}}]}}'),
+    ("shape", f'{{"inputs": [{INPUT[:-1]}, "shape": [10, 1]}}]}}'),
+    ("binary_data_output", (f'{{"inputs": [{INPUT}], "parameters": {{"binary_data_output": true, '
+                            '"binary_data_output": false}}')),
+]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", ""], ids=["json", "no-content-type"])
+@pytest.mark.parametrize("key, body", DUPLICATE_KEYS, ids=[key for key, _ in DUPLICATE_KEYS])
+def test_duplicate_json_keys_get_400_duplicate_key(worker, key, body, content_type):
+    assert json.loads(body)  # valid JSON, which the last of each key would make a valid request
+    with pytest.raises(oip.ProtocolError) as error:
+        oip.parse({}, body.encode())
+    assert error.value.kind == "DuplicateKey" and f'key "{key}" twice' in str(error.value)
+    bad, fine = worker("regression").run(rest_request(body, content_type), good_regression_request())
+    assert (bad.status, bad.body) == (400, {"error": str(error.value)})
+    assert fine.status == 200
+
+
+NESTING = [  # (shape, data, message): data neither flat nor nested as its shape says
+    ([1, 10], [ROW[:5], ROW[5:]], "data is a list of 2, but shape [1, 10] has 1 there"),
+    ([1, 10], [[[value] for value in ROW]], "data[0][0] is nested deeper than shape [1, 10]"),
+    ([2, 10], [ROW, ROW[:9] + [[0]]], "data[1][9] is nested deeper than shape [2, 10]"),
+    ([2, 10], [ROW, ROW[:9]], "data[1] is a list of 9, but shape [2, 10] has 10 there"),
+    ([2, 10], [ROW, 7], "data[1] is a number, but shape [2, 10] has 10 there"),
+    ([1, 10], 7, '"data" must be a JSON array, got a number'),
+]
+
+
+@pytest.mark.parametrize("shape, data, message", NESTING)
+def test_data_nested_other_than_its_shape_gets_400_shape_mismatch(worker, shape, data, message):
+    with pytest.raises(oip.ProtocolError) as error:
+        oip.parse({}, {"inputs": [features(data, shape)]})
+    assert error.value.kind == "ShapeMismatch" and f'input "features": {message}' in str(error.value)
+    bad, fine = worker("regression").run(json_request([features(data, shape)]), good_regression_request())
+    assert (bad.status, bad.body) == (400, {"error": str(error.value)})
+    assert fine.status == 200
+
+
+def test_data_flat_or_nested_as_its_shape_is_one_request(worker):
+    rows = patient_rows(3)
+    flat, nested = worker("regression").run(json_request([features(rows.ravel().tolist(), [3, 10])]),
+                                            json_request([features(rows.tolist(), [3, 10])]))
+    assert flat.status == nested.status == 200 and flat.body == nested.body
+
+
+def output_data(reply, name):
+    return next(output["data"] for output in reply.body["outputs"] if output["name"] == name)
+
+
+def test_grpc_bridge_requests_are_answered_in_json_with_their_id(worker):
+    """TorchServe's gRPC ModelInfer passes BYTES in base64 and reads every reply as a ModelInferResponse: id, JSON
+    data (a reply without them restarts the worker)."""
+    texts, _ = heldout_reviews(count=3)
+    encoded = [base64.b64encode(text.encode()).decode() for text in texts]
+    reply = worker("sentiment").run_one(bridged_request("sentiment", [{"name": "text", "shape": [3],
+                                                                       "datatype": "BYTES", "data": encoded}]))
+    plain = worker("sentiment").run_one(rest_request(json.dumps(texts), "application/json")).body
+    assert reply.status == 200 and reply.body["id"] == "" and reply.body["model_version"] == "1.0"
+    assert all("data" in output for output in reply.body["outputs"])
+    assert output_data(reply, "label") == [item["label"] for item in plain]
+    image = digit_images(1)[0]
+    reply = worker("mnist").run_one(bridged_request("mnist", [{"name": "data", "shape": [1], "datatype": "BYTES",
+                                                               "data": [base64.b64encode(image).decode()]}], "r7"))
+    assert (reply.status, reply.body["id"]) == (200, "r7")
+    plain = worker("mnist").run_one(Request(image, "image/png", headers=HTTP)).body
+    assert output_data(reply, "label") == [plain["label"]]
+
+
+def test_grpc_bridge_replies_are_json_even_when_binary_is_asked():
+    headers = {"body": {"content-type": "application/json"}}
+    request = oip.parse(headers, {"inputs": [features(ROW, [1, 10])], "parameters": {"binary_data_output": True}})
+    reply = oip.encode(request, "m", "1.0", {"y": np.array([0.5], dtype=np.float32)})
+    assert reply.header_length is None and json.loads(reply.body) == {
+        "model_name": "m", "model_version": "1.0", "id": "", "outputs": [
+            {"name": "y", "shape": [1], "datatype": "FP32", "data": [0.5]}]}
+
+
+def test_errors_to_the_grpc_bridge_are_model_infer_responses():
+    assert oip.error_body("bad", {"body": {"content-type": "application/json"}, **HTTP}, "m", "1.0") == {"error": "bad"}
+    assert oip.error_body("bad") == {"error": "bad"}
+    assert oip.error_body("bad", {"body": {"content-type": "application/json"}}, "m", "1.0") == {
+        "id": "", "model_name": "m", "model_version": "1.0",
+        "outputs": [{"name": "error", "shape": [1], "datatype": "BYTES", "data": ["bad"]}]}
+
+
+BRIDGED_ERRORS = [  # (archive, inputs, message)
+    ("regression", [features([], [1, 10])], "TorchServe's gRPC ModelInfer reads only the inputs' typed contents"),
+    ("regression", [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
+     'this model takes one input named "features"'),
+    ("fashion", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
+     "does not speak the Open Inference Protocol"),
+]
+
+
+@pytest.mark.parametrize("stem, inputs, message", BRIDGED_ERRORS)
+def test_grpc_bridge_errors_are_the_error_output(worker, stem, inputs, message):
+    reply = worker(stem).run_one(bridged_request(stem, inputs))
+    assert reply.status in (400, 404) and set(reply.body) == {"id", "model_name", "model_version", "outputs"}
+    (output,) = reply.body["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("error", "BYTES", [1])
+    assert message in output["data"][0]
 
 
 def test_binary_replies_decode_with_tritonclient():
@@ -146,6 +274,8 @@ def test_plain_requests_are_not_mistaken_for_protocol_ones():
     assert not oip.is_request({}, {"age": 50})
     assert oip.is_request({"inference-header-content-length": "12"}, b"anything")
     assert oip.is_request({}, b' {"inputs": []}')
+    assert oip.is_request({}, b'{"inputs": [], "inputs": 1}')  # refused by parse(), as a protocol request
+    assert not oip.is_request({}, b'{"text": "inputs", "text": "x"}')
 
 
 # --- the real client against a real TorchServe ---------------------------------------------------------------------
