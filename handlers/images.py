@@ -88,12 +88,13 @@ def opened_image(data, channels, max_pixels=MAX_IMAGE_PIXELS, draft_size=None):
             if image.width * image.height > max_pixels:
                 raise RequestError(f"image of {image.width}x{image.height} pixels is larger than "
                                    f"{max_pixels} pixels", code=413, kind="ImageTooLarge")
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            elif draft_size or (mode == "L" and image.mode != "L"):
+            transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            if not transparent and (draft_size or (mode == "L" and image.mode != "L")):
                 image.draft(mode, draft_size or image.size)  # JPEG: the luma channel only, or a smaller scale
-            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # before compositing, which drops the tag
                 image = ImageOps.exif_transpose(image)
+            if transparent:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             if image.mode != mode:
                 image = image.convert(mode)
             yield image

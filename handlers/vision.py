@@ -1,9 +1,11 @@
 """Image classification: any image -> {"label", "probabilities" (top k), "model", "version"}.
 
 Any format, mode and size Pillow reads is brought to the model's input as the artifact manifest describes it
-(``input``: channels, size, resize, crop, mean, std): grey or RGB, the shorter side scaled to ``resize``, the
-centre ``size`` x ``size`` crop. Requests: the raw body (curl -T photo.jpg), a multipart field, or JSON
-``{"data": "<base64 image>", "k": 5}``; ``k`` (top classes in the reply) defaults to ``handler.top_k``.
+(``input``: channels, size, resize, crop, mean, std, polarity): grey or RGB, the shorter side scaled to ``resize``,
+the centre ``size`` x ``size`` crop; with ``polarity: light-on-dark`` (Fashion-MNIST) light items on a dark
+background, as in training, whichever polarity was sent, and a blank or uniform image is refused (400 InvalidImage).
+Requests: the raw body (curl -T photo.jpg), a multipart field, or JSON ``{"data": "<base64 image>", "k": 5}``;
+``k`` (top classes in the reply) defaults to ``handler.top_k``.
 
 On CUDA (TorchServe's ``gpu_id``) a batch travels as uint8 through pinned memory with a non-blocking copy and is
 normalised on the GPU; the model runs channels-last with batch norms folded into the convolutions, under autocast
@@ -17,6 +19,7 @@ from torch.fx.experimental.optimization import fuse
 from handlers.common import BundleHandler, RequestError, quote
 from handlers.images import decode_fitted, image_bytes
 from handlers.runtimes import checked_copy
+from models.vision import LIGHT_ON_DARK, light_on_dark
 
 DEFAULT_TOP_K = 3
 
@@ -29,6 +32,10 @@ class VisionHandler(BundleHandler):
         spec = self.artifact["input"]
         if spec.get("crop", "center") != "center":
             raise RuntimeError(f"{self.model_name}: input crop {spec['crop']!r} is not supported (only 'center')")
+        if spec.get("polarity") not in (None, LIGHT_ON_DARK):
+            raise RuntimeError(f"{self.model_name}: input polarity {spec['polarity']!r} is not supported "
+                               f"(only {LIGHT_ON_DARK!r})")
+        self.light_on_dark = spec.get("polarity") == LIGHT_ON_DARK
         self.channels, self.size, self.resize = spec["channels"], spec["size"], spec.get("resize", spec["size"])
         self.mean = torch.tensor(spec["mean"], device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec["std"], device=self.device).view(1, -1, 1, 1)
@@ -55,7 +62,15 @@ class VisionHandler(BundleHandler):
     def parse(self, payload, as_json):
         k = self.requested_k(payload) if as_json and isinstance(payload, dict) else self.top_k
         pixels = decode_fitted(image_bytes(payload, as_json), self.channels, self.size, self.resize)
-        return [(pixels, k)], False
+        return [(self.canonical(pixels) if self.light_on_dark else pixels, k)], False
+
+    @staticmethod
+    def canonical(pixels):
+        """Fitted grey pixels as light on dark, as the model was trained; a blank or uniform image is a 400."""
+        try:
+            return light_on_dark(pixels)
+        except ValueError as err:
+            raise RequestError(str(err), kind="InvalidImage") from None
 
     def requested_k(self, document):
         k = document.get("k", self.top_k)

@@ -4,8 +4,10 @@
     python -m train.vision --dataset cifar10 --arch resnet18 --out artifacts/cifar10
     torchrun --nproc_per_node 2 -m train.vision --limit 2000    # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 
-Held-out metrics come from each data set's official test set. Under torchrun every process trains on its share of
-each epoch (a DistributedSampler) and rank 0 evaluates and writes the artifacts: the same layout as one process.
+Held-out metrics come from each data set's official test set. Fashion-MNIST's images, train and test, are brought
+to light-on-dark as the handler brings every request (models.vision.light_on_dark), so that dark-on-light items read
+too. Under torchrun every process trains on its share of each epoch (a DistributedSampler) and rank 0 evaluates and
+writes the artifacts: the same layout as one process.
 """
 
 import contextlib
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import architecture, build
+from models.vision import LIGHT_ON_DARK, light_on_dark
 from train.common import (
     DataError,
     Distributed,
@@ -51,7 +54,8 @@ CROP_PADDING = 2
 
 @dataclass
 class ImageSplit:
-    """uint8 images [N, C, H, W] and int64 labels of the official train and test sets."""
+    """uint8 images [N, C, H, W] and int64 labels of the official train and test sets; ``polarity``: the
+    manifest's ``input.polarity`` (``LIGHT_ON_DARK`` where the images were brought to it), else None."""
 
     name: str
     classes: list[str]
@@ -59,6 +63,7 @@ class ImageSplit:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    polarity: str | None = None
 
 
 PROGRESS_IMAGES = 2000
@@ -66,10 +71,14 @@ PROGRESS_IMAGES = 2000
 
 
 def load_split(dataset: str, data_dir: Path, limit: int | None = None, log=print) -> ImageSplit:
-    """The official train/test split of ``dataset``; ``limit`` keeps the first ``limit`` images of each side."""
+    """The official train/test split of ``dataset`` (Fashion-MNIST's light-on-dark); ``limit`` keeps the first
+    ``limit`` images of each side."""
+    polarity = None
     if dataset == "fashion-mnist":
         train_set, test_set = (fashion_mnist(data_dir, train, log) for train in (True, False))
-        as_tensor = [(s.data.unsqueeze(1), s.targets) for s in (train_set, test_set)]
+        as_tensor = [(torch.from_numpy(light_on_dark(s.data.numpy())).unsqueeze(1), s.targets)
+                     for s in (train_set, test_set)]
+        polarity = LIGHT_ON_DARK
     elif dataset == "cifar10":
         train_set, test_set = (_cifar10(data_dir, train) for train in (True, False))
         log(f"CIFAR-10 from {data_dir}: {len(train_set)} training images")
@@ -78,7 +87,8 @@ def load_split(dataset: str, data_dir: Path, limit: int | None = None, log=print
     else:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     (train_images, train_labels), (test_images, test_labels) = ((x[:limit], y[:limit].long()) for x, y in as_tensor)
-    return ImageSplit(dataset, list(train_set.classes), train_images, train_labels, test_images, test_labels)
+    return ImageSplit(dataset, list(train_set.classes), train_images, train_labels, test_images, test_labels,
+                      polarity)
 
 
 def _cifar10(data_dir: Path, train: bool):
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_name = DATASETS[args.dataset]
         manifest = {"model": model_name, **spec, "labels": split.classes,
                     "input": {"channels": channels, "size": size, "resize": size, "crop": "center",
-                              "mean": mean, "std": std}}
+                              "mean": mean, "std": std, "polarity": split.polarity}}
         dataset = {"name": split.name, "n_total": len(split.train_images) + len(split.test_images),
                    "n_train": len(split.train_images), "n_test": len(split.test_images),
                    "processes": job.world_size, "device": job.device.type,

@@ -13,13 +13,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from handlers import runtimes, vision
 from handlers.common import RequestError
-from handlers.images import decode_fitted
+from handlers.images import decode_fitted, decode_image
 from models import build, load_model, read_manifest
-from models.vision import mobilenet, resnet, vgg
+from models.vision import LIGHT_ON_DARK, STRETCH_TO, light_on_dark, mobilenet, resnet, vgg
 from scripts.server import ROOT
 from tests.cli import run_module
 from tests.fixtures.servers import rezip
@@ -32,6 +32,13 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 DATA_DIR = ROOT / "data"
 ACCURACY_SLACK = 0.02
 """Served accuracy may be this far below the in-process figure (re-encoding, resampling)."""
+BLANK = {  # images without an item: refused with 400 InvalidImage
+    "white-png": (Image.new("L", (64, 64), 255), "PNG"),
+    "black-jpeg": (Image.new("RGB", (28, 28)), "JPEG"),
+    "1x1-png": (Image.new("L", (1, 1), 200), "PNG"),
+    "faint-noise-png": (Image.fromarray(np.random.default_rng(0).integers(118, 138, (28, 28), dtype=np.uint8)), "PNG"),
+    "transparent-rgba-png": (Image.new("RGBA", (40, 30), (0, 0, 0, 0)), "PNG"),  # white paper once composited
+}
 
 
 def encoded(image, fmt="PNG", **options):
@@ -82,6 +89,7 @@ def test_fashion_run_writes_an_artifact_the_handler_can_load(tmp_path):
     assert manifest["arch_kwargs"] == {"in_channels": 1, "num_classes": 10, "width": 8}
     assert manifest["input"]["channels"] == 1 and manifest["input"]["size"] == 28
     assert manifest["input"]["crop"] == "center" and len(manifest["input"]["mean"]) == 1
+    assert manifest["input"]["polarity"] == LIGHT_ON_DARK
     assert set(manifest["files"]) == {"manifest.json", "model.pt", "model.ts.pt", "model.onnx"}
     assert metrics["dataset"]["name"] == "fashion-mnist" and metrics["dataset"]["n_test"] == 256
     assert metrics["dataset"]["processes"] == 1 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
@@ -124,6 +132,7 @@ def test_cifar10_run_reads_the_python_batches_and_records_rgb_input(tmp_path, mo
     assert manifest["architecture"] == "VGG11" and manifest["arch_kwargs"]["in_channels"] == 3
     assert manifest["input"]["channels"] == 3 and manifest["input"]["size"] == 32
     assert len(manifest["input"]["mean"]) == 3 and len(manifest["input"]["std"]) == 3
+    assert manifest["input"]["polarity"] is None  # photos: no background to read a polarity from
     assert metrics["dataset"]["n_train"] == 5 * 12 and metrics["dataset"]["n_test"] == 12
 
 
@@ -244,6 +253,72 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_pixels():
     assert np.abs(fitted.astype(int) - full.astype(int)).max() <= 4
 
 
+ORIENTATIONS = {3: 2, 6: -1, 8: 1}
+"""EXIF Orientation -> np.rot90's k that turns the stored pixels upright (180°, 90° clockwise, 90° anticlockwise)."""
+
+
+def tagged(image, fmt, orientation):
+    """``image`` encoded as ``fmt`` with an EXIF Orientation tag."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return encoded(image, fmt, exif=exif, **{"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {}))
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("RGBA", "WEBP"),
+                                       ("L", "JPEG"), ("L", "PNG"), ("LA", "PNG")])
+def test_exif_orientation_turns_every_mode_upright(mode, fmt, orientation):
+    grey = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20 + 20, np.ones((8, 8), np.uint8))  # 3x4 blocks
+    image, expected = Image.fromarray(grey).convert(mode), grey
+    if mode.endswith("A"):
+        alpha = np.full_like(grey, 255)
+        alpha[:8, :8] = 0  # the top-left block transparent: white paper once decoded
+        image.putalpha(Image.fromarray(alpha))
+        expected = np.where(alpha == 0, 255, grey)
+    channels = 1 if mode.startswith("L") else 3
+    upright = np.rot90(expected, ORIENTATIONS[orientation])
+    decoded = decode_image(tagged(image, fmt, orientation), channels)
+    assert decoded.shape == (upright.shape if channels == 1 else (*upright.shape, 3))
+    assert np.abs(decoded.astype(int) - (upright if channels == 1 else upright[..., None])).max() <= 4
+
+
+# --- polarity and images without an item ----------------------------------------------------------------------
+
+def item(dark_on_light=False):
+    """A 28x28 light item (a 200-grey coat with a white patch) on black, or its negative."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[4:25, 7:21], pixels[8:12, 10:18] = 200, 255
+    return 255 - pixels if dark_on_light else pixels
+
+
+def test_light_on_dark_inverts_dark_items_on_light_paper_and_keeps_the_others():
+    light = item()
+    assert np.array_equal(light_on_dark(light), light) and np.array_equal(light_on_dark(item(True)), light)
+    batch = np.stack([light, item(True)])[:, None]  # [N, 1, H, W], as training passes them
+    assert np.array_equal(light_on_dark(batch), np.stack([light, light])[:, None])
+
+
+@pytest.mark.parametrize("paper, scale", [(100, 0.15), (200, -0.6)], ids=["faint-on-grey", "dark-on-grey"])
+def test_an_item_on_grey_paper_or_faint_is_taken_to_black_and_stretched(paper, scale):
+    pixels = (paper + scale * item()).astype(np.uint8)  # contrast 38 and 153 of 255
+    assert np.abs(light_on_dark(pixels) - item() * (STRETCH_TO / 255)).max() <= 2
+
+
+@pytest.mark.parametrize("name", sorted(BLANK))
+def test_an_image_without_an_item_is_refused_as_blank_or_uniform(name):
+    image, fmt = BLANK[name]
+    fitted = decode_fitted(encoded(image, fmt), channels=1, size=28)
+    with pytest.raises(ValueError, match="no item found: the image is blank or uniform"):
+        light_on_dark(fitted)
+
+
+@pytest.mark.trained  # the data set as artifacts/fashion was trained on
+def test_no_fashion_mnist_test_item_is_refused_and_each_reads_alike_in_either_polarity():
+    images, _ = payloads.heldout_fashion(count=10_000)
+    assert len(images) == 10_000
+    assert np.array_equal(light_on_dark(images), images) and np.array_equal(light_on_dark(255 - images), images)
+
+
 # --- the handler, in-process ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -258,12 +333,14 @@ def heldout():
 
 
 def in_process_accuracy(images, labels):
-    """The artifact's model on the test images as training evaluated them (28x28 tensors, no re-encoding)."""
+    """The artifact's model on the test images as training evaluated them (28x28 tensors, light on dark, no
+    re-encoding)."""
     folder = ROOT / payloads.FASHION_ARTIFACT
     manifest = read_manifest(folder)
     mean, std = manifest["input"]["mean"][0], manifest["input"]["std"][0]
+    pixels = torch.from_numpy(light_on_dark(images)).unsqueeze(1)
     with torch.inference_mode():
-        logits = load_model(folder, manifest)((torch.from_numpy(images).unsqueeze(1).float() / 255 - mean) / std)
+        logits = load_model(folder, manifest)((pixels.float() / 255 - mean) / std)
     return float(np.mean(np.array(manifest["labels"])[logits.argmax(1).numpy()] == np.array(labels)))
 
 
@@ -274,13 +351,16 @@ def served_accuracy(run_batch, images, labels, size, fmt, mode):
     return float(np.mean([reply.body["label"] == label for reply, label in zip(replies, labels)]))
 
 
-@pytest.mark.parametrize("size, fmt, mode", [(28, "PNG", "L"), (64, "JPEG", "RGB"), (128, "PNG", "RGB"),
-                                             (256, "JPEG", "L"), (96, "WEBP", "RGB")])
-def test_reencoded_upscaled_test_images_keep_the_in_process_accuracy(fashion, heldout, size, fmt, mode):
+@pytest.mark.parametrize("size, fmt, mode, inverted", [
+    (28, "PNG", "L", False), (64, "JPEG", "RGB", False), (128, "PNG", "RGB", False), (256, "JPEG", "L", False),
+    (96, "WEBP", "RGB", False), (28, "PNG", "L", True), (128, "JPEG", "RGB", True)])
+def test_reencoded_upscaled_test_images_keep_the_in_process_accuracy(fashion, heldout, size, fmt, mode, inverted):
     images, labels = heldout
     expected = in_process_accuracy(images, labels)
-    got = served_accuracy(lambda batch: fashion.run(*batch), images, labels, size, fmt, mode)
-    assert got >= expected - ACCURACY_SLACK, f"{fmt} {mode} {size}px: {got:.3f} against {expected:.3f} in-process"
+    got = served_accuracy(lambda batch: fashion.run(*batch), 255 - images if inverted else images, labels, size, fmt,
+                          mode)
+    assert got >= expected - ACCURACY_SLACK, (f"{fmt} {mode} {size}px{' inverted' * inverted}: {got:.3f} against "
+                                              f"{expected:.3f} in-process")
 
 
 @pytest.mark.trained
@@ -326,6 +406,17 @@ def test_multipart_field_is_accepted(fashion, heldout):
 def test_bad_input_is_a_named_4xx(fashion, request_, code, kind):
     reply = fashion.run_one(request_)
     assert (reply.status, reply.body["type"]) == (code, kind) and valid_reason(reply)
+
+
+@pytest.mark.parametrize("name", sorted(BLANK))
+def test_an_image_without_an_item_is_a_400_and_fails_alone(fashion, heldout, name):
+    image, fmt = BLANK[name]
+    images, labels = heldout
+    good = Request(payloads.render_fashion(images[0], 64, "PNG", "L"), "image/png")
+    blank, neighbour = fashion.run(Request(encoded(image, fmt), f"image/{fmt.lower()}"), good)
+    assert (blank.status, blank.body["type"]) == (400, "InvalidImage") and valid_reason(blank)
+    assert "blank or uniform" in blank.body["message"]
+    assert neighbour.status == 200 and neighbour.body["label"] == labels[0]
 
 
 def test_decompression_bomb_is_a_413_and_a_bad_image_fails_alone(fashion, heldout):
@@ -419,7 +510,21 @@ def test_archive_with_amp_in_its_model_config_loads_on_the_cpu_with_amp_off(tmp_
     patched = rezip(mar, tmp_path / "fashion_amp.mar", "fashion", replace={"vision.yaml": config.encode()})
     worker = Worker(patched, tmp_path / "unpacked")
     assert worker.handler.model_config["handler"]["amp"] == "bf16" and worker.handler.amp is None
-    assert worker.run_one(Request(encoded(Image.new("L", (28, 28))), "image/png")).status == 200
+    images, labels = payloads.heldout_fashion(count=1)
+    reply = worker.run_one(Request(payloads.render_fashion(images[0]), "image/png"))
+    assert reply.status == 200 and reply.body["label"] == labels[0]
+
+
+@pytest.mark.trained
+def test_an_archive_whose_manifest_names_another_polarity_fails_loading(tmp_path):
+    from tests.worker import Worker
+
+    manifest = read_manifest(ROOT / payloads.FASHION_ARTIFACT)
+    manifest["input"]["polarity"] = "dark-on-light"
+    patched = rezip(ROOT / "model_store" / "fashion.mar", tmp_path / "fashion_polarity.mar", "fashion",
+                    replace={"manifest.json": json.dumps(manifest).encode()})
+    with pytest.raises(RuntimeError, match="input polarity 'dark-on-light' is not supported"):
+        Worker(patched, tmp_path / "unpacked")
 
 
 def test_a_fused_copy_that_disagrees_with_the_model_is_not_used(fashion):
