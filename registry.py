@@ -39,6 +39,24 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another server of a model that `make bench` measures next to the bundle's own path, with the same client and
+    samples: TorchServe serving ``handler`` (a file), with the model's default weights (``weights``: its model.pt,
+    ``model_file`` for a stock handler, and the artifact folder's files) and its model-config (``model_config``;
+    otherwise TorchServe's defaults). ``check`` ("module:function") judges its replies (default: the model's);
+    ``target`` is the least ratio ours ÷ this peer at 16 users that the benchmark aims at (None: reported only)."""
+
+    name: str
+    handler: str
+    description: str
+    weights: bool = True
+    model_file: str | None = None
+    model_config: bool = False
+    check: str | None = None
+    target: float | None = None
+
+
+@dataclass(frozen=True)
 class Load:
     """How the load tests, the benchmark and the fuzz tests exercise a model (tests/load/): payloads with known
     answers, and the check that a reply is a correct answer.
@@ -54,6 +72,10 @@ class Load:
     check: str = "tests.load.checks:check_reply"
     weight: int = 1
     mix: dict[str, int] = field(default_factory=dict)
+    peers: tuple[Peer, ...] = ()
+    """What `make bench` compares this model's served path with (tests/load/bench.py)."""
+    in_process_target: float | None = None
+    """The least ratio served ÷ in-process (the same archive without a server) the benchmark aims at."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +179,15 @@ MODELS = (
         samples=(Sample("samples/digit_7.png", "image/png", "7"),
                  Sample("samples/digit_3_photo.jpg", "image/jpeg", "3", version="2.0")),
         load=Load("tests.load.payloads:digits", "tests.load.checks:check_mnist", weight=3,
-                  mix={"digit-28px": 4, "digit-64px-paper": 3, "digit-128px": 2, "digit-300px-paper": 1}),
+                  mix={"digit-28px": 4, "digit-64px-paper": 3, "digit-128px": 2, "digit-300px-paper": 1},
+                  peers=(Peer("ceiling", "tests/load/noop_handler.py", "no-op handler, this model's model-config: TorchServe's own "
+                            "cost per request", weights=False, model_config=True, check="tests.load.checks:check_noop",
+                            target=0.5),
+                       Peer("ceiling-unbatched", "tests/load/noop_handler.py", "no-op handler, TorchServe defaults "
+                            "(batchSize 1, a worker per core)", weights=False, check="tests.load.checks:check_noop"),
+                         Peer("stock", "tests/load/stock_handler.py", "stock image_classifier handler, TorchServe "
+                              "defaults", model_file="tests/load/stock_model.py",
+                              check="tests.load.checks:check_stock_mnist", target=2.5))),
         promotion=Promotion("train.mnist:labelled_requests"),
         candidate="2.0",
     ),
@@ -172,7 +202,9 @@ MODELS = (
                           quality=(Quality("accuracy", goal=0.85, margin=0.01),)),),
         samples=(Sample("samples/review_positive.txt", "text/plain; charset=utf-8", "positive"),
                  Sample("samples/review_negative.txt", "text/plain; charset=utf-8", "negative")),
-        load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2),
+        load=Load("tests.load.payloads:reviews", "tests.load.checks:check_sentiment", weight=2,
+                  peers=(Peer("naive", "tests/load/naive_sentiment.py", "the same model behind a per-request "
+                              "handler, TorchServe defaults"),)),
         promotion=Promotion("train.sentiment:labelled_requests"),
     ),
     Model(
@@ -198,7 +230,11 @@ MODELS = (
                           "python -m train.vision --dataset fashion-mnist --out artifacts/fashion",
                           quality=(Quality("accuracy", goal=0.92, margin=0.01),)),),
         samples=(Sample("samples/fashion_ankle_boot.jpg", "image/jpeg", "Ankle boot"),),
-        load=Load("tests.load.payloads:fashion", "tests.load.checks:check_fashion", weight=2),
+        load=Load("tests.load.payloads:fashion", "tests.load.checks:check_fashion", weight=2,
+                  peers=(Peer("stock", "tests/load/stock_fashion_handler.py", "stock image_classifier handler, "
+                              "TorchServe defaults", model_file="tests/load/stock_fashion_model.py",
+                              check="tests.load.checks:check_stock_fashion", target=5.0),),
+                  in_process_target=0.7),
     ),
     Model(
         name="cifar10",

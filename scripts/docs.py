@@ -254,22 +254,21 @@ def step(bench: dict, path: str, users: int):
 
 
 def bench_headline(records: dict) -> str:
-    """README: a few lines of what the last `make bench` served at 16 users."""
+    """README: a few lines of what the last `make bench` served at 16 users, per model."""
     bench = records["benchmark"]
     if bench is None:
         return MISSING_BENCH
-    users = bench["ratios"].get("users", 16)
+    ratios = bench["ratios"]
+    users = ratios.get("users", 16)
     parts = []
-    for path, what, unit in (("ours", "mnist", "req/s"), ("sentiment", "sentiment", "req/s"),
-                             ("fashion", "fashion", "req/s"), ("detector", "detector", "images/s")):
-        s = step(bench, path, users)
-        if s:
-            parts.append(f"{what} {number(s['rps'])} {unit} (p99 {s['p99_ms']:.0f} ms)")
+    for model, figures in ratios["models"].items():
+        s = step(bench, model, users)
+        peers = [f"{value}× {name}" for name, value in figures["vs"].items() if name not in ("baseline",)]
+        parts.append(f"{model} {number(s['rps'])} req/s (p99 {s['p99_ms']:.0f} ms"
+                     + (f"; {', '.join(peers)}" if peers else "") + ")")
     failed = sum(s["failed"] for path in bench["paths"].values() for s in path["steps"])
-    text = f"`make bench` at {users} concurrent users on {machine(bench)}: {', '.join(parts)}"
-    if "ours_vs_stock" in bench["ratios"]:
-        text += f"; mnist is {bench['ratios']['ours_vs_stock']}× TorchServe's stock handler with its defaults"
-    return wrap(f"{text}; {failed} failed requests in the whole run.")
+    return wrap(f"`make bench` at {users} concurrent users on {machine(bench)}: {'; '.join(parts)}; {failed} failed "
+                "requests in the whole run (ratios: this model's req/s ÷ the named path's, docs/benchmark.md).")
 
 
 def bench_paths(records: dict) -> str:
@@ -289,7 +288,8 @@ def bench_paths(records: dict) -> str:
         rows.append(f"| {name} | {' | '.join(cells)} |")
     failed = sum(s["failed"] for path in bench["paths"].values() for s in path["steps"])
     head = wrap(f"`{bench['command']}` on {machine(bench)} ({duration(bench['duration_s'])}; "
-                f"`docs/benchmark.json`). req/s · p50/p95/p99 ms (the detector: images/s); {failed} failed requests:")
+                f"`docs/benchmark.json`). req/s · p50/p95/p99 ms (the detector: images per second); {failed} failed "
+                "requests:")
     in_process = [f"{stem} {number(s['rps'])} per second in batches of {s['batch_size']}"
                   for stem, s in bench.get("in_process", {}).items()]
     tail = [wrap("In-process (the same archive and handler code through TorchServe's loader, no server; the model's "
@@ -297,32 +297,23 @@ def bench_paths(records: dict) -> str:
     return "\n".join([head, "", *rows, *([""] + tail if tail else [])])
 
 
-RATIOS = (("ours_vs_stock", "mnist ÷ stock"), ("ours_vs_ceiling", "mnist ÷ no-op ceiling (batched)"),
-          ("ours_vs_ceiling_unbatched", "mnist ÷ no-op ceiling (unbatched)"),
-          ("ours_vs_baseline", "mnist ÷ baseline"),
-          ("fashion_vs_in_process", "fashion ÷ in-process"), ("fashion_vs_stock", "fashion ÷ stock"),
-          ("detector_vs_in_process", "detector ÷ in-process"), ("sentiment_vs_naive", "sentiment ÷ naive"),
-          ("sentiment_vs_baseline", "sentiment ÷ sentiment-baseline"))
-
-
 def bench_ratios(records: dict) -> str:
-    """docs/benchmark.md: the ratios at 16 users against their targets (tests/load/bench.py's TARGETS)."""
+    """docs/benchmark.md: each model's ratios at 16 users against the targets of registry.py."""
     bench = records["benchmark"]
     if bench is None:
         return MISSING_BENCH
-    r = bench["ratios"]
-    goals = {}
-    for key in ("targets_met", "fashion_targets_met"):
-        for target, ok in r.get(key, {}).items():
+    ratios = bench["ratios"]
+    rows = [f"| at {ratios.get('users', 16)} users | this run | target |", "|---|---|---|"]
+    for model, figures in ratios["models"].items():
+        goals = {}
+        for target, ok in figures["targets_met"].items():
             name, _, bound = target.partition(" >= ")
             if bound:
-                goals[name] = f"≥ {bound} {'✔' if ok else '✘'}"
-    rows = [f"| at {r.get('users', 16)} users | this run | target |", "|---|---|---|"]
-    rows += [f"| {what} | **{r[key]}** | {goals.get(key, '')} |" for key, what in RATIOS if key in r]
-    for path, p99, failed in (("mnist", "ours_p99_ms", "ours_failed"), ("fashion", "fashion_p99_ms", "fashion_failed")):
-        if p99 in r:
-            rows.append(f"| {path} p99 / failed requests | {r[p99]} ms / {r[failed]} | ≤ 100 ms / 0 "
-                        f"{'✔' if r[p99] <= 100 and r[failed] == 0 else '✘'} |")
+                goals[name.removeprefix("÷ ")] = f"≥ {bound} {'✔' if ok else '✘'}"
+        rows += [f"| {model} ÷ {name} | **{value}** | {goals.get(name, '')} |" for name, value in figures["vs"].items()]
+        ok = figures["p99_ms"] <= 100 and figures["failed"] == 0
+        rows.append(f"| {model} p99 / failed requests | {figures['p99_ms']} ms / {figures['failed']} | ≤ 100 ms / 0 "
+                    f"{'✔' if ok else '✘'} |")
     return "\n".join(rows)
 
 

@@ -82,10 +82,11 @@ def source_folder(version, staging):
 
 def archive(version, staging):
     """mnist.mar as archive.sh builds it from artifacts/mnist, its handler entry point taken from ``version``."""
-    from tests.load.bench import build_mnist
+    import registry
+    from tests.load.bench import build_ours
 
     store = Path(tempfile.mkdtemp(dir=staging))
-    build_mnist(store, staging, {}, version)
+    build_ours(registry.model("mnist"), store, staging, {}, version)
     return store / "mnist.mar"
 
 

@@ -135,7 +135,6 @@ FASHION_RENDERINGS = {  # name: (size px, format, mode)
     "fashion-128px-png-rgb": (128, "PNG", "RGB"),
     "fashion-256px-jpeg": (256, "JPEG", "L"),
 }
-BENCH_FASHION_RENDERINGS = ("fashion-28px-png", "fashion-128px-png-rgb")
 
 
 def render_fashion(pixels, size=28, fmt="PNG", mode="L"):

@@ -1,13 +1,13 @@
-"""Runtime comparison for mnist (part of `make bench`): eager, TorchScript and ONNX Runtime behind the same handler.
+"""Runtime comparison of one model (part of `make bench`): eager, TorchScript and ONNX Runtime behind the same handler.
 
-    .venv/bin/python -m tests.load.runtimes                      # every runtime, 1 and 16 users, ~2 min
-    .venv/bin/python -m tests.load.runtimes --users 1 --seconds 1 --warmup 1 --out bench_results/smoke
+    .venv/bin/python -m tests.load.runtimes                      # the registry's first model, ~2 min
+    .venv/bin/python -m tests.load.runtimes --model sentiment --users 1 --seconds 1 --warmup 1 --out bench_results/smoke
 
-For each runtime, model_store/mnist.mar is copied with ``handler.runtime`` set in its model-config (the rest of
-handlers/mnist.yaml as it is), then measured twice:
+For each runtime, the model's default archive is copied with ``handler.runtime`` set in its model-config (the rest
+as it is), then measured twice:
 
-- in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16
-  held-out digit PNGs through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
+- in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
+  load-test samples through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
   the collated batch (``forward_us_per_item``); best of several rounds, runtimes alternating;
 - over HTTP (bench.measure_path: a private TorchServe, the same load generator and reply checks as `make bench`):
   req/s and p99 at each concurrency.
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+import registry
 from handlers.runtimes import RUNTIMES
 from scripts.server import ROOT
 from tests.fixtures.servers import rezip
@@ -34,18 +35,18 @@ from tests.worker import Request, Worker
 BATCH = 16
 
 
-def with_runtime(folder, runtime):
-    """model_store/mnist.mar (as archive.sh built it) with ``handler.runtime`` set in its model-config."""
-    config = bench.model_config("mnist", {"handler.runtime": runtime})
+def with_runtime(entry, folder, runtime):
+    """The model's default archive (as archive.sh built it) with ``handler.runtime`` set in its model-config."""
+    config = bench.model_config(entry, {"handler.runtime": runtime})
     (folder / "store").mkdir(parents=True)
-    return rezip(ROOT / "model_store" / "mnist.mar", folder / "store" / "mnist.mar", "mnist",
-                 replace={"mnist.yaml": yaml.safe_dump(config).encode()})
+    stem = entry.versions[0].archive
+    return rezip(ROOT / "model_store" / f"{stem}.mar", folder / "store" / f"{entry.name}.mar", entry.name,
+                 replace={Path(entry.configs["cpu"]).name: yaml.safe_dump(config).encode()})
 
 
-def in_process(archives, rounds=5, repeats=20):
+def in_process(archives, samples, rounds=5, repeats=20):
     """{runtime: {"handle_us_per_item", "forward_us_per_item"}}: best round, runtimes alternating."""
-    digits = payloads.digits(bench.DIGIT_RENDERINGS)
-    requests = [Request(sample.body, sample.content_type) for sample in (digits * BATCH)[:BATCH]]
+    requests = [Request(sample.body, sample.content_type) for sample in (samples * BATCH)[:BATCH]]
     workers = {runtime: Worker(archive, tempfile.mkdtemp(prefix=f"runtime-{runtime}-"), BATCH)
                for runtime, archive in archives.items()}
     batches = {runtime: worker.handler.collate([worker.handler.parse(r.body, False)[0][0] for r in requests])
@@ -68,19 +69,20 @@ def in_process(archives, rounds=5, repeats=20):
     return best
 
 
-def compare(users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print):
-    """Every runtime of mnist in process and over HTTP: {runtime: {in-process figures, "steps": [...]}}."""
-    results = {}
+def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print):
+    """Every runtime of registry ``entry`` in process and over HTTP: {"model": its name, runtime: {in-process
+    figures, "steps": [...]}}."""
+    results = {"model": entry.name}
+    samples = payloads.of_model(entry)
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
-        archives = {runtime: with_runtime(Path(tmp) / runtime, runtime) for runtime in runtimes}
-        for runtime, figures in in_process(archives).items():
+        archives = {runtime: with_runtime(entry, Path(tmp) / runtime, runtime) for runtime in runtimes}
+        for runtime, figures in in_process(archives, samples).items():
             results[runtime] = dict(figures)
             log(f"[runtime {runtime}] in-process: {figures['handle_us_per_item']:.1f} µs per item through handle, "
                 f"{figures['forward_us_per_item']:.1f} µs per item in the runtime (batches of {BATCH})")
-        samples = payloads.digits(bench.DIGIT_RENDERINGS)
         for runtime, archive in archives.items():
-            path = bench.BenchPath(f"mnist-{runtime}", "mnist", "mnist", bench.checks.check_mnist,
-                                   f"handlers/mnist.py, handler.runtime: {runtime}")
+            path = bench.BenchPath(f"{entry.name}-{runtime}", entry, entry.name, registry.resolve(entry.load.check),
+                                   f"{entry.handler}, handler.runtime: {runtime}")
             measured = bench.measure_path(path, archive.parent, archive.name, Path(tmp) / runtime, samples, users,
                                           seconds, warmup, {}, {"handler.runtime": runtime}, log)
             results[runtime]["steps"] = measured["steps"]
@@ -89,10 +91,11 @@ def compare(users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print
 
 def table(results):
     """Markdown: one row per runtime, in-process µs and, per concurrency, req/s and p99."""
-    users = [step["users"] for step in next(iter(results.values()))["steps"]]
+    measured = {runtime: figures for runtime, figures in results.items() if runtime != "model"}
+    users = [step["users"] for step in next(iter(measured.values()))["steps"]]
     header = ["runtime", "µs/item handle", "µs/item runtime"] + [f"{n} users req/s, p99 ms" for n in users]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for runtime, figures in results.items():
+    for runtime, figures in measured.items():
         cells = [runtime, f"{figures['handle_us_per_item']:.1f}", f"{figures['forward_us_per_item']:.1f}"]
         cells += [f"{step['rps']:.0f}, {step['p99_ms']:.1f}" for step in figures["steps"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -101,13 +104,15 @@ def table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=registry.served_models()[0].name, help="a served model (default: the "
+                        "registry's first)")
     parser.add_argument("--users", default="1,16", help="concurrencies (default 1,16)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per concurrency")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first window")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {', '.join(RUNTIMES)}")
     parser.add_argument("--out", default="bench_results/runtimes", help="folder for runtimes.json")
     args = parser.parse_args(argv)
-    results = compare([int(n) for n in args.users.split(",")], args.seconds, args.warmup,
+    results = compare(registry.model(args.model), [int(n) for n in args.users.split(",")], args.seconds, args.warmup,
                       [name for name in args.runtimes.split(",") if name])
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)

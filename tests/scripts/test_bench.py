@@ -1,9 +1,10 @@
-"""tests/load/bench.py's figures: ratios between paths measured in one run, and targets only where measured."""
+"""tests/load/bench.py's paths and figures: every served model with the peers of its registry entry, ratios between
+paths measured in one run, and targets judged only where measured."""
 
 import pytest
 
+import registry
 from tests.load import bench
-
 
 MACHINE = {"cores": 2, "cpu": "x86_64", "memory_gib": 24, "python": "3.11", "torch": "2", "torchserve": "0.12.0"}
 
@@ -17,45 +18,57 @@ def results(in_process=None, **paths):
             "in_process": in_process or {}}
 
 
-def test_ours_is_compared_with_the_baseline_revision_and_served_with_in_process():
-    out = bench.ratios(results({"fashion": {"rps": 1000.0}, "detector": {"rps": 20.0}}, ours=(900,), baseline=(1000,),
-                               fashion=(800,), detector=(15,)))
-    assert out["ours_vs_baseline"] == 0.9
-    assert out["fashion_vs_in_process"] == 0.8 and out["detector_vs_in_process"] == 0.75
+def test_every_served_model_is_a_path_with_its_registry_peers():
+    paths = {path.name: path for entry in registry.served_models() for path in bench.paths_of(entry, {})}
+    for entry in registry.served_models():
+        assert paths[entry.name].served_as == entry.name
+        assert paths[entry.name].check is registry.resolve(entry.load.check)
+        for peer in entry.load.peers:
+            path = paths[f"{entry.name}-{peer.name}"]
+            assert path.peer is peer and path.served_as == f"{entry.name}_{peer.name.replace('-', '_')}"
+            assert path.check is registry.resolve(peer.check or entry.load.check)
+    assert not any(name.endswith("-baseline") for name in paths)
 
 
-def test_sentiment_is_compared_with_another_sentiment_archive():
-    out = bench.ratios(results(sentiment=(1100,), sentiment_baseline=(1000,)))
-    assert out["sentiment_vs_baseline"] == 1.1
-    assert "sentiment ÷ sentiment-baseline **1.1**" in bench.table({**results(), "ratios": out, "machine": MACHINE,
-                                                                     "loadavg_before": [0], "loadavg_after": [0]})
+def test_ratios_per_model_against_the_targets_of_its_peers():
+    peers = {peer.name: peer for peer in registry.model("mnist").load.peers}
+    stock_target = peers["stock"].target
+    out = bench.ratios(results({"fashion": {"rps": 1000.0}}, mnist=(900,), mnist_stock=(900 / stock_target / 2,),
+                               mnist_baseline=(1000,), fashion=(800, 150.0, 2)))
+    mnist, fashion = out["models"]["mnist"], out["models"]["fashion"]
+    assert mnist["vs"] == {"stock": 2 * stock_target, "baseline": 0.9}
+    assert mnist["targets_met"] == {f"÷ stock >= {stock_target}": True, "p99 <= 100 ms": True,
+                                    "zero failed requests": True}
+    assert fashion["vs"] == {"in-process": 0.8}
+    target = registry.model("fashion").load.in_process_target
+    assert fashion["targets_met"] == {f"÷ in-process >= {target}": 0.8 >= target, "p99 <= 100 ms": False,
+                                      "zero failed requests": False}
+    assert "sentiment" not in out["models"]  # not measured: nothing judged
+    lines = bench.ratio_lines(out)
+    assert any(line.startswith("- mnist at 16 users: ÷ stock **") for line in lines)
 
 
-def test_a_baseline_path_needs_its_option_and_the_archive_must_exist(tmp_path, capsys):
+def test_a_baseline_is_named_by_model_and_its_archive_must_exist(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--paths", "sentiment-baseline"])
-    assert "needs --sentiment-baseline MAR" in capsys.readouterr().err
+    assert "MODEL-baseline needs --baseline" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--paths", "sentiment", "--sentiment-baseline", str(tmp_path / "missing.mar")])
+        bench.main(["--baseline", f"sentiment={tmp_path / 'missing.mar'}"])
     assert "missing.mar: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--baseline", "nomodel=HEAD"])
+    assert "MODEL a served model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--model-config", "batchSize=8"])
+    assert "expected MODEL.KEY=VALUE" in capsys.readouterr().err
 
 
-def test_a_sentiment_baseline_is_copied_into_its_own_store(tmp_path):
+def test_a_baseline_archive_is_copied_into_its_own_store(tmp_path):
     archive = tmp_path / "old.mar"
     archive.write_bytes(b"an older sentiment archive")
     store = tmp_path / "store"
     store.mkdir()
-    name = bench.build_archive(bench.PATHS["sentiment-baseline"], store, tmp_path, {}, sentiment_baseline=archive)
+    path = next(p for p in bench.paths_of(registry.model("sentiment"), {"sentiment": str(archive)})
+                if p.name == "sentiment-baseline")
+    name = bench.build_archive(path, store, tmp_path, {})
     assert (store / name).read_bytes() == b"an older sentiment archive" and name == "sentiment.mar"
-    assert bench.PATHS["sentiment-baseline"].check('{"label": "negative", "score": 0.7}', "positive") == "negative"
-
-
-def test_a_ratio_target_is_judged_only_when_both_of_its_paths_ran():
-    alone = bench.ratios(results(ours=(900,), fashion=(800, 150.0, 2)))
-    assert alone["targets_met"] == {"p99 <= 100 ms": True, "zero failed requests": True}
-    assert alone["fashion_targets_met"] == {"fashion p99 <= 100 ms": False, "fashion: zero failed requests": False}
-    both = bench.ratios(results({"fashion": {"rps": 2000.0}}, ours=(900,), stock=(400,), fashion=(800,),
-                                fashion_stock=(100,)))
-    assert both["targets_met"]["ours_vs_stock >= 2.5"] is False  # 2.25
-    assert both["fashion_targets_met"]["fashion_vs_stock >= 5.0"] is True  # 8
-    assert both["fashion_targets_met"]["fashion_vs_in_process >= 0.7"] is False  # 0.4

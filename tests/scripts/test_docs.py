@@ -112,14 +112,18 @@ def test_a_benchmark_record_renders_its_table_and_the_headline():
     step = {"users": 16, "rps": 1794.2, "p50_ms": 8.6, "p95_ms": 12.0, "p99_ms": 16.79, "failed": 0}
     bench = {"started": "2026-12-02T04:41:19+0000", "command": "bench.py", "duration_s": 422.2,
              "machine": {"cores": 2, "cpu": "AMD EPYC", "torch": "2.14.1+cu130", "torchserve": "0.12.0"},
-             "settings": {"users": [16]}, "paths": {"ours": {"steps": [step]}},
-             "ratios": {"users": 16, "ours_vs_stock": 2.85, "targets_met": {"ours_vs_stock >= 2.5": True}}}
+             "settings": {"users": [16]}, "paths": {"mnist": {"steps": [step]}},
+             "ratios": {"users": 16, "models": {"mnist": {
+                 "vs": {"stock": 2.85}, "p99_ms": 16.79, "failed": 0,
+                 "targets_met": {"÷ stock >= 2.5": True, "p99 <= 100 ms": True, "zero failed requests": True}}}}}
     records = no_records(benchmark=bench)
-    assert "| ours | 1,794 · 8.6/12.0/16.8 |" in docs.block("bench-paths", records).splitlines()
-    assert "| mnist ÷ stock | **2.85** | ≥ 2.5 ✔ |" in docs.block("bench-ratios", records).splitlines()
+    assert "| mnist | 1,794 · 8.6/12.0/16.8 |" in docs.block("bench-paths", records).splitlines()
+    ratios = docs.block("bench-ratios", records).splitlines()
+    assert "| mnist ÷ stock | **2.85** | ≥ 2.5 ✔ |" in ratios
+    assert "| mnist p99 / failed requests | 16.79 ms / 0 | ≤ 100 ms / 0 ✔ |" in ratios
     headline = " ".join(docs.block("bench-headline", records).splitlines())
     assert "on 2 cores (AMD EPYC), torch 2.14.1, TorchServe 0.12.0, 2026-12-02: mnist 1,794 req/s" in headline
-    assert "2.85× TorchServe's stock handler" in headline
+    assert "(p99 17 ms; 2.85× stock)" in headline
 
 
 def test_the_fresh_clone_record_renders_each_step():
