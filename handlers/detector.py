@@ -201,7 +201,8 @@ class DetectorHandler(BundleHandler):
         return [example["image"] for example in examples]
 
     def predict(self, batch):
-        """One forward pass per image size in the batch (the model takes a list of them). Mixing sizes in one pass
+        """One forward pass of the configured runtime per image size in the batch (the model takes a list of them;
+        runtimes other than eager fail at load: the detector has no export yet). Mixing sizes in one pass
         would zero-pad the smaller images to the largest, which changes the answer near their edges: an image gets
         the same answer alone as in any batch."""
         by_size = {}
@@ -210,9 +211,8 @@ class DetectorHandler(BundleHandler):
         outputs = [None] * len(batch)
         with torch.inference_mode(), self.autocast():
             for indices in by_size.values():
-                answers = self.model([batch[i].to(self.device, non_blocking=True) for i in indices])
-                for index, answer in zip(indices, answers):
-                    outputs[index] = {key: value.cpu() for key, value in answer.items()}
+                for index, answer in zip(indices, self.runtime([batch[i] for i in indices])):
+                    outputs[index] = answer
         return outputs
 
     def format(self, example, output):

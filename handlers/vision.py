@@ -29,6 +29,12 @@ class VisionHandler(BundleHandler):
 
     def initialize(self, context):
         super().initialize(context)
+        options = self.model_config.get("handler") or {}
+        self.max_top_k = min(int(options.get("max_top_k", len(self.labels))), len(self.labels))
+        self.top_k = min(int(options.get("top_k", DEFAULT_TOP_K)), self.max_top_k)
+
+    def read_input_spec(self):
+        """The manifest's input: crop, polarity, channels, sizes, normalisation (what requests are fitted to)."""
         spec = self.artifact["input"]
         if spec.get("crop", "center") != "center":
             raise RuntimeError(f"{self.model_name}: input crop {spec['crop']!r} is not supported (only 'center')")
@@ -39,14 +45,15 @@ class VisionHandler(BundleHandler):
         self.channels, self.size, self.resize = spec["channels"], spec["size"], spec.get("resize", spec["size"])
         self.mean = torch.tensor(spec["mean"], device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec["std"], device=self.device).view(1, -1, 1, 1)
-        options = self.model_config.get("handler") or {}
-        self.max_top_k = min(int(options.get("max_top_k", len(self.labels))), len(self.labels))
-        self.top_k = min(int(options.get("top_k", DEFAULT_TOP_K)), self.max_top_k)
-        self.inference_model = self.fused_copy()
 
     def load_model(self):
         """The stored model, channels-last: oneDNN and cuDNN convolutions run fastest on NHWC tensors."""
+        self.read_input_spec()
         return super().load_model().to(memory_format=torch.channels_last)
+
+    def eager_model(self):
+        """What ``handler.runtime: eager`` predicts with: the fused copy."""
+        return self.fused_copy()
 
     def fused_copy(self):
         """The model with each batch norm folded into its convolution (torch.fx), for predictions: 1.5x faster
@@ -91,8 +98,9 @@ class VisionHandler(BundleHandler):
         return images.contiguous(memory_format=torch.channels_last)
 
     def predict(self, batch):
+        """Logits of the normalised batch from the configured runtime (handlers/runtimes.py)."""
         with torch.inference_mode(), self.autocast():
-            return self.inference_model(self.model_input(batch)).float().cpu()
+            return self.runtime(self.model_input(batch)).float()
 
     def output_rows(self, outputs):
         """Softmax and the classes by probability for the whole batch at once: (probabilities, classes) per row."""

@@ -298,8 +298,8 @@ def test_cuda_paths_move_inputs_to_the_gpu_and_autocast(detector):
         return real_to(tensor, *args, **kwargs)
 
     cuda = torch.device("cuda", 1)
-    with mock.patch.object(handler, "device", cuda), mock.patch.object(handler, "amp", torch.float16), \
-            mock.patch.object(torch.Tensor, "to", record_to), \
+    with mock.patch.object(handler, "device", cuda), mock.patch.object(handler.runtime, "device", cuda), \
+            mock.patch.object(handler, "amp", torch.float16), mock.patch.object(torch.Tensor, "to", record_to), \
             mock.patch("torch.autocast", side_effect=lambda *a, **k: mock.MagicMock(args=a, kwargs=k)) as autocast:
         outputs = handler.predict([torch.rand(3, 64, 96), torch.rand(3, 80, 80)])
     assert sent == [cuda, cuda] and len(outputs) == 2

@@ -444,7 +444,7 @@ def test_model_runs_channels_last_on_the_cpu_with_amp_off(fashion):
     assert handler.device == torch.device("cpu") and handler.amp is None and handler.threads == 1
     weight = handler.model.stages[-1][0].conv2.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    fused = handler.inference_model
+    fused = handler.runtime.module
     assert fused is not handler.model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     described = handler.describe_handle()
     assert described["input"]["size"] == 28 and described["amp"] is None and described["training"]["test"]
@@ -498,6 +498,37 @@ def test_predictions_on_cuda_run_under_autocast_with_the_configured_dtype():
     with mock.patch("torch.autocast") as autocast:
         handler.autocast()
     autocast.assert_called_once_with(device_type="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.trained
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_every_runtime_serves_fashion_with_the_eager_answers(fashion, tmp_path, runtime):
+    """``handler.runtime`` is honoured by the vision handler: the export answers as the eager model does."""
+    from tests.worker import Worker
+
+    mar = ROOT / "model_store" / "fashion.mar"
+    config = (ROOT / "handlers" / "vision.yaml").read_text().replace("runtime: eager", f"runtime: {runtime}")
+    assert f"runtime: {runtime}" in config
+    worker = Worker(rezip(mar, tmp_path / "fashion.mar", "fashion", replace={"vision.yaml": config.encode()}),
+                    tmp_path / "unpacked", batch_size=8)
+    assert worker.handler.runtime.name == runtime and worker.handler.describe_handle()["runtime"] == runtime
+    images, _ = payloads.heldout_fashion(count=8)
+    requests = [Request(payloads.render_fashion(image), "image/png") for image in images]
+    eager, other = fashion.run(*requests), worker.run(*requests)
+    assert [reply.body["label"] for reply in other] == [reply.body["label"] for reply in eager]
+    for a, b in zip(eager, other):
+        assert a.body["probabilities"] == pytest.approx(b.body["probabilities"], abs=2e-4)
+
+
+@pytest.mark.trained
+def test_a_runtime_the_artifact_cannot_run_fails_at_load_naming_it(tmp_path):
+    from tests.worker import Worker
+
+    mar = ROOT / "model_store" / "fashion.mar"
+    config = (ROOT / "handlers" / "vision.yaml").read_text().replace("runtime: eager", "runtime: tensorrt")
+    with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript"):
+        Worker(rezip(mar, tmp_path / "fashion.mar", "fashion", replace={"vision.yaml": config.encode()}),
+               tmp_path / "unpacked")
 
 
 @pytest.mark.trained
