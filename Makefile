@@ -12,7 +12,7 @@ READY := $(VENV)/.ready
 # When this make started (seconds since the epoch): `make serve` reports its times from here, setup included.
 STARTED := $(shell date +%s)
 
-.PHONY: setup train archive serve stop test test-fast bench docs k8s-check clean
+.PHONY: setup train archive compile serve stop test test-fast bench docs k8s-check clean
 .DELETE_ON_ERROR:
 
 include .make/rules.mk
@@ -35,6 +35,14 @@ $(READY): requirements.txt scripts/ensure_java.sh scripts/venv_hook.sh
 train: $(ARTIFACTS:%=%/manifest.json)
 
 archive: $(ARCHIVES)
+
+# AOTInductor packages (model.pt2: torch.export + aoti_compile_and_package, for this machine's CPU) of every trained
+# version, then the archives that carry them: a later step, off make serve's path (about 50 s a model on 2 cores; it
+# needs a C++ compiler, and without one each manifest says it was skipped). `handler.runtime: aoti` serves them.
+compile: train
+	@echo "==> [compile] AOTInductor: $(ARTIFACTS)"
+	@$(PY) -m train.export --aoti $(ARTIFACTS)
+	@$(MAKE) --no-print-directory archive
 
 # Serves the models whose archives are up to date at once, then trains, archives and registers the others one at a
 # time, so the first models answer while the slow ones train (scripts/server.py).

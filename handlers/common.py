@@ -32,10 +32,11 @@ per reply (below config.properties' ``max_response_size``, which would otherwise
 import codecs
 import ctypes
 import http
+import importlib
 import json
-import os
 import logging
 import math
+import os
 import threading
 import time
 
@@ -329,6 +330,7 @@ class BundleHandler:
         except Exception as err:
             raise RuntimeError(f"{self.model_name} {self.version}: {err}") from err
         self.labels = self.artifact.get("labels")
+        self.warm_up()
         self._init_metrics(context.metrics)
         logger.info("%s %s ready on %s with %d torch threads, runtime %s", self.model_name, self.version, self.device,
                     self.threads, self.runtime.name)
@@ -337,6 +339,15 @@ class BundleHandler:
     def load_model(self):
         """The manifest's architecture and weights on the device (kept for explanations, whatever the runtime)."""
         return load_model(self.model_dir, self.artifact, self.device)
+
+    def warm_up(self):
+        """One forward pass of the runtime at load, on the model module's export example at batch 1 (when it
+        declares one), so that the first request does not pay for lazy set-up (AOTInductor's kernels, oneDNN's)."""
+        module = importlib.import_module(self.artifact["model_module"])
+        if hasattr(module, "export_example"):
+            inputs = tuple(module.export_example(self.artifact, 1).get("inputs", {}).values())
+            if inputs:
+                self.runtime(inputs if len(inputs) > 1 else inputs[0])
 
     def eager_model(self):
         """The module that the ``eager`` runtime predicts with (override to add an inference copy)."""

@@ -6,7 +6,11 @@ handler code serves each of them:
 - ``eager``: the ``nn.Module`` built from the manifest's architecture and weights (the default);
 - ``torchscript``: the manifest's ``exports.torchscript`` file (``torch.jit.load``);
 - ``onnxruntime``: the manifest's ``exports.onnx`` file in an ONNX Runtime session (the CUDA provider on a GPU
-  worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget.
+  worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget;
+- ``aoti``: the manifest's ``exports.aoti`` package (``model.pt2``: torch.export + AOTInductor, compiled by
+  ``python -m train.export --aoti`` / `make compile` for the device it names), loaded with ``aoti_load_package``.
+
+A runtime the artifact cannot run (no such export, or compiled for another device) fails at load with the reason.
 
 A batch is a tensor, or a tuple of tensors in the order of the export's inputs; the eager runtime also takes and
 returns nested structures (a detector's list of images in, list of dicts out).
@@ -23,7 +27,7 @@ from models import as_tuple
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime")
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "aoti")
 DEFAULT_RUNTIME = "eager"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,7 +127,7 @@ class OnnxRuntime:
         self.outputs = [entry["name"] for entry in export["outputs"]]
 
     def __call__(self, batch):
-        feed = {name: tensor.numpy() for name, tensor in zip(self.inputs, as_tuple(batch))}
+        feed = {name: tensor.contiguous().numpy() for name, tensor in zip(self.inputs, as_tuple(batch))}
         outputs = [torch.from_numpy(array) for array in self.session.run(self.outputs, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -132,7 +136,8 @@ def export_file(model_dir, manifest, fmt):
     """The path and manifest entry of export ``fmt``; a clear error when the artifact has none."""
     export = manifest.get("exports", {}).get(fmt)
     if not export or "file" not in export:
-        why = (export or {}).get("unsupported", "the artifact folder has no such export (python -m train.export DIR)")
+        command = "make compile, or python -m train.export --aoti DIR" if fmt == "aoti" else "python -m train.export DIR"
+        why = (export or {}).get("unsupported", f"the artifact folder has no such export ({command})")
         raise ValueError(f"runtime needs the {fmt} export: {why}")
     return os.path.join(model_dir, export["file"]), export
 
@@ -147,4 +152,13 @@ def load(name, model_dir, manifest, device, eager_model, threads=1):
     if name == "onnxruntime":
         path, export = export_file(model_dir, manifest, "onnx")
         return OnnxRuntime(path, export, device, threads)
+    if name == "aoti":
+        path, export = export_file(model_dir, manifest, "aoti")
+        if export.get("device", "cpu") != device.type:
+            raise ValueError(f"runtime aoti: {export['file']} was compiled for {export.get('device', 'cpu')}, this "
+                             f"worker runs on {device}; compile it on a {device.type} machine "
+                             "(python -m train.export --aoti)")
+        from torch._inductor import aoti_load_package
+
+        return TorchRuntime(name, aoti_load_package(path), device)
     raise ValueError(f"handler.runtime {name!r} is not one of {', '.join(RUNTIMES)}")

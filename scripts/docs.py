@@ -206,16 +206,16 @@ def detector_classes(records: dict) -> str:
 
 def exports_table(records: dict) -> str:
     """Each exported file's max abs difference from the eager model, as the export check measured it."""
-    rows = ["| version | TorchScript | ONNX | checked batch sizes |", "|---|---|---|---|"]
+    rows = ["| version | TorchScript | ONNX | AOTInductor | checked batch sizes |", "|---|---|---|---|---|"]
     for entry, version in recorded(records):
         manifest = records["manifests"].get(version.archive) or {}
         cells, sizes = [], set()
-        for fmt in ("torchscript", "onnx"):
+        for fmt in ("torchscript", "onnx", "aoti"):
             export = manifest.get("exports", {}).get(fmt)
             if export is None:
-                cells.append("not exported")
+                cells.append("not compiled (`make compile`)" if fmt == "aoti" else "not exported")
             elif "unsupported" in export:
-                cells.append("unsupported (the manifest says why)")
+                cells.append("unsupported (manifest: why)")
             else:
                 opset = f", opset {export['opset']}" if "opset" in export else ""
                 cells.append(f"`{export['file']}`: {export['max_abs_diff']:.3g}{opset}")

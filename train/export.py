@@ -1,6 +1,11 @@
-"""TorchScript and ONNX exports of an artifact folder, next to its weights and listed in its manifest.
+"""TorchScript, ONNX and AOTInductor exports of an artifact folder, next to its weights and listed in its manifest.
 
-    python -m train.export ARTIFACT_DIR [ARTIFACT_DIR ...]
+    python -m train.export ARTIFACT_DIR [ARTIFACT_DIR ...]           TorchScript and ONNX (training runs this)
+    python -m train.export --aoti ARTIFACT_DIR [ARTIFACT_DIR ...]    model.pt2 (`make compile`; ~50 s a model)
+
+``--aoti`` is a later step, off the path to the first prediction: ``torch.export.export`` then AOTInductor
+(``torch._inductor.aoti_compile_and_package``) compiles the model to a shared library in ``model.pt2`` with the
+system's C++ compiler, for the CPU; without a compiler the manifest records that it was skipped and why.
 
 Each model module declares what to export with ``export_example(manifest, batch_size)``, which returns
 ``{"inputs": {name: example tensor}, "outputs": [names], "dynamic": {name: {axis: label}}, "unsupported": {format:
@@ -11,7 +16,8 @@ Both files are traced at batch 2 and checked against the eager model at batch si
 Runtime): a max abs difference above ``TOLERANCE`` fails the export. The manifest gets ``exports``:
 
     "exports": {"torchscript": {"file": "model.ts.pt", "inputs": [...], "outputs": [...], "max_abs_diff": ...},
-                "onnx": {"file": "model.onnx", "opset": 18, "inputs": [...], ...}}
+                "onnx": {"file": "model.onnx", "opset": 18, "inputs": [...], ...},
+                "aoti": {"file": "model.pt2", "device": "cpu", "inputs": [...], ...}}
 
 with each input and output as ``{"name", "shape", "dtype"}`` (dynamic axes as their label, e.g. "batch").
 """
@@ -19,6 +25,7 @@ with each input and output as ``{"name", "shape", "dtype"}`` (dynamic axes as th
 import argparse
 import importlib
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +37,9 @@ from models import MANIFEST_FILE, as_tuple, load_model, read_manifest
 
 TORCHSCRIPT_FILE = "model.ts.pt"
 ONNX_FILE = "model.onnx"
+AOTI_FILE = "model.pt2"
+FORMATS = ("torchscript", "onnx")
+"""What training exports; ``aoti`` is compiled on request (``--aoti``)."""
 OPSET = 18
 TOLERANCE = 1e-4
 """Largest allowed max abs difference between an export's outputs and the eager model's (float32 rounding)."""
@@ -91,10 +101,9 @@ def to_onnx(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
     import onnx
     import onnxruntime
 
-    shapes = tuple({axis: torch.export.Dim(label) for axis, label in {0: BATCH_AXIS, **dynamic.get(name, {})}.items()}
-                   for name in names["inputs"])
     torch.onnx.export(model, inputs, str(path), input_names=names["inputs"], output_names=names["outputs"],
-                      opset_version=OPSET, dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)
+                      opset_version=OPSET, dynamic_shapes=dynamic_shapes(names, dynamic), dynamo=True,
+                      external_data=False, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -103,8 +112,36 @@ def to_onnx(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
     return run
 
 
-def export(artifact_dir) -> dict:
-    """Write model.ts.pt and model.onnx into ``artifact_dir`` and list them in its manifest; returns the manifest."""
+def dynamic_shapes(names: dict, dynamic: dict) -> tuple:
+    """torch.export's dynamic shapes of the inputs: the batch axis and the ``dynamic`` axes of each."""
+    return tuple({axis: torch.export.Dim(label) for axis, label in {0: BATCH_AXIS, **dynamic.get(name, {})}.items()}
+                 for name in names["inputs"])
+
+
+def to_aoti(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
+    """torch.export, then AOTInductor into a .pt2 package for the CPU; returns the function that runs the package."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(names, dynamic))
+    aoti_compile_and_package(program, package_path=str(path))
+    loaded = aoti_load_package(str(path))
+
+    def run(batch):
+        with torch.inference_mode():
+            return as_tuple(loaded(*batch))
+    return run
+
+
+def compiler_missing() -> str | None:
+    """Why AOTInductor cannot compile here (no C++ compiler on PATH), or None."""
+    if shutil.which("g++") or shutil.which("c++"):
+        return None
+    return "no C++ compiler (g++ or c++) on PATH: AOTInductor compiles the model into a shared library"
+
+
+def export(artifact_dir, formats=FORMATS) -> dict:
+    """Write the exports ``formats`` (default model.ts.pt and model.onnx) into ``artifact_dir`` and list them in its
+    manifest, keeping its other exports; returns the manifest."""
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     model = load_model(artifact_dir, manifest)
@@ -113,24 +150,42 @@ def export(artifact_dir) -> dict:
     inputs = tuple(spec.get("inputs", {}).values())
     names = {"inputs": list(spec.get("inputs", {})), "outputs": list(spec.get("outputs", []))}
     dynamic = spec.get("dynamic", {})
-    if not {"torchscript", "onnx"} <= set(unsupported):  # something to trace: the eager model's signature
+    if "aoti" in formats and "aoti" not in unsupported:
+        if inputs:
+            why = compiler_missing()
+        else:
+            why = (f"{manifest['model_module']}.export_example declares no inputs: "
+                   + "; ".join(f"{fmt}: {reason}" for fmt, reason in unsupported.items()))
+        unsupported = {**unsupported, "aoti": why} if why else unsupported
+    if not set(formats) <= set(unsupported):  # something to trace: the eager model's signature
         with torch.inference_mode():
             outputs = as_tuple(model(*inputs))
         io = {"inputs": signature(names["inputs"], inputs, dynamic),
               "outputs": signature(names["outputs"], outputs, dynamic)}
     writers = {"torchscript": (TORCHSCRIPT_FILE, lambda path: to_torchscript(model, inputs, path), {}),
                "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, dynamic),
-                        {"opset": OPSET})}
-    exports, files = {}, [name for name in manifest["files"] if name not in (TORCHSCRIPT_FILE, ONNX_FILE)]
+                        {"opset": OPSET}),
+               "aoti": (AOTI_FILE, lambda path: to_aoti(model, inputs, path, names, dynamic),
+                        {"device": "cpu", "torch": torch.__version__})}
+    writers = {fmt: writer for fmt, writer in writers.items() if fmt in formats}
+    exports = {fmt: entry for fmt, entry in manifest.get("exports", {}).items() if fmt not in formats}
+    files = [name for name in manifest["files"] if name not in (writers[fmt][0] for fmt in writers)]
     for fmt, (file_name, write, extra) in writers.items():
         why = unsupported.get(fmt)
         if why:
             exports[fmt] = {"unsupported": why}
+            print(f"{artifact_dir}: {fmt} export skipped: {why}", flush=True)
             continue
         try:
             diff = max_abs_diff(model, write(artifact_dir / file_name), manifest)
         except Exception as err:
-            raise ExportError(f"{artifact_dir}: {fmt} export failed: {type(err).__name__}: {err}") from err
+            if fmt != "aoti":
+                raise ExportError(f"{artifact_dir}: {fmt} export failed: {type(err).__name__}: {err}") from err
+            # an optional compiled format: the manifest keeps the exact error, and the other exports serve
+            why = f"torch.export / AOTInductor failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}"
+            exports[fmt] = {"unsupported": why}
+            print(f"{artifact_dir}: {fmt} export skipped: {why}", flush=True)
+            continue
         if diff > TOLERANCE:
             raise ExportError(f"{artifact_dir}: {fmt} export differs from the eager model by {diff:.3g} "
                               f"(tolerance {TOLERANCE})")
@@ -149,10 +204,12 @@ def export(artifact_dir) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     parser.add_argument("artifact_dirs", nargs="+", type=Path, metavar="ARTIFACT_DIR")
+    parser.add_argument("--aoti", action="store_true", help="compile model.pt2 with AOTInductor (instead of the "
+                        "TorchScript and ONNX exports)")
     args = parser.parse_args(argv)
     for artifact_dir in args.artifact_dirs:
         try:
-            export(artifact_dir)
+            export(artifact_dir, ("aoti",) if args.aoti else FORMATS)
         except (ExportError, OSError, ValueError) as err:
             print(f"train.export: {err}", file=sys.stderr)
             return 1

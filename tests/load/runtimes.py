@@ -27,12 +27,15 @@ import yaml
 
 import registry
 from handlers.runtimes import RUNTIMES
+from models import read_manifest
 from scripts.server import ROOT
 from tests.fixtures.servers import rezip
 from tests.load import bench, payloads
 from tests.worker import Request, Worker
 
 BATCH = 16
+EXPORTS = {"torchscript": "torchscript", "onnxruntime": "onnx", "aoti": "aoti"}
+"""The manifest export each runtime needs."""
 
 
 def with_runtime(entry, folder, runtime):
@@ -74,6 +77,11 @@ def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, lo
     figures, "steps": [...]}}."""
     results = {"model": entry.name}
     samples = payloads.of_model(entry)
+    exports = read_manifest(ROOT / entry.versions[0].artifacts).get("exports", {})
+    for runtime in [r for r in runtimes if r != "eager" and "file" not in exports.get(EXPORTS[r], {})]:
+        log(f"[runtime {runtime}] skipped: artifacts have no {EXPORTS[runtime]} export"
+            + (" (make compile)" if runtime == "aoti" else ""))
+        runtimes = [r for r in runtimes if r != runtime]
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         archives = {runtime: with_runtime(entry, Path(tmp) / runtime, runtime) for runtime in runtimes}
         for runtime, figures in in_process(archives, samples).items():

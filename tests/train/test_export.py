@@ -122,9 +122,9 @@ def test_runtimes_agree_with_eager_on_heldout_inputs(artifact, batch_size):
     manifest = read_manifest(folder)
     model = load_model(folder, manifest)
     batch = heldout_batch(folder, manifest)[:batch_size]
-    outputs = {name: runtimes.load(name, str(folder), manifest, CPU, lambda: model)(batch)
-               for name in runtimes.RUNTIMES}
-    for name in ("torchscript", "onnxruntime"):
+    trained = ("eager", "torchscript", "onnxruntime")  # what training exports (aoti: `make compile`, below)
+    outputs = {name: runtimes.load(name, str(folder), manifest, CPU, lambda: model)(batch) for name in trained}
+    for name in trained[1:]:
         assert outputs[name].shape == outputs["eager"].shape
         assert float((outputs[name] - outputs["eager"]).abs().max()) <= TOLERANCE, name
         if outputs["eager"].ndim == 2:  # classifiers: the served label
@@ -151,7 +151,7 @@ def archive_with_runtime(tmp_path, stem, runtime):
 ])
 def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, stem, requests):
     replies = {}
-    for runtime in runtimes.RUNTIMES:
+    for runtime in ("eager", "torchscript", "onnxruntime"):  # aoti: compiled on request, tested below
         worker = Worker(archive_with_runtime(tmp_path, stem, runtime), tmp_path / runtime, batch_size=16)
         assert worker.handler.runtime.name == runtime == worker.handler.describe_handle()["runtime"]
         replies[runtime] = worker.run(*requests())
@@ -161,8 +161,55 @@ def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, 
 
 
 def test_an_unknown_runtime_fails_the_load_naming_the_choices(tmp_path):
-    with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript, onnxruntime"):
+    with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript, onnxruntime, "
+                                           "aoti"):
         Worker(archive_with_runtime(tmp_path, "regression", "tensorrt"), tmp_path / "unpacked")
+
+
+def test_aoti_without_a_package_fails_at_load_saying_how_to_compile(tmp_path):
+    with pytest.raises(RuntimeError, match=r"runtime needs the aoti export: .*make compile, or python -m train.export "
+                                           r"--aoti DIR"):
+        Worker(archive_with_runtime(tmp_path, "regression", "aoti"), tmp_path / "unpacked")
+
+
+def test_an_aoti_package_compiled_for_another_device_fails_at_load():
+    manifest = {"exports": {"aoti": {"file": "model.pt2", "device": "cpu"}}}
+    with pytest.raises(ValueError, match="model.pt2 was compiled for cpu, this worker runs on cuda:0"):
+        runtimes.load("aoti", "/nowhere", manifest, torch.device("cuda:0"), None)
+
+
+@pytest.mark.slow  # compiles with AOTInductor (~50 s each)
+@pytest.mark.parametrize("stem", ["mnist", "fashion"])
+def test_an_aoti_package_serves_over_http_with_the_eager_answers(tmp_path, stem):
+    """`make compile`'s export for one model, served by TorchServe with ``handler.runtime: aoti``: every load-test
+    sample gets the eager handler's answer."""
+    from tests.fixtures.servers import running
+    from tests.load import payloads
+
+    entry, version = registry.archive(stem)
+    folder = shutil.copytree(ROOT / version.artifacts, tmp_path / "artifact")
+    manifest = export.export(folder, ("aoti",))
+    compiled = manifest["exports"]["aoti"]
+    assert compiled["file"] == export.AOTI_FILE and compiled["max_abs_diff"] <= 1e-4 and compiled["device"] == "cpu"
+    config_file = ROOT / entry.configs["cpu"]
+    config = yaml.safe_load(config_file.read_text())
+    config["handler"]["runtime"] = "aoti"
+    store = tmp_path / "store"
+    store.mkdir()
+    rezip(ROOT / "model_store" / f"{stem}.mar", store / f"{stem}.mar", entry.name,
+          replace={config_file.name: yaml.safe_dump(config).encode(),
+                   "manifest.json": (folder / "manifest.json").read_bytes()},
+          add={export.AOTI_FILE: (folder / export.AOTI_FILE).read_bytes()})
+    samples = payloads.of_model(entry)[:24]
+    eager = Worker(ROOT / "model_store" / f"{stem}.mar", tmp_path / "eager", batch_size=8)
+    expected = eager.run(*(Request(sample.body, sample.content_type) for sample in samples))
+    with running(tmp_path / "ts", model_store=store, models=f"{entry.name}={stem}.mar", expect_ready=1) as server:
+        described = server.management("GET", f"/models/{entry.name}?customized=true").json()[0]
+        assert described["customizedMetadata"]["runtime"] == "aoti"
+        for sample, want in zip(samples, expected):
+            reply = server.predict(entry.name, sample.body, headers={"Content-Type": sample.content_type})
+            assert reply.status_code == 200 and reply.json()["label"] == want.body["label"], sample.name
+            assert reply.json()["probabilities"] == pytest.approx(want.body["probabilities"], abs=2e-4)
 
 
 def test_onnxruntime_takes_the_cuda_provider_on_a_gpu_worker(monkeypatch):
