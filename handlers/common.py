@@ -121,9 +121,23 @@ itself (``initialize`` turns TorchServe's off)."""
 
 
 def media_type(context, idx, name):
-    """(media type in lower case, charset parameter or None) of request ``idx``'s parameter ``name``."""
+    """(media type in lower case, charset parameter or None) of request ``idx``'s parameter ``name``.
+
+    TorchServe's frontend passes a raw body's media type without its parameters, so the charset of a raw body is
+    read from the request's own Content-Type header (clients' headers reach the handler as sent)."""
     header = context.get_request_header(idx, name)
-    content_type = header.get("content-type", "") if isinstance(header, dict) else ""
+    kind, charset = parse_content_type(header.get("content-type", "") if isinstance(header, dict) else "")
+    if charset is None:
+        headers = context.get_all_request_header(idx) or {}
+        sent = next((value for key, value in headers.items() if key.lower() == "content-type"), "")
+        sent_kind, sent_charset = parse_content_type(sent if isinstance(sent, str) else "")
+        if sent_kind == kind:
+            charset = sent_charset
+    return kind, charset
+
+
+def parse_content_type(content_type):
+    """"text/plain; charset=GBK" -> ("text/plain", "GBK"); no charset: None."""
     kind, *parameters = content_type.split(";")
     charset = next((value.strip().strip('"') for key, _, value in (p.partition("=") for p in parameters)
                     if key.strip().lower() == "charset"), None)

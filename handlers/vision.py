@@ -17,11 +17,13 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 from handlers.common import BundleHandler, RequestError, quote
-from handlers.images import decode_fitted, image_bytes
+from handlers.images import decode_fitted, image_bytes, protocol_images
 from handlers.runtimes import checked_copy
 from models.vision import LIGHT_ON_DARK, light_on_dark
 
 DEFAULT_TOP_K = 3
+MAX_PROTOCOL_IMAGES = 64
+"""Images in one Open Inference Protocol request; more are refused with 413."""
 
 
 class VisionHandler(BundleHandler):
@@ -68,8 +70,12 @@ class VisionHandler(BundleHandler):
 
     def parse(self, payload, as_json):
         k = self.requested_k(payload) if as_json and isinstance(payload, dict) else self.top_k
-        pixels = decode_fitted(image_bytes(payload, as_json), self.channels, self.size, self.resize)
-        return [(self.canonical(pixels) if self.light_on_dark else pixels, k)], False
+        return [(self.fitted(image_bytes(payload, as_json)), k)], False
+
+    def fitted(self, encoded):
+        """An encoded image fitted to the model's input (size, crop, polarity), as uint8 pixels."""
+        pixels = decode_fitted(encoded, self.channels, self.size, self.resize)
+        return self.canonical(pixels) if self.light_on_dark else pixels
 
     @staticmethod
     def canonical(pixels):
@@ -78,6 +84,12 @@ class VisionHandler(BundleHandler):
             return light_on_dark(pixels)
         except ValueError as err:
             raise RequestError(str(err), kind="InvalidImage") from None
+
+    oip_input, oip_output_names = ("data", "BYTES"), ("label",)
+
+    def oip_examples(self, tensor):
+        """Each encoded image of the protocol's BYTES input, fitted as ``parse`` fits a body (the default k)."""
+        return [(self.fitted(image), self.top_k) for image in protocol_images(tensor, MAX_PROTOCOL_IMAGES)]
 
     def requested_k(self, document):
         k = document.get("k", self.top_k)

@@ -243,8 +243,10 @@ BRIDGED_ERRORS = [  # (archive, inputs, message)
     ("regression", [features([], [1, 10])], "TorchServe's gRPC ModelInfer reads only the inputs' typed contents"),
     ("regression", [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
      'this model takes one input named "features"'),
-    ("fashion", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
+    ("detector", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
      "does not speak the Open Inference Protocol"),
+    ("fashion", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
+     "the body is not an image"),
 ]
 
 

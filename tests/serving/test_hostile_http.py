@@ -199,6 +199,32 @@ def test_client_text_reaches_the_body_escaped_and_bounded_never_the_status_line(
     assert "(100000 characters)" in long and LONG not in long
 
 
+# --- reading what was sent, or saying it could not --------------------------------------------------------------------
+
+def test_text_is_read_in_its_charset_and_a_cut_is_said(server):
+    review = "质量很好，非常满意，下次还来"
+    for charset in ("gb18030", "utf-16", "big5"):
+        text = review if charset != "big5" else "質量很好，非常滿意，下次還來"
+        reply = send(server, "sentiment", text.encode(charset), {"Content-Type": f"text/plain; charset={charset}"})
+        assert reply.status_code == 200 and reply.json()["label"] == "positive", (charset, reply.text)
+    unknown = send(server, "sentiment", review.encode(), {"Content-Type": "text/plain; charset=klingon"})
+    assert (unknown.status_code, unknown.json()["type"]) == (415, "UnsupportedCharset")
+    as_utf8 = send(server, "sentiment", "nice value".encode("utf-16-le"), TEXT)
+    assert (as_utf8.status_code, as_utf8.json()["type"]) == (400, "InvalidEncoding")
+    long = send(server, "sentiment", (review * 100).encode(), TEXT).json()
+    assert long["truncated"] is True and long["tokens_read"] == 600 and long["label"] == "positive"
+
+
+def test_masks_beyond_the_budget_are_refused_before_they_are_made(server):
+    asked = send(server, "detector", PHOTO, EVERYTHING)
+    assert (asked.status_code, asked.json()["type"]) == (413, "TooManyMaskPixels")
+    assert "ask for at most 8 (Max-Detections)" in asked.json()["message"]
+    default = send(server, "detector", PHOTO, {"Content-Type": "image/jpeg", "Score-Threshold": "0"}).json()
+    assert default["max_detections"] == 8 and len(default["detections"]) <= 8
+    assert default["image_size"] == {"width": 4000, "height": 3000}
+    assert all(d["mask"]["size"] == [3000, 4000] for d in default["detections"])
+
+
 # --- the largest request each model accepts --------------------------------------------------------------------------
 
 def largest_requests():

@@ -233,8 +233,8 @@ def test_grpc_infer_answers_as_the_http_protocol(server, rpc, entry, sample):
 
 @by_name(SILENT)
 def test_models_without_a_protocol_input_answer_404_protocol_not_supported(server, entry):
-    """fashion and detector do not speak the protocol (their handlers define no ``oip_input``: an image model with
-    options, a detector with a variable number of detections per image); over gRPC, see the test below."""
+    """A handler without ``oip_input`` does not speak the protocol (the detector: a variable number of detections
+    per image, with masks); over gRPC, see the test below."""
     reply = server.inference("POST", f"/v2/models/{entry.name}/infer", headers={"Content-Type": "application/json"},
                              data=json.dumps({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
                                                           "data": ["AA=="]}]}))
