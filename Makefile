@@ -73,7 +73,7 @@ docs: $(READY)
 
 k8s-check: $(READY)
 	@echo "==> [k8s] offline validation of k8s/ (first run builds .venv-checkov)"
-	@$(PY) -m pytest tests/k8s/test_k8s.py -q
+	@$(PY) -m pytest tests/k8s -q
 
 clean:
 	rm -rf artifacts model_store/*.mar logs key_file.json .make
