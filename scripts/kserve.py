@@ -16,7 +16,7 @@ describes the files beside it.
 """
 
 import argparse
-import ast
+import importlib
 import json
 import shutil
 import sys
@@ -34,16 +34,12 @@ DEFAULT_STORE = ROOT / "model_store_gpu"  # ./archive.sh --profile gpu: the GPU 
 
 
 def speaks_oip(entry):
-    """Whether ``entry``'s handler class sets ``oip_input`` (handlers/common.py: the Open Inference Protocol)."""
-    tree = ast.parse((ROOT / entry.handler).read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            for statement in node.body:
-                targets = statement.targets if isinstance(statement, ast.Assign) else []
-                names = [t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
-                if any(isinstance(name, ast.Name) and name.id == "oip_input" for name in names):
-                    return True
-    return False
+    """Whether ``entry``'s handler class has an ``oip_input`` (handlers/common.py: the Open Inference Protocol), its
+    own or inherited (a scaffolded model's handler subclasses a shared one)."""
+    module = importlib.import_module(entry.handler.removesuffix(".py").replace("/", "."))
+    classes = [value for value in vars(module).values()
+               if isinstance(value, type) and value.__module__ == module.__name__]
+    return any(getattr(cls, "oip_input", None) is not None for cls in classes)
 
 
 def variant_archives(variant):

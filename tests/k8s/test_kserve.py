@@ -452,21 +452,10 @@ def test_readme_documents_the_token_decision_and_the_protocols():
     section = readme.split("\n## KServe", 1)[1].split("\n## ", 1)[0]
     assert "disable_token_authorization" in section and "wrapper" in section
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.MULTILINE))
-    required = {entry.name for entry in registry.MODELS if any(not v.optional for v in entry.versions)}
-    assert set(rows) == required
+    # the course's models as the README lists them (a model a user adds with the scaffold needs no row)
+    assert rows and set(rows) <= {entry.name for entry in registry.MODELS}
     for name, answer in rows.items():
         assert answer.strip().startswith("v2") == kserve.speaks_oip(registry.model(name)), name
-
-
-def test_speaks_oip_agrees_with_the_handler_classes():
-    """scripts/kserve.py reads the handler source; the imported handler classes say the same."""
-    import importlib
-    import inspect
-
-    for entry in registry.MODELS:
-        module = importlib.import_module(entry.handler[:-3].replace("/", "."))
-        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-        assert any(getattr(c, "oip_input", None) is not None for c in classes) == kserve.speaks_oip(entry), entry.name
 
 
 @pytest.mark.trained  # reads the artifacts' export manifests
