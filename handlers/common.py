@@ -127,7 +127,7 @@ def media_type(context, idx, name):
     read from the request's own Content-Type header (clients' headers reach the handler as sent)."""
     header = context.get_request_header(idx, name)
     kind, charset = parse_content_type(header.get("content-type", "") if isinstance(header, dict) else "")
-    if charset is None:
+    if charset is None and (kind.startswith("text/") or is_json_type(kind)):  # only bodies that are decoded
         headers = context.get_all_request_header(idx) or {}
         sent = next((value for key, value in headers.items() if key.lower() == "content-type"), "")
         sent_kind, sent_charset = parse_content_type(sent if isinstance(sent, str) else "")
@@ -496,11 +496,8 @@ class BundleHandler:
                 if explaining and len(examples) > self.max_explain_examples:
                     raise RequestError(f"{len(examples)} items in one explanation request; at most "
                                        f"{self.max_explain_examples}", code=413, kind="TooManyExamples")
-            except RequestError as err:
-                replies[idx] = self.reject(idx, err)
-                continue
-            except Exception as err:  # a bug met by this request alone: its neighbours are still answered
-                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "reading", err))
+            except Exception as err:  # a bad request, or a bug met by this request alone: its neighbours are answered
+                replies[idx] = self.fail(idx, err, "reading")
                 continue
             (to_explain if explaining else to_predict).append((idx, examples, many))
         self.counters.add(self.metric_requests, len(data), self._dims())
@@ -511,11 +508,8 @@ class BundleHandler:
         for idx, examples, many in to_explain:  # after every prediction of the batch is ready
             try:
                 answers = self.explain(examples)
-            except RequestError as err:
-                replies[idx] = self.reject(idx, err)
-                continue
             except Exception as err:
-                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "explaining", err))
+                replies[idx] = self.fail(idx, err, "explaining")
                 continue
             replies[idx] = answers if many else answers[0]
         elapsed = time.perf_counter() - started
@@ -539,10 +533,7 @@ class BundleHandler:
                 for request in to_predict:
                     self._answer_predictions([request], replies)
             else:
-                idx = to_predict[0][0]
-                if not isinstance(err, RequestError):
-                    err = internal_error(self.model_name, idx, "predicting", err)
-                replies[idx] = self.reject(idx, err)
+                replies[to_predict[0][0]] = self.fail(to_predict[0][0], err, "predicting")
             return
         position, labels = 0, {}
         for idx, request_examples, many in to_predict:
@@ -552,11 +543,8 @@ class BundleHandler:
                 answers = [self.format(example, row) for example, row in zip(request_examples, rows)]
                 replies[idx] = self._oip_reply(idx, rows, answers) if idx in self.oip_requests else (
                     answers if many else answers[0])
-            except RequestError as err:
-                replies[idx] = self.reject(idx, err)
-                continue
             except Exception as err:
-                replies[idx] = self.reject(idx, internal_error(self.model_name, idx, "formatting", err))
+                replies[idx] = self.fail(idx, err, "formatting")
                 continue
             for answer in answers:
                 label = self.label_of(answer)
@@ -570,7 +558,7 @@ class BundleHandler:
         try:
             body = reply.body if isinstance(reply, oip.Response) else compact_json(reply)
         except Exception as err:  # e.g. a value JSON cannot carry
-            body = compact_json(self.reject(idx, internal_error(self.model_name, idx, "encoding", err)))
+            body = compact_json(self.fail(idx, err, "encoding"))
         if len(body) > self.max_reply_bytes:
             err = RequestError(f"the reply would be {len(body)} bytes, over this model's limit of "
                                f"{self.max_reply_bytes}; send fewer or shorter items", code=413, kind="ReplyTooLarge")
@@ -603,6 +591,11 @@ class BundleHandler:
             return oip.encode(self.oip_requests[idx], self.model_name, self.version, self.oip_outputs(rows, answers))
         except oip.ProtocolError as err:
             return self.reject(idx, RequestError(str(err), kind=err.kind))
+
+    def fail(self, idx, err, stage):
+        """``reject`` request ``idx`` with ``err`` if it is a ``RequestError``, else with a 500 naming ``stage``."""
+        return self.reject(idx, err if isinstance(err, RequestError) else internal_error(self.model_name, idx, stage,
+                                                                                          err))
 
     def reject(self, idx, err):
         """Mark request ``idx`` of the batch as failed with ``err``'s status; its JSON body names the problem."""

@@ -28,6 +28,8 @@ from models import as_tuple
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime", "aoti")
+EXPORTS = {"torchscript": "torchscript", "onnxruntime": "onnx", "aoti": "aoti"}
+"""The manifest export each runtime other than eager loads."""
 DEFAULT_RUNTIME = "eager"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -147,13 +149,13 @@ def load(name, model_dir, manifest, device, eager_model, threads=1):
     if name == "eager":
         return TorchRuntime(name, eager_model(), device)
     if name == "torchscript":
-        path, _ = export_file(model_dir, manifest, "torchscript")
+        path, _ = export_file(model_dir, manifest, EXPORTS["torchscript"])
         return TorchRuntime(name, torch.jit.load(path, map_location=device).eval(), device)
     if name == "onnxruntime":
-        path, export = export_file(model_dir, manifest, "onnx")
+        path, export = export_file(model_dir, manifest, EXPORTS["onnxruntime"])
         return OnnxRuntime(path, export, device, threads)
     if name == "aoti":
-        path, export = export_file(model_dir, manifest, "aoti")
+        path, export = export_file(model_dir, manifest, EXPORTS["aoti"])
         if export.get("device", "cpu") != device.type:
             raise ValueError(f"runtime aoti: {export['file']} was compiled for {export.get('device', 'cpu')}, this "
                              f"worker runs on {device}; compile it on a {device.type} machine "

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 import registry
-from handlers.runtimes import RUNTIMES
+from handlers.runtimes import EXPORTS, RUNTIMES
 from models import read_manifest
 from scripts.server import ROOT
 from tests.fixtures.servers import rezip
@@ -34,8 +34,6 @@ from tests.load import bench, payloads
 from tests.worker import Request, Worker
 
 BATCH = 16
-EXPORTS = {"torchscript": "torchscript", "onnxruntime": "onnx", "aoti": "aoti"}
-"""The manifest export each runtime needs."""
 
 
 def with_runtime(entry, folder, runtime):
