@@ -42,10 +42,6 @@ DEFAULT_MAX_MASK_PIXELS = 100_000_000
 image's size, so this bounds the mask stage's work whatever the image and ``max_detections``."""
 
 
-LARGE_IMAGE_PIXELS = 4_000_000
-"""Images above this size leave the heap trimmed after their batch (``BundleHandler.large_batch``)."""
-
-
 def upright_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of an encoded image as shown (EXIF orientation applied), from its header alone; None when
     Pillow cannot read it (``opened_image`` then says why)."""
@@ -114,6 +110,8 @@ def png_base64(label_map: np.ndarray) -> str:
 class DetectorHandler(BundleHandler):
     """Accepts raw image bytes (curl -T photo.jpg), a multipart form field, or JSON {"data": "<base64 image>"}."""
 
+    trims_heap = True  # a batch's feature maps, decoded photos and full-size masks are tens of MB
+
     def initialize(self, context):
         super().initialize(context)
         config = self.model_config.get("handler") or {}
@@ -142,7 +140,6 @@ class DetectorHandler(BundleHandler):
             size = working_size(height, width, self.min_size, self.max_size)
             resized = decoded if decoded.size == size[::-1] else decoded.resize(size[::-1], Image.BILINEAR)
             pixels = pixels_of(resized, channels=3)
-        self.large_batch |= height * width > LARGE_IMAGE_PIXELS
         options["max_detections"] = self.mask_budget(options["max_detections"], height * width,
                                                      asked="max_detections" in fields or "max_detections" in from_headers)
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only

@@ -9,21 +9,28 @@ follows the model-config: ``max_batch_size`` = batchSize, the dynamic batcher's 
 
 Triton serves the tensors only: decoding images, tokenising text and standardising features (what our handlers
 do before the model) and softmax/labels after it are the client's job, or an ensemble's (a python-backend model
-in front). Every written config is checked against the export: parsed with Triton's own ModelConfig schema, and
-its names, dims and dtypes compared with the ONNX graph read by the ``onnx`` package.
+in front). The written repository is then checked (``check_repository``): each config parsed with Triton's
+ModelConfig schema (and, for ONNX, compared with the graph), and each version's file loaded and run by the library
+that serves it (onnxruntime / torch.jit.load) at batch 1 and 7 on inputs built from the config, its outputs
+compared with the config, labels.txt and the eager model (train/export.py's TOLERANCE). A difference fails the
+command, naming model, version and file; each version checked prints its max abs diff.
 """
 
 import argparse
 import importlib.util
 import shutil
 import sys
+import warnings
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 import registry
-from models import read_manifest
+from models import as_tuple, load_model, read_manifest
+from train.export import CHECK_BATCHES, TOLERANCE
 
 ROOT = registry.ROOT
 FORMATS = {"onnx": ("onnx", "model.onnx", 'backend: "onnxruntime"'),
@@ -33,6 +40,10 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
 ONNX_TYPES = {"TYPE_FP32": 1, "TYPE_UINT8": 2, "TYPE_INT8": 3, "TYPE_INT32": 6, "TYPE_INT64": 7, "TYPE_BOOL": 9,
               "TYPE_FP16": 10, "TYPE_FP64": 11}
 """Triton data type -> onnx.TensorProto element type."""
+NUMPY_TYPES = {triton: numpy for numpy, triton in TRITON_TYPES.items()}
+"""Triton data type -> numpy (and torch) dtype name."""
+BACKEND_FILES = {"onnxruntime": "model.onnx", "pytorch_libtorch": "model.pt"}
+"""Triton's default model file name of a backend (or platform)."""
 
 
 class RepositoryError(RuntimeError):
@@ -180,22 +191,200 @@ def tensor_problems(where, tensor, value, config):
     return problems
 
 
+def model_file(config):
+    """The file name and backend that Triton loads for a config."""
+    backend = config.backend or config.platform
+    if backend not in BACKEND_FILES:
+        raise RepositoryError(f"{config.name}: backend {backend!r} is not one this check can run")
+    return config.default_model_filename or BACKEND_FILES[backend], backend
+
+
+def config_inputs(config, batch_size, seed, vocab_size):
+    """Arrays for the config's inputs at ``batch_size``, in the layout the model receives (``reshape`` applied):
+    -1 dims are a small length, integers are token ids below ``vocab_size``."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for tensor in config.input:
+        dtype = NUMPY_TYPES[model_config_schema().DataType.Name(tensor.data_type)]
+        shape = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+        shape = [3 + 2 * batch_size if size == -1 else size for size in shape]
+        shape = [batch_size, *shape] if config.max_batch_size > 0 else shape
+        if dtype.startswith("float"):
+            arrays[tensor.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == "bool":
+            arrays[tensor.name] = rng.integers(0, 2, shape).astype(bool)
+        elif vocab_size is None:
+            raise RepositoryError(f"{config.name}: integer input {tensor.name}, but the manifest's arch_kwargs have "
+                                  "no vocab_size to draw ids below")
+        else:
+            arrays[tensor.name] = rng.integers(0, vocab_size, shape).astype(dtype)
+    return arrays
+
+
+def runner(path, backend, config):
+    """``run(arrays) -> {output name: array}`` with the library that serves ``backend``: ONNX Runtime, or
+    torch.jit.load with tensors matched by their ``<name>__<index>`` suffix."""
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [t.name for t in config.output]
+        return lambda arrays: dict(zip(names, session.run(names, arrays)))
+    with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, and still what C++ loads
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def index(name):
+        prefix, _, number = name.rpartition("__")
+        if not prefix or not number.isdigit():
+            raise RepositoryError(f"{name}: a pytorch_libtorch tensor must be named <name>__<index>")
+        return int(number)
+
+    def run(arrays):
+        inputs = sorted(arrays.items(), key=lambda item: index(item[0]))
+        with torch.inference_mode():
+            outputs = as_tuple(module(*(torch.from_numpy(array) for _, array in inputs)))
+        return {t.name: outputs[index(t.name)].numpy() for t in config.output}
+    return run
+
+
+def eager_order(config, backend, path):
+    """{"input"|"output": {config tensor name: index among the eager model's inputs or outputs, or None}}: the
+    ONNX graph's order, or the ``__<index>`` suffix for pytorch_libtorch."""
+    if backend != "onnxruntime":
+        return {side: {t.name: int(t.name.rpartition("__")[2]) if t.name.rpartition("__")[2].isdigit() else None
+                       for t in tensors} for side, tensors in (("input", config.input), ("output", config.output))}
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    names = {"input": [v.name for v in graph.input if v.name not in initializers],
+             "output": [v.name for v in graph.output]}
+    return {side: {t.name: names[side].index(t.name) if t.name in names[side] else None for t in tensors}
+            for side, tensors in (("input", config.input), ("output", config.output))}
+
+
+def check_batches(config):
+    """The batch sizes a version is run at: train/export.py's (1 and 7), within max_batch_size (0: no batch axis)."""
+    if config.max_batch_size <= 0:
+        return [0]
+    return sorted({min(batch, config.max_batch_size) for batch in CHECK_BATCHES})
+
+
+def check_version(model_dir, config, number, version):
+    """Run version folder ``number`` (registry ``version``) at the check batches; returns its max abs diff to the
+    eager model, or raises RepositoryError naming model, version, file and the difference."""
+    file_name, backend = model_file(config)
+    path = Path(model_dir) / str(number) / file_name
+    where = f"{config.name} {version.version} ({path.relative_to(Path(model_dir).parent)}, {backend})"
+    manifest = read_manifest(ROOT / version.artifacts)
+    model = load_model(ROOT / version.artifacts, manifest)
+    try:
+        run = runner(path, backend, config)
+        order = eager_order(config, backend, path)
+    except RepositoryError as err:
+        raise RepositoryError(f"{where}: {err}") from None
+    except Exception as err:
+        raise RepositoryError(f"{where}: cannot load: {type(err).__name__}: {err}") from None
+    unknown = [name for side in order for name, index in order[side].items() if index is None]
+    if unknown or sorted(order["input"].values()) != list(range(len(config.input))):
+        raise RepositoryError(f"{where}: config tensors {unknown or list(order['input'])} do not match the model's "
+                              "inputs and outputs")
+    schema, worst = model_config_schema(), 0.0
+    for batch_size in check_batches(config):
+        arrays = config_inputs(config, batch_size, batch_size, manifest.get("arch_kwargs", {}).get("vocab_size"))
+        try:
+            got = run(arrays)
+        except Exception as err:
+            raise RepositoryError(f"{where}: batch {batch_size} fails on the config's inputs "
+                                  f"{ {n: list(a.shape) for n, a in arrays.items()} }: {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:300]}") from None
+        eager_inputs = sorted(arrays.items(), key=lambda item: order["input"][item[0]])
+        with torch.inference_mode():
+            expected = as_tuple(model(*(torch.from_numpy(array) for _, array in eager_inputs)))
+        for tensor in config.output:
+            array, index = np.asarray(got[tensor.name]), order["output"][tensor.name]
+            dtype = NUMPY_TYPES[schema.DataType.Name(tensor.data_type)]
+            shape = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            shape = [batch_size, *shape] if config.max_batch_size > 0 else shape
+            if array.dtype != np.dtype(dtype):
+                raise RepositoryError(f"{where}: output {tensor.name} is {array.dtype}, the config says {dtype}")
+            if len(shape) != array.ndim or any(want not in (-1, size) for want, size in zip(shape, array.shape)):
+                raise RepositoryError(f"{where}: output {tensor.name} has shape {list(array.shape)} at batch "
+                                      f"{batch_size}, the config says {shape}")
+            if index >= len(expected) or tuple(expected[index].shape) != array.shape:
+                raise RepositoryError(f"{where}: output {tensor.name} {list(array.shape)} is not the eager model's "
+                                      f"output {index}")
+            diff = float(np.abs(array - expected[index].numpy()).max(initial=0.0))
+            if not diff <= TOLERANCE:
+                raise RepositoryError(f"{where}: output {tensor.name} differs from the eager model of "
+                                      f"{version.artifacts} by {diff:.3g} at batch {batch_size} (tolerance "
+                                      f"{TOLERANCE})")
+            worst = max(worst, diff)
+            if tensor.label_filename:
+                lines = (Path(model_dir) / tensor.label_filename).read_text(encoding="utf-8").splitlines()
+                if len(lines) != array.shape[-1]:
+                    raise RepositoryError(f"{where}: {tensor.label_filename} has {len(lines)} lines, output "
+                                          f"{tensor.name} has {array.shape[-1]} classes")
+    return worst
+
+
+def check_repository(directory, models=None):
+    """Check every model folder of ``directory`` (or those named in ``models``): config, versions, and each version
+    run against its eager model. Prints one line per version; returns [(model, version, max abs diff)], or raises
+    RepositoryError listing every problem."""
+    results, problems = [], []
+    folders = sorted(p for p in Path(directory).iterdir() if (p / "config.pbtxt").is_file())
+    for model_dir in folders if models is None else [Path(directory) / name for name in models]:
+        try:
+            config = read_config(model_dir)
+            entry = next((e for e in registry.MODELS if e.name == config.name), None)
+            if entry is None or config.name != model_dir.name:
+                raise RepositoryError(f"{model_dir}: config names {config.name!r}, not a registry model of this "
+                                      "folder's name")
+            versions = registry.served_versions(entry)
+            numbers = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            if numbers != list(config.version_policy.specific.versions) or numbers != list(
+                    range(1, len(versions) + 1)):
+                raise RepositoryError(f"{config.name}: version folders {numbers}, config versions "
+                                      f"{list(config.version_policy.specific.versions)}, served versions "
+                                      f"{[v.version for v in versions]}")
+            if model_file(config)[1] == "onnxruntime":
+                found = validate(model_dir)
+                if found:
+                    raise RepositoryError(f"{config.name}: " + "; ".join(found))
+        except Exception as err:  # a config Triton's schema rejects too (text_format.ParseError)
+            problems.append(str(err) if isinstance(err, RepositoryError) else f"{model_dir.name}: {err}")
+            continue
+        for number, version in zip(numbers, versions):
+            try:
+                diff = check_version(model_dir, config, number, version)
+            except Exception as err:
+                problems.append(str(err) if isinstance(err, RepositoryError)
+                                else f"{config.name} {version.version}: {type(err).__name__}: {err}")
+                continue
+            results.append((config.name, version.version, diff))
+            print(f"triton: checked {config.name} {version.version} ({model_dir.name}/{number}/{model_file(config)[0]})"
+                  f": ran at batch {', '.join(map(str, check_batches(config)))} from config.pbtxt, max abs diff to "
+                  f"eager {diff:.3g}", flush=True)
+    if problems:
+        raise RepositoryError("repository check failed:\n  " + "\n  ".join(problems))
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="archive.sh --triton", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, metavar="DIR")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="model file per version (default onnx)")
     args = parser.parse_args(argv)
     try:
+        written = []
         for entry in exportable(args.format):
             model_dir = write_model(entry, args.out_dir, args.format)
-            if args.format == "onnx":
-                problems, checked = validate(model_dir), "config checked against the ONNX graph"
-            else:
-                read_config(model_dir)
-                problems, checked = [], "config parsed with Triton's schema"
-            if problems:
-                raise RepositoryError(f"{model_dir}: " + "; ".join(problems))
-            print(f"triton: {model_dir} ({len(entry.versions)} version(s), {args.format}, {checked})", flush=True)
+            written.append(model_dir.name)
+            print(f"triton: {model_dir} ({len(registry.served_versions(entry))} version(s), {args.format})",
+                  flush=True)
+        check_repository(args.out_dir, written)
     except (RepositoryError, OSError, ValueError) as err:
         print(f"triton: {err}", file=sys.stderr)
         return 1
