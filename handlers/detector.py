@@ -10,6 +10,12 @@ Options: ``score_threshold``, ``max_detections`` (defaults and bounds under ``ha
 ``mask_format`` (rle | polygons), ``output`` (instances | semantic); next to ``data`` in a JSON body, as form fields,
 or as headers (``Score-Threshold``, ``Max-Detections``, ``Mask-Format``, ``Output``). TorchServe 0.12 does not pass
 the query string to the handler.
+
+Open Inference Protocol (handlers/oip.py): input ``data``, BYTES [N], one encoded image per element, with the default
+options (``oip_examples``); outputs ``detections`` BYTES [N], each the plain reply of its image as JSON text, and the
+same detections as tensors padded to the request's ``max_detections`` K, as TensorRT's and TensorFlow's detection
+models answer on Triton (``num_detections`` and padded boxes, scores, classes): ``count`` INT64 [N], ``boxes`` FP32
+[N, K, 4], ``scores`` FP32 [N, K], ``labels`` BYTES [N, K] (``oip_outputs``).
 """
 
 import base64
@@ -22,8 +28,8 @@ from PIL import ExifTags, Image
 from skimage.measure import approximate_polygon, find_contours  # at load: 50 MB the first polygon would add
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.common import BundleHandler, RequestError, decode_text, finite_number, quote
-from handlers.images import image_bytes, opened_image, pixels_of
+from handlers.common import BundleHandler, RequestError, compact_json, decode_text, finite_number, quote
+from handlers.images import image_bytes, opened_image, pixels_of, protocol_images
 from models.detector import encode_mask, working_size
 
 OUTPUTS = ("instances", "semantic")
@@ -40,6 +46,9 @@ POLYGON_TOLERANCE = 1.0
 DEFAULT_MAX_MASK_PIXELS = 100_000_000
 """Masks x image pixels one request may ask for (``handler.max_mask_pixels``): each mask is encoded at the
 image's size, so this bounds the mask stage's work whatever the image and ``max_detections``."""
+MAX_PROTOCOL_IMAGES = 16
+"""Images in one Open Inference Protocol request; more are refused with 413 (each is a forward pass and its masks:
+16 are four of the CPU profile's batches)."""
 
 
 def upright_size(data: bytes) -> tuple[int, int] | None:
@@ -131,7 +140,14 @@ class DetectorHandler(BundleHandler):
         from_headers = {option: headers[header] for option, header in OPTION_HEADERS.items()
                         if isinstance(headers.get(header), str)}
         options = self.options(from_headers, fields)
-        data = image_bytes(payload, as_json)
+        example = self.decoded(image_bytes(payload, as_json))
+        options["max_detections"] = self.mask_budget(options["max_detections"], example["height"] * example["width"],
+                                                     asked="max_detections" in fields or "max_detections" in from_headers)
+        return [{**example, **options}], False
+
+    def decoded(self, data):
+        """An encoded image -> ``{"image": float [3, h, w] at the model's working size, "height", "width"}`` (the
+        image's size as shown, EXIF orientation applied); any problem with the image is a ``RequestError``."""
         known = upright_size(data)
         # a JPEG is decoded at the smallest DCT scale that covers the model's size, not at its full size
         draft = None if known is None else (max(working_size(*known, self.min_size, self.max_size)),) * 2
@@ -140,10 +156,49 @@ class DetectorHandler(BundleHandler):
             size = working_size(height, width, self.min_size, self.max_size)
             resized = decoded if decoded.size == size[::-1] else decoded.resize(size[::-1], Image.BILINEAR)
             pixels = pixels_of(resized, channels=3)
-        options["max_detections"] = self.mask_budget(options["max_detections"], height * width,
-                                                     asked="max_detections" in fields or "max_detections" in from_headers)
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
-        return [{"image": image, "height": height, "width": width, **options}], False
+        return {"image": image, "height": height, "width": width}
+
+    # --- the Open Inference Protocol -------------------------------------------------------------------------------
+
+    oip_input = ("data", "BYTES")
+
+    def oip_examples(self, tensor):
+        """Each encoded image of the protocol's BYTES input, decoded as ``parse_request`` decodes a body, with the
+        default options. The images share the request's mask budget (``max_mask_pixels``): ``max_detections`` is
+        lowered to what fits all of them, and a request whose images take more than the budget at one mask each is
+        a 413. A bad image is a 400 naming its place in the input."""
+        options = self.options({}, {})
+        examples = []
+        for index, data in enumerate(protocol_images(tensor, MAX_PROTOCOL_IMAGES)):
+            try:
+                examples.append(self.decoded(data))
+            except RequestError as err:
+                raise RequestError(f"image {index} of input {quote(tensor.name)}: {err.message}", code=err.code,
+                                   kind=err.kind) from None
+        pixels = sum(example["height"] * example["width"] for example in examples)
+        if pixels > self.max_mask_pixels:
+            raise RequestError(f"{len(examples)} images of {pixels} pixels in all exceed the limit of "
+                               f"{self.max_mask_pixels} mask pixels per request at one mask each; send fewer or "
+                               "smaller images per request", code=413, kind="TooManyMaskPixels")
+        options["max_detections"] = self.mask_budget(options["max_detections"], pixels, asked=False)
+        return [{**example, **options} for example in examples]
+
+    def oip_outputs(self, rows, replies):
+        """``detections``: each image's plain reply as JSON text; ``count``, ``boxes``, ``scores``, ``labels``: its
+        detections as tensors padded to the request's ``max_detections`` (zeros, and "" for a label), the values of
+        the reply (boxes in the image's pixels, x1, y1, x2, y2)."""
+        k = max(reply["max_detections"] for reply in replies)  # one value per request (oip_examples)
+        boxes = np.zeros((len(replies), k, 4), np.float32)
+        scores = np.zeros((len(replies), k), np.float32)
+        labels = np.full((len(replies), k), "", dtype=object)
+        for row, reply in enumerate(replies):
+            for column, detection in enumerate(reply["detections"]):
+                boxes[row, column], scores[row, column] = detection["box"], detection["score"]
+                labels[row, column] = detection["label"]
+        return {"detections": np.array([compact_json(reply) for reply in replies], dtype=object),
+                "count": np.array([len(reply["detections"]) for reply in replies], np.int64),
+                "boxes": boxes, "scores": scores, "labels": labels}
 
     def options(self, from_headers, fields):
         """The request's options (JSON or form ``fields`` over headers) with the model-config's defaults; an

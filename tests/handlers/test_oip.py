@@ -3,6 +3,8 @@ official tritonclient package, in-process and against a real TorchServe."""
 
 import base64
 import json
+from collections import Counter
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+import registry
 from handlers import oip
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request
@@ -244,7 +247,7 @@ BRIDGED_ERRORS = [  # (archive, inputs, message)
     ("regression", [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
      'this model takes one input named "features"'),
     ("detector", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
-     "does not speak the Open Inference Protocol"),
+     'image 0 of input "data": the body is not an image'),
     ("fashion", [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
      "the body is not an image"),
 ]
@@ -257,6 +260,143 @@ def test_grpc_bridge_errors_are_the_error_output(worker, stem, inputs, message):
     (output,) = reply.body["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("error", "BYTES", [1])
     assert message in output["data"][0]
+
+
+def test_a_handler_without_protocol_hooks_answers_404_protocol_not_supported(worker, monkeypatch):
+    """The base class's path for a model without ``oip_input`` (a scaffolded one may lack the hooks; every served
+    model has them): 404 with the protocol's body over REST, the ``error`` output to the gRPC bridge; the batch's
+    plain requests are answered."""
+    monkeypatch.setattr(worker("regression").handler, "oip_input", None)
+    request = json_request([features(ROW, [1, 10])])
+    bad, fine = worker("regression").run(request, good_regression_request())
+    message = "model regression does not speak the Open Inference Protocol"
+    assert (bad.status, bad.body) == (404, {"error": message}) and fine.status == 200
+    reply = worker("regression").run_one(bridged_request("regression", [features(ROW, [1, 10])]))
+    assert reply.status == 404 and reply.body["outputs"][0]["data"] == [message]
+
+
+# --- the detector: images in, one JSON document per image and padded tensors out ------------------------------------
+
+DETECTOR_OUTPUTS = ("detections", "count", "boxes", "scores", "labels")
+
+
+def detector_samples():
+    """The encoded images of the detector's registry samples."""
+    return [(registry.ROOT / sample.file).read_bytes() for sample in registry.model("detector").samples]
+
+
+def plain_detector_requests():
+    """The detector's registry samples as plain REST requests."""
+    return [Request((registry.ROOT / sample.file).read_bytes(), sample.content_type, headers=HTTP)
+            for sample in registry.model("detector").samples]
+
+
+def image_input(images):
+    return {"name": "data", "shape": [len(images)], "datatype": "BYTES",
+            "data": [base64.b64encode(image).decode() for image in images]}
+
+
+def outputs_of(reply):
+    return {output["name"]: output for output in reply.body["outputs"]}
+
+
+def assert_detector_outputs(outputs, plain):
+    """The protocol outputs of a detector request answer as its images' ``plain`` replies: each ``detections``
+    element is the plain reply's JSON, and the tensors hold its detections padded to ``max_detections``."""
+    count, k = len(plain), plain[0]["max_detections"]
+    assert [(name, outputs[name]["datatype"], outputs[name]["shape"]) for name in DETECTOR_OUTPUTS] == [
+        ("detections", "BYTES", [count]), ("count", "INT64", [count]), ("boxes", "FP32", [count, k, 4]),
+        ("scores", "FP32", [count, k]), ("labels", "BYTES", [count, k])]
+    assert [json.loads(document) for document in outputs["detections"]["data"]] == plain
+    assert outputs["count"]["data"] == [len(reply["detections"]) for reply in plain]
+    boxes = np.array(outputs["boxes"]["data"], np.float32).reshape(count, k, 4)
+    scores = np.array(outputs["scores"]["data"], np.float32).reshape(count, k)
+    labels = np.array(outputs["labels"]["data"], dtype=object).reshape(count, k)
+    for row, reply in enumerate(plain):
+        found = len(reply["detections"])
+        assert labels[row, :found].tolist() == [d["label"] for d in reply["detections"]]
+        np.testing.assert_allclose(scores[row, :found], [d["score"] for d in reply["detections"]], rtol=1e-6)
+        np.testing.assert_allclose(boxes[row, :found], [d["box"] for d in reply["detections"]], rtol=1e-6)
+        assert set(labels[row, found:]) <= {""} and not scores[row, found:].any() and not boxes[row, found:].any()
+
+
+def test_detector_protocol_replies_are_the_plain_replies_of_its_images(worker):
+    """Binary and JSON protocol requests of the registry samples share a batch with plain ones, and each image is
+    answered as a plain request for it is, with the labels of the objects its sample lists (samples/)."""
+    images = detector_samples()
+    binary = binary_request([tensor("data", "BYTES", np.array(images, dtype=object))], json_outputs=DETECTOR_OUTPUTS)
+    replies = worker("detector").run(binary, *plain_detector_requests(), json_request([image_input(images[::-1])]))
+    assert [reply.status for reply in replies] == [200] * 4, [reply.body for reply in replies]
+    via_binary, *plain, via_json = replies
+    plain = [reply.body for reply in plain]
+    assert (via_binary.body["model_name"], via_binary.body["model_version"]) == ("detector", "1.0")
+    assert_detector_outputs(outputs_of(via_binary), plain)
+    assert_detector_outputs(outputs_of(via_json), plain[::-1])
+    listed = json.loads((registry.ROOT / "samples" / "detector_composed.json").read_text())
+    for sample, reply in zip(registry.model("detector").samples, plain):  # all but one of its objects, as labels
+        objects = Counter(o["label"] for o in listed[Path(sample.file).name])
+        found = Counter(d["label"] for d in reply["detections"])
+        assert (objects & found).total() >= objects.total() - 1, (sample.file, found, objects)
+
+
+def test_detector_tensors_alone_leave_the_masks_out_of_the_reply(worker):
+    images = detector_samples()
+    wanted = [{"name": name} for name in ("count", "boxes", "scores", "labels")]
+    reply = worker("detector").run_one(json_request([image_input(images)], outputs=wanted))
+    assert reply.status == 200 and [output["name"] for output in reply.body["outputs"]] == [
+        output["name"] for output in wanted]
+    assert "mask" not in json.dumps(reply.body) and min(outputs_of(reply)["count"]["data"]) > 0
+
+
+def test_detector_grpc_bridge_requests_are_answered_in_json_with_their_id(worker):
+    images = detector_samples()
+    reply = worker("detector").run_one(bridged_request("detector", [image_input(images)], "d1"))
+    plain = [reply.body for reply in worker("detector").run(*plain_detector_requests())]
+    assert (reply.status, reply.body["id"]) == (200, "d1")
+    assert all("data" in output for output in reply.body["outputs"])
+    assert_detector_outputs(outputs_of(reply), plain)
+
+
+def test_detector_bad_images_get_400_with_the_protocol_error_body_and_neighbours_answered(worker):
+    images = detector_samples()
+    garbage = json_request([image_input([images[0], b"not an image", images[1]])])
+    bad, plain, good = worker("detector").run(garbage, plain_detector_requests()[0],
+                                              json_request([image_input(images[:1])]))
+    assert bad.status == 400 and bad.body == {"error": 'image 1 of input "data": the body is not an image in a format '
+                                                       "Pillow reads (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"}
+    assert plain.status == good.status == 200
+    assert json.loads(outputs_of(good)["detections"]["data"][0]) == plain.body
+    bridged = worker("detector").run_one(bridged_request("detector", [image_input([b"GIF89a"])]))
+    assert bridged.status == 400 and 'image 0 of input "data"' in bridged.body["outputs"][0]["data"][0]
+
+
+@pytest.mark.parametrize("inputs, status, message", [
+    ([image_input([b"x"] * 17)], 413, "17 images in one request; at most 16"),
+    ([{"name": "data", "shape": [1], "datatype": "FP32", "data": [1.0]}], 400, 'input "data" must be BYTES, got FP32'),
+    ([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}], 400,
+     'this model takes one input named "data"'),
+    ([{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}], 400, "not valid base64"),
+], ids=["too-many-images", "not-bytes", "wrong-name", "bad-base64"])
+def test_detector_malformed_requests_get_the_protocol_error_body(worker, inputs, status, message):
+    bad, fine = worker("detector").run(json_request(inputs), plain_detector_requests()[0])
+    assert bad.status == status and set(bad.body) == {"error"} and message in bad.body["error"], bad.body
+    assert fine.status == 200
+
+
+def test_detector_images_of_a_request_share_its_mask_budget(worker, monkeypatch):
+    """``max_mask_pixels`` bounds masks x image pixels per request: the protocol's images share it, the default
+    ``max_detections`` lowered to what fits them all; images that do not fit at one mask each are a 413."""
+    handler, images = worker("detector").handler, detector_samples()
+    pixels = sum(reply.body["image_size"]["width"] * reply.body["image_size"]["height"]
+                 for reply in worker("detector").run(*plain_detector_requests()))
+    monkeypatch.setattr(handler, "max_mask_pixels", 3 * pixels)
+    reply = worker("detector").run_one(json_request([image_input(images)]))
+    assert reply.status == 200
+    assert outputs_of(reply)["scores"]["shape"] == [2, 3] and max(outputs_of(reply)["count"]["data"]) <= 3
+    assert {json.loads(document)["max_detections"] for document in outputs_of(reply)["detections"]["data"]} == {3}
+    monkeypatch.setattr(handler, "max_mask_pixels", pixels - 1)
+    reply = worker("detector").run_one(json_request([image_input(images)]))
+    assert reply.status == 413 and "mask pixels per request at one mask each" in reply.body["error"]
 
 
 def test_binary_replies_decode_with_tritonclient():

@@ -10,6 +10,7 @@ What TorchServe 0.12 serves in this mode (docs/serving.md, Open Inference Protoc
   tritonclient.grpc does not find; ``TorchServeBridge`` is what that client needs to talk to it.
 """
 
+import base64
 import collections
 import importlib
 import itertools
@@ -55,7 +56,8 @@ def protocol_input(entry):
 
 
 SPEAKING = [entry for entry in registry.served_models() if protocol_input(entry)]
-SILENT = [entry for entry in registry.served_models() if not protocol_input(entry)]
+"""The served models whose handler has the protocol's hooks: all of the course's. One without them (a user's own
+handler) answers 404 ProtocolNotSupported, as tests/handlers/test_oip.py checks in-process."""
 
 
 def by_name(entries):
@@ -231,15 +233,76 @@ def test_grpc_infer_answers_as_the_http_protocol(server, rpc, entry, sample):
         assert via_grpc.as_numpy("label").tolist() == [sample.label.encode()]
 
 
-@by_name(SILENT)
-def test_models_without_a_protocol_input_answer_404_protocol_not_supported(server, entry):
-    """A handler without ``oip_input`` does not speak the protocol (the detector: a variable number of detections
-    per image, with masks); over gRPC, see the test below."""
-    reply = server.inference("POST", f"/v2/models/{entry.name}/infer", headers={"Content-Type": "application/json"},
-                             data=json.dumps({"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES",
-                                                          "data": ["AA=="]}]}))
-    assert reply.status_code == 404
-    assert reply.json() == {"error": f"model {entry.name} does not speak the Open Inference Protocol"}
+def detector_plain_replies(server):
+    """(encoded images, plain /predictions replies) of the detector's registry samples."""
+    samples = registry.model("detector").samples
+    images = [(ROOT / sample.file).read_bytes() for sample in samples]
+    replies = [server.predict("detector", image, headers={"Content-Type": sample.content_type})
+               for image, sample in zip(images, samples)]
+    assert all(reply.status_code == 200 for reply in replies), [reply.text[:300] for reply in replies]
+    return images, [reply.json() for reply in replies]
+
+
+def images_body(images):
+    """A protocol request in JSON form of encoded ``images`` (the detector's input)."""
+    return {"inputs": [{"name": "data", "shape": [len(images)], "datatype": "BYTES",
+                        "data": [base64.b64encode(image).decode() for image in images]}]}
+
+
+def assert_detections(result, plain):
+    """A tritonclient result of the detector (HTTP or gRPC) holds the ``plain`` replies of its images: each as the
+    JSON document of ``detections``, and as the tensors padded to ``max_detections``."""
+    k = plain[0]["max_detections"]
+    assert [json.loads(document) for document in result.as_numpy("detections").tolist()] == plain
+    assert result.as_numpy("count").dtype == np.int64
+    assert result.as_numpy("count").tolist() == [len(reply["detections"]) for reply in plain]
+    labels, scores, boxes = (result.as_numpy(name) for name in ("labels", "scores", "boxes"))
+    assert labels.shape == scores.shape == (len(plain), k) and boxes.shape == (len(plain), k, 4)
+    assert scores.dtype == boxes.dtype == np.float32
+    for row, reply in enumerate(plain):
+        found = len(reply["detections"])
+        assert [label.decode() for label in labels[row]] == [d["label"] for d in reply["detections"]] + [""] * (
+            k - found)
+        np.testing.assert_allclose(boxes[row, :found], [d["box"] for d in reply["detections"]], rtol=1e-6)
+        np.testing.assert_allclose(scores[row, :found], [d["score"] for d in reply["detections"]], rtol=1e-6)
+
+
+def test_detector_answers_each_image_as_its_plain_reply_over_http_and_grpc(server, http, rpc):
+    """The detector's registry samples in one request, by tritonclient.http (binary), in JSON form and by
+    tritonclient.grpc through TorchServe's bridge: each image's detections are those of its plain reply."""
+    images, plain = detector_plain_replies(server)
+    assert all(reply["detections"] for reply in plain)
+    array = np.array(images, dtype=object)
+    result = http.infer("detector", [triton_http.InferInput("data", [len(images)], "BYTES").set_data_from_numpy(
+        array)], headers=key(server))
+    assert_detections(result, plain)
+    reply = server.inference("POST", "/v2/models/detector/infer", json=images_body(images))
+    assert reply.status_code == 200, reply.text[:300]
+    outputs = {output["name"]: output for output in reply.json()["outputs"]}
+    assert [json.loads(document) for document in outputs["detections"]["data"]] == plain
+    assert (outputs["count"]["datatype"], outputs["count"]["data"]) == (
+        "INT64", [len(reply["detections"]) for reply in plain])
+    via_grpc = rpc.infer("detector", [triton_grpc.InferInput("data", [len(images)], "BYTES").set_data_from_numpy(
+        array)], headers=key(server, http=False))
+    assert_detections(via_grpc, plain)
+
+
+def test_detector_bad_images_get_400_over_http_and_the_error_output_over_grpc(server, rpc):
+    """A BYTES element that is not an image: 400 with the protocol's body over REST, the ``error`` output over gRPC;
+    the worker stays and answers the next request."""
+    pids = server.worker_pids("detector")
+    images, plain = detector_plain_replies(server)
+    reply = server.inference("POST", "/v2/models/detector/infer", json=images_body([images[0], b"not an image"]))
+    assert reply.status_code == 400 and reply.json() == {
+        "error": 'image 1 of input "data": the body is not an image in a format Pillow reads (PNG, JPEG, GIF, BMP, '
+                 "TIFF, WebP, ...)"}
+    result = rpc.infer("detector", [triton_grpc.InferInput("data", [2], "BYTES").set_data_from_numpy(
+        np.array([images[0], b"GIF89a"], dtype=object))], headers=key(server, http=False))
+    assert 'image 1 of input "data"' in result.as_numpy("error")[0].decode()
+    good = server.inference("POST", "/v2/models/detector/infer", json=images_body(images[:1]))
+    assert good.status_code == 200
+    assert json.loads(good.json()["outputs"][0]["data"][0]) == plain[0]
+    assert server.worker_pids("detector") == pids
 
 
 @by_name(registry.served_models())
