@@ -96,9 +96,30 @@ def MaskRCNNResNet50FPN(num_classes: int, min_size: int = 800, max_size: int = 1
 ARCHITECTURES = {"SmallMaskRCNN": SmallMaskRCNN, "MaskRCNNResNet50FPN": MaskRCNNResNet50FPN}
 
 
+EXPORT_BLOCKER = ("torch.export.export(model, ([image],)) (strict or not, one image [3, H, W]) fails: "
+                  "GuardOnDataDependentSymNode: Could not guard on data-dependent expression 4*u1 > 4000 (unhinted: "
+                  "4*u1 > 4000).  (Size-like symbols: u1), at torchvision/ops/boxes.py:86 in batched_nms, which picks "
+                  "its NMS by how many RPN proposals survive the score filter, a count known only at run time "
+                  "(forcing either branch fails next on Eq(4*u1, 0), boxes.py:103 in _batched_nms_coordinate_trick)")
+"""Why torch.export cannot capture Mask R-CNN (torch 2.14, torchvision 0.29): what AOTInductor and the dynamo ONNX
+exporter both start from."""
+
+
 def export_example(manifest: dict, batch_size: int) -> dict:
-    """What train/export.py may export: nothing, and the manifest says why."""
-    why = ("Mask R-CNN takes a list of images of any size and returns one dict of boxes, labels, scores and masks "
-           "per image; the handler's pre/post-processing (per-size batches, rescaling to the client's pixels, RLE) "
-           "is Python. torchvision documents {} for its detection models, but this bundle does not validate it")
-    return {"unsupported": {"torchscript": why.format("torch.jit.script"), "onnx": why.format("ONNX export")}}
+    """What train/export.py may export: nothing, and the manifest says why for each format.
+
+    Mask R-CNN takes a list of images of any size and returns a dict of boxes, labels, scores and masks per image;
+    train/export.py exports positional tensors with a batch axis 0. torchvision's own routes (torch.jit.script, and
+    the TorchScript-based ONNX exporter, one image per call) do give files that match the eager model, but neither
+    fits that machinery nor the handler's runtime call (a list of images in, a list of dicts out): see
+    docs/exports.md."""
+    return {"unsupported": {
+        "torchscript": "train/export.py traces (torch.jit.trace) positional tensors with a batch axis 0; Mask R-CNN "
+                       "takes a list of images of any size and returns a dict per image. torch.jit.script(model) "
+                       "works (outputs equal to eager's, as (losses, detections)) but is not wired in",
+        "onnx": "torch.onnx.export(..., dynamo=True), which train/export.py uses, fails in torch.export "
+                "(TorchExportError: Failed to export the model with torch.export): " + EXPORT_BLOCKER + ". The "
+                "TorchScript-based exporter (dynamo=False, opset 18, one image per call, dynamic H and W) works and "
+                "matches eager in ONNX Runtime on the registry's samples, but is not wired in",
+        "aoti": EXPORT_BLOCKER + "; AOTInductor compiles that export",
+    }}

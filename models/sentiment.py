@@ -234,9 +234,14 @@ class BiLSTMClassifier(nn.Module):
 
 
 def occurrences(ids: torch.Tensor) -> torch.Tensor:
-    """How often each position's id occurs in its row: long[B, T], by sorting each row (O(T log T), not T x T)."""
+    """How often each position's id occurs in its row: long[B, T], by sorting each row (O(T log T), not T x T).
+
+    A sorted position starts a run where it differs from the one before it (-1 before the first: ids are >= 0).
+    Comparing the padded row with itself, not ``ordered[:, 1:] != ordered[:, :-1]``, keeps torch.export's token axis
+    dynamic down to one token: two [B, T - 1] views make it guard ``T - 1 != 1`` (a stride check), i.e. specialise
+    the axis away from T = 2, and a two-token review is a valid request."""
     ordered, order = ids.sort(dim=1)
-    starts = torch.cat([torch.ones_like(ordered[:, :1], dtype=torch.bool), ordered[:, 1:] != ordered[:, :-1]], dim=1)
+    starts = ordered != F.pad(ordered, (1, 0), value=-1)[:, :-1]
     run = starts.long().cumsum(dim=1) - 1  # index of each sorted position's run of equal ids
     run_length = torch.zeros_like(ids).scatter_add(1, run, torch.ones_like(ids))
     return torch.zeros_like(ids).scatter(1, order, run_length.gather(1, run))
