@@ -63,7 +63,12 @@ test-fast: $(READY)
 	@echo "==> [test-fast] pytest -m 'not slow and not trained'"
 	@$(PY) -m pytest -x -m "not slow and not trained"
 
+# The peer servers (LitServe, KServe, Ray Serve) get their own venv; where it cannot be built, the bench reports
+# them as skipped and measures the rest.
 bench: archive
+	@test -f .venv-peers/.ready -a .venv-peers/.ready -nt requirements-peers.txt || { \
+	  echo "==> [bench] peer servers' venv .venv-peers (requirements-peers.txt)"; \
+	  scripts/peers_venv.sh || echo "warning: .venv-peers could not be built: the peer servers will be skipped"; }
 	@$(PY) -m tests.load.bench $(ARGS)
 
 # The figures of README.md and docs/ (their <!-- generated: NAME --> blocks) from the run records:

@@ -12,6 +12,9 @@ answers), for every model that registry.py serves:
   MODEL-PEER       each of the model's ``Load.peers`` in registry.py: another handler of the same weights
                    (TorchServe's stock handler, a per-request handler) or a no-op handler (TorchServe's own ceiling,
                    with the model's model-config or with TorchServe's defaults)
+  MODEL-litserve,  for mnist and fashion, unless --no-peers: the same handler code and weights behind another
+  MODEL-kserve,    server (LitServe, KServe's Python model server, Ray Serve), each with its own documented batching
+  MODEL-rayserve   set from the model-config (tests/load/peers/; their packages in .venv-peers, else skipped)
   MODEL-baseline   only with --baseline MODEL=REV|MAR: the model built with the handler code of git revision (or
                    folder) REV, or the archive MAR, measured next to it in the same run, so a change is judged side
                    by side rather than against figures from another run
@@ -24,7 +27,8 @@ then a measurement window at each concurrency. Every reply is checked (registry 
 ``check``); a wrong answer or non-200 counts as a failed request. Before the paths, the client is measured against
 a fixed-reply server (its own ceiling), and every step reports the CPU used by the client, by the TorchServe
 process group and by everything else on the machine. Ratios at 16 users (ours ÷ each peer, ÷ in-process, ÷ the
-baseline) are judged against the targets in registry.py, with p99 ≤ 100 ms and no failed request for every model.
+baseline) are judged against the targets in registry.py, with p99 ≤ 100 ms and no failed request for every model;
+ours ÷ the fastest peer server against tests/load/peers.RATIO_TARGET.
 """
 
 import argparse
@@ -309,6 +313,81 @@ def measure_in_process(stem, samples, batch_size, seconds, log):
     return step
 
 
+def measure_server_peers(results, models, sample_sets, users, seconds, warmup, overrides, log, only=None):
+    """Each peer server of tests/load/peers/ (LitServe, KServe, Ray Serve; ``only``: those named) for each of
+    ``models`` that the peers serve: the model's own handler and weights behind another framework, with the model's
+    model-config (``overrides`` included), measured like a TorchServe path: same client, samples, reply checks and
+    concurrencies, CPU of the server's whole session. Into ``results["paths"]`` as MODEL-PEER; a peer that cannot
+    run here (no .venv-peers, a package missing, a server that did not start) into ``results["peers_skipped"]``."""
+    from models import available_cpus
+    from tests.load import peers
+
+    unknown = sorted(set(only or ()) - {p.name for p in peers.PEERS})
+    if unknown:
+        raise SystemExit(f"--peers: unknown peer servers {unknown}; choose from {[p.name for p in peers.PEERS]}")
+    results.setdefault("peers_skipped", {})
+    versions = {}
+    for name in [m for m in models if m in peers.MODELS]:
+        entry = registry.model(name)
+        config = model_config(entry, overrides.get(name, {}))
+        settings = peers.settings(config)
+        threads = (config.get("handler") or {}).get("torch_threads") or max(1, available_cpus() // settings["workers"])
+        check = registry.resolve(entry.load.check)
+        for peer in [p for p in peers.PEERS if only is None or p.name in only]:
+            label = f"{name}-{peer.name}"
+            try:
+                if peer.name not in versions:
+                    versions[peer.name] = peers.version(peer)
+                port = free_port()
+                with tempfile.TemporaryDirectory(prefix=f"peer-{label}-") as workdir, \
+                        peers.PeerServer(peer, name, config, port, workdir, threads) as server, \
+                        peers.counting_sessions():
+                    started = time.monotonic()
+                    server.start()
+                    log(f"[{label}] {peer.title} ready in {time.monotonic() - started:.1f} s")
+                    requests = client.prepare("127.0.0.1", port, peer.route.format(model=name), sample_sets[name],
+                                              check, peers.TOKEN)
+                    warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
+                    if warm.failed:
+                        log(f"[{label}] warm-up failures: {warm.errors}")
+                    steps = []
+                    for n in users:
+                        result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0,
+                                            server_pgid=server.pid, keep_answers=True)
+                        step = result.summary()
+                        if result.answers:
+                            correct = sum(str(expected) == str(answer) for expected, answer in result.answers)
+                            step["label_accuracy"] = round(correct / len(result.answers), 4)
+                        step["loadavg"] = loadavg()[0]
+                        steps.append(step)
+                        log(f"[{label}] {n:>3} users: {step['rps']:>7.1f} req/s  p50 {step['p50_ms']:6.2f}  "
+                            f"p95 {step['p95_ms']:6.2f}  p99 {step['p99_ms']:6.2f} ms  failed {step['failed']}  "
+                            f"client {step['client_cpu_pct']}%  server {step['server_cpu_pct']}% "
+                            f"({step['server_cpu_us_per_req']:.0f} µs/req)  others {step['others_cpu_pct']}%")
+            except peers.Unavailable as why:
+                results["peers_skipped"][label] = str(why)
+                log(f"[{label}] skipped: {why}")
+                continue
+            description = peer.describe(name, settings, versions[peer.name])
+            if overrides.get(name):
+                description += f"; model-config changed: {overrides[name]}"
+            results["paths"][label] = {"description": description, "server": peer.served(settings, threads),
+                                       "steps": steps, "peer_server": peer.name, "version": versions[peer.name]}
+
+
+def peer_selection(parser, args):
+    """The peer servers that --peers names (None: every one); an unknown name is a usage error."""
+    if not args.peers:
+        return None
+    from tests.load.peers import PEERS
+
+    names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    unknown = sorted(set(names) - {peer.name for peer in PEERS})
+    if unknown:
+        parser.error(f"--peers: unknown peer servers {unknown}; choose from {[peer.name for peer in PEERS]}")
+    return names
+
+
 def at(results, name, users):
     steps = results["paths"].get(name, {}).get("steps", [])
     return next((s for s in steps if s["users"] == users), None)
@@ -343,6 +422,25 @@ def ratios(results, users=RATIO_USERS):
         out["models"][entry.name] = {"vs": vs, "p99_ms": ours["p99_ms"], "failed": ours["failed"],
                                      "targets_met": targets}
     return out
+
+
+def server_peer_ratios(results, users=RATIO_USERS):
+    """Add to ``results["ratios"]`` ours ÷ each peer server measured at ``users``, and the target ours ÷ the fastest
+    of them >= tests/load/peers.RATIO_TARGET (named after that peer, as registry peers' targets are)."""
+    from tests.load.peers import RATIO_TARGET
+
+    for model, figures in results["ratios"]["models"].items():
+        ours = at(results, model, users)
+        measured = {path["peer_server"]: at(results, name, users) for name, path in results["paths"].items()
+                    if name.startswith(f"{model}-") and path.get("peer_server")}
+        measured = {peer: step for peer, step in measured.items() if step and step["rps"] > 0}
+        if not ours or not measured:
+            continue
+        for peer, step in measured.items():
+            figures["vs"][peer] = round(ours["rps"] / step["rps"], 3)
+        fastest = max(measured, key=lambda peer: measured[peer]["rps"])
+        figures["fastest_peer_server"] = fastest
+        figures["targets_met"][f"÷ {fastest} >= {RATIO_TARGET}"] = figures["vs"][fastest] >= RATIO_TARGET
 
 
 # --- reports -------------------------------------------------------------------------------------------------------
@@ -387,6 +485,26 @@ def ratio_lines(ratios):
         lines.append(f"- {model} at {ratios['users']} users: {vs + '; ' if vs else ''}p99 {figures['p99_ms']} ms, "
                      f"{figures['failed']} failed. Targets: {met}.")
     return lines
+
+
+def server_peer_lines(results):
+    """The report's lines on the peer servers: which was fastest per model, and those skipped with the reason."""
+    from tests.load.peers import RATIO_TARGET
+
+    lines = []
+    for model, figures in results["ratios"]["models"].items():
+        fastest = figures.get("fastest_peer_server")
+        if fastest:
+            step = at(results, f"{model}-{fastest}", results["ratios"]["users"])
+            lines.append(f"- {model}: the fastest peer server at {results['ratios']['users']} users is {fastest} "
+                         f"({step['rps']:.0f} req/s, p99 {step['p99_ms']:.1f} ms); ours ÷ it "
+                         f"**{figures['vs'][fastest]}** (target {RATIO_TARGET}).")
+    for path, why in results.get("peers_skipped", {}).items():
+        lines.append(f"- {path}: skipped, {why}")
+    if not lines:
+        return ""
+    return "Peer servers (tests/load/peers/: our handler and weights behind LitServe, KServe, Ray Serve):\n\n" + \
+        "\n".join(lines)
 
 
 def plot(results, path):
@@ -471,9 +589,13 @@ def main(argv=None):
     parser.add_argument("--out", default="docs", help="folder for benchmark.json and benchmark.png (default docs/)")
     parser.add_argument("--no-client-ceiling", action="store_true", help="skip measuring the client on its own")
     parser.add_argument("--no-in-process", action="store_true", help="skip measuring each model in-process")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the peer servers (LitServe, KServe, Ray Serve in .venv-peers; tests/load/peers/)")
+    parser.add_argument("--peers", help="comma-separated peer servers to measure (default: litserve,kserve,rayserve)")
     parser.add_argument("--no-runtimes", action="store_true",
-                        help="skip the runtime comparison of the registry's first model (tests/load/runtimes.py)")
+                        help="skip the runtime comparison of each model with exports (tests/load/runtimes.py)")
     args = parser.parse_args(argv)
+    peer_selection(parser, args)
 
     baselines = {}
     for item in args.baseline or []:
@@ -543,21 +665,27 @@ def main(argv=None):
             archive = build_archive(path, store, staging, model_overrides)
             results["paths"][path.name] = measure_path(path, store, archive, tmp, sample_sets[path.entry.name], users,
                                                        args.seconds, args.warmup, ts_overrides, model_overrides, log)
+    if not args.no_peers:
+        measure_server_peers(results, [n for n in models if n in names], sample_sets, users, args.seconds, args.warmup,
+                             overrides, log, only=peer_selection(parser, args))
     if not args.no_runtimes:
         from tests.load import runtimes  # it builds on this module
 
-        results["runtimes"] = runtimes.compare(registry.served_models()[0], users=(1, 16), seconds=args.seconds,
-                                               warmup=min(args.warmup, 5.0), log=log)
+        results["runtimes"] = {name: runtimes.compare(registry.model(name), users=(1, RATIO_USERS),
+                                                      seconds=args.seconds, warmup=min(args.warmup, 5.0), log=log)
+                               for name in models if runtimes.exported(registry.model(name))}
     results["loadavg_after"] = loadavg()
     results["ratios"] = ratios(results)
+    server_peer_ratios(results)
     results["duration_s"] = round(time.monotonic() - began, 1)
 
     report = table(results)
-    if "runtimes" in results:
+    if server_peer_lines(results):
+        report += "\n\n" + server_peer_lines(results)
+    if results.get("runtimes"):
         from tests.load import runtimes
 
-        report += (f"\n\n{results['runtimes']['model']} by runtime (`handler.runtime`, same handler code):\n\n"
-                   + runtimes.table(results["runtimes"]))
+        report += "\n\n" + runtimes.report(results["runtimes"])
     (out / "benchmark.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     plot(results, out / "benchmark.png")
     updated = update_doc(out / "benchmark.md", report)

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.load.handler_cost                          # the working tree's handlers/
     .venv/bin/python -m tests.load.handler_cost 2e5fdaf HEAD some/folder # git revisions or folders of handler modules
+    .venv/bin/python -m tests.load.handler_cost --profile                # where the time goes (cProfile), 50 batches
 
 For each version of the handler code, a fresh process loads artifacts/mnist archived with that code (archive.sh's
 recipe, the version's handlers/mnist.py as the entry point) and
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from scripts.server import ROOT
 
-CHILD = r'''
+SETUP = r'''
 import importlib, json, logging, sys, tempfile, time
 from tests.load import payloads
 digits = payloads.digits(("digit-28px", "digit-64px-paper"))  # with the working tree's code, before the swap
@@ -50,6 +51,8 @@ def run():
 
 for _ in range(20):
     run()
+'''
+TIMING = r'''
 best = []
 for _ in range(int(sys.argv[3])):
     start = time.perf_counter()
@@ -57,6 +60,18 @@ for _ in range(int(sys.argv[3])):
         run()
     best.append((time.perf_counter() - start) / 25 / len(batch) * 1e6)
 print(json.dumps(best))
+'''
+PROFILE = r'''
+import cProfile, io, pstats
+profile = cProfile.Profile()
+profile.enable()
+for _ in range(50):
+    run()
+profile.disable()
+out = io.StringIO()
+stats = pstats.Stats(profile, stream=out)
+stats.sort_stats("cumulative").print_stats(r"handlers/|models/|PIL/Image|otf_message|metric", int(sys.argv[3]))
+print(out.getvalue())
 '''
 
 
@@ -90,6 +105,18 @@ def archive(version, staging):
     return store / "mnist.mar"
 
 
+def profile(top=25):
+    """cProfile of 50 batches of 16 through the working tree's handler (cumulative time, project and Pillow
+    frames), as docs/benchmark.md shows it; returns the table."""
+    with tempfile.TemporaryDirectory(prefix="handler-profile-") as staging:
+        run = subprocess.run([sys.executable, "-c", SETUP + PROFILE, str(source_folder(None, staging)),
+                              str(archive(None, staging)), str(top)], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(run.stderr.strip()[-2000:])
+    print(run.stdout)
+    return run.stdout
+
+
 def main(versions, rounds=3, per_round=3):
     versions = versions or [None]
     results = {str(v): [] for v in versions}
@@ -97,7 +124,7 @@ def main(versions, rounds=3, per_round=3):
         folders = {str(v): (source_folder(v, staging), archive(v, staging)) for v in versions}
         for _ in range(rounds):
             for version, (folder, mar) in folders.items():
-                run = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(mar), str(per_round)], cwd=ROOT,
+                run = subprocess.run([sys.executable, "-c", SETUP + TIMING, str(folder), str(mar), str(per_round)], cwd=ROOT,
                                      capture_output=True, text=True)
                 if run.returncode:
                     raise SystemExit(f"handler code {version}: {run.stderr.strip()[-2000:]}")
@@ -108,4 +135,4 @@ def main(versions, rounds=3, per_round=3):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    profile() if sys.argv[1:] == ["--profile"] else main(sys.argv[1:])

@@ -1,10 +1,11 @@
-"""Runtime comparison of one model (part of `make bench`): eager, TorchScript and ONNX Runtime behind the same handler.
+"""Runtime comparison of a model (part of `make bench`): eager, TorchScript, ONNX Runtime and AOTInductor behind the
+same handler.
 
     .venv/bin/python -m tests.load.runtimes                      # the registry's first model, ~2 min
     .venv/bin/python -m tests.load.runtimes --model sentiment --users 1 --seconds 1 --warmup 1 --out bench_results/smoke
 
-For each runtime, the model's default archive is copied with ``handler.runtime`` set in its model-config (the rest
-as it is), then measured twice:
+For each runtime the model's artifacts export (``aoti`` after `make compile`), the model's default archive is
+copied with ``handler.runtime`` set in its model-config (the rest as it is), then measured twice:
 
 - in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
   load-test samples through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
@@ -12,8 +13,10 @@ as it is), then measured twice:
 - over HTTP (bench.measure_path: a private TorchServe, the same load generator and reply checks as `make bench`):
   req/s and p99 at each concurrency.
 
-tests/load/bench.py calls ``compare`` and puts its result under ``runtimes`` in benchmark.json; ``table`` is the
-markdown for docs/benchmark.md.
+Every export was checked against the eager model when it was written (train/export.py: max abs diff ≤ 1e-4 at
+batch 1 and 7), so each runtime here passes parity. tests/load/bench.py calls ``compare`` for every model with an
+export and puts the results under ``runtimes`` in benchmark.json; ``report`` is the markdown for docs/benchmark.md,
+with ``choice``: whether the model-config's ``handler.runtime`` is the fastest runtime that `make serve` builds.
 """
 
 import argparse
@@ -26,14 +29,17 @@ import numpy as np
 import yaml
 
 import registry
-from handlers.runtimes import EXPORTS, RUNTIMES
+from handlers.runtimes import DEFAULT_RUNTIME, EXPORTS, RUNTIMES
 from models import read_manifest
 from scripts.server import ROOT
 from tests.fixtures.servers import rezip
 from tests.load import bench, payloads
 from tests.worker import Request, Worker
+from train.export import FORMATS
 
 BATCH = 16
+NOISE = 0.05
+"""Req/s within this fraction of the fastest runtime's count as a tie (run-to-run spread on a quiet machine)."""
 
 
 def with_runtime(entry, folder, runtime):
@@ -70,12 +76,40 @@ def in_process(archives, samples, rounds=5, repeats=20):
     return best
 
 
+def exports_of(entry):
+    """The manifest exports of the model's default version."""
+    return read_manifest(ROOT / entry.versions[0].artifacts).get("exports", {})
+
+
+def exported(entry):
+    """Whether the model has a runtime besides eager to compare (an export with a file)."""
+    return any("file" in exports_of(entry).get(EXPORTS[runtime], {}) for runtime in RUNTIMES if runtime != "eager")
+
+
+def default_runtime(entry):
+    """``handler.runtime`` of the model's CPU model-config."""
+    return (bench.model_config(entry, {}).get("handler") or {}).get("runtime", DEFAULT_RUNTIME)
+
+
+def choice(results, users):
+    """{"default", "fastest", "fastest_built", "default_is_fastest_built"} at ``users``: fastest_built is the
+    fastest runtime whose export training writes (train/export.py's FORMATS), i.e. one `make serve` can load
+    without `make compile`; a default within NOISE of it counts as the fastest."""
+    rps = {runtime: next(s["rps"] for s in figures["steps"] if s["users"] == users)
+           for runtime, figures in results.items() if runtime != "model"}
+    built = {runtime: value for runtime, value in rps.items() if runtime == "eager" or EXPORTS[runtime] in FORMATS}
+    default = default_runtime(registry.model(results["model"]))
+    fastest_built = max(built, key=built.get)
+    return {"default": default, "fastest": max(rps, key=rps.get), "fastest_built": fastest_built,
+            "default_is_fastest_built": rps.get(default, 0.0) >= (1 - NOISE) * built[fastest_built]}
+
+
 def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print):
     """Every runtime of registry ``entry`` in process and over HTTP: {"model": its name, runtime: {in-process
     figures, "steps": [...]}}."""
     results = {"model": entry.name}
     samples = payloads.of_model(entry)
-    exports = read_manifest(ROOT / entry.versions[0].artifacts).get("exports", {})
+    exports = exports_of(entry)
     for runtime in [r for r in runtimes if r != "eager" and "file" not in exports.get(EXPORTS[r], {})]:
         log(f"[runtime {runtime}] skipped: artifacts have no {EXPORTS[runtime]} export"
             + (" (make compile)" if runtime == "aoti" else ""))
@@ -108,6 +142,20 @@ def table(results):
     return "\n".join(lines)
 
 
+def report(by_model, users=bench.RATIO_USERS):
+    """Markdown for every compared model: its table, and its model-config's runtime against the fastest."""
+    parts = []
+    for name, results in by_model.items():
+        picked = choice(results, users)
+        verdict = ("✔ the fastest of those `make serve` builds" if picked["default_is_fastest_built"] else
+                   f"✘ {picked['fastest_built']} is faster: set `handler.runtime: {picked['fastest_built']}`")
+        parts.append(f"{name} by runtime (`handler.runtime`, same handler code); model-config default "
+                     f"`{picked['default']}` {verdict}; fastest at {users} users: {picked['fastest']}"
+                     + (" (needs `make compile`)" if picked["fastest"] != picked["fastest_built"] else "")
+                     + ":\n\n" + table(results))
+    return "\n\n".join(parts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=registry.served_models()[0].name, help="a served model (default: the "
@@ -123,7 +171,7 @@ def main(argv=None):
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n" + table(results) + f"\n\nwrote {out / 'runtimes.json'}")
+    print("\n" + report({results["model"]: results}) + f"\n\nwrote {out / 'runtimes.json'}")
 
 
 if __name__ == "__main__":
