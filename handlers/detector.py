@@ -30,7 +30,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.common import BundleHandler, RequestError, compact_json, decode_text, finite_number, quote
 from handlers.images import image_bytes, opened_image, pixels_of, protocol_images
-from models.detector import encode_mask, working_size
+from models.detector import OUTPUTS as EXPORT_OUTPUTS, encode_mask, working_size
 
 OUTPUTS = ("instances", "semantic")
 MASK_FORMATS = ("rle", "polygons")
@@ -253,10 +253,14 @@ class DetectorHandler(BundleHandler):
         return [example["image"] for example in examples]
 
     def predict(self, batch):
-        """One forward pass of the configured runtime per image size in the batch (the model takes a list of them;
-        runtimes other than eager fail at load: the detector has no export yet). Mixing sizes in one pass
-        would zero-pad the smaller images to the largest, which changes the answer near their edges: an image gets
-        the same answer alone as in any batch."""
+        """Each image's ``{"boxes", "labels", "scores", "masks"}``. Eager: one forward pass per image size in the
+        batch (the model takes a list of them); mixing sizes in one pass would zero-pad the smaller images to the
+        largest, which changes the answer near their edges: an image gets the same answer alone as in any batch.
+        onnxruntime: one call per image, as the export takes one image [1, 3, H, W] and returns its (boxes, labels,
+        scores, masks). torchscript and aoti fail at load: the manifest says why the detector has neither."""
+        if self.runtime.name != "eager":
+            with torch.inference_mode():
+                return [dict(zip(EXPORT_OUTPUTS, self.runtime(image[None]))) for image in batch]
         by_size = {}
         for index, image in enumerate(batch):
             by_size.setdefault(tuple(image.shape), []).append(index)

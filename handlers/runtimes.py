@@ -13,7 +13,9 @@ handler code serves each of them:
 A runtime the artifact cannot run (no such export, or compiled for another device) fails at load with the reason.
 
 A batch is a tensor, or a tuple of tensors in the order of the export's inputs; the eager runtime also takes and
-returns nested structures (a detector's list of images in, list of dicts out).
+returns nested structures (a detector's list of images in, list of dicts out). The detector's ONNX export takes one
+image [1, 3, H, W] per call and returns its (boxes, labels, scores, masks): its handler calls the runtime once per
+image.
 """
 
 import contextlib
@@ -134,13 +136,14 @@ class OnnxRuntime:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def export_file(model_dir, manifest, fmt):
-    """The path and manifest entry of export ``fmt``; a clear error when the artifact has none."""
+def export_file(model_dir, manifest, fmt, runtime=None):
+    """The path and manifest entry of export ``fmt``; a clear error naming ``runtime`` and the manifest's reason
+    (an ``"unsupported"`` export, e.g. the detector's torchscript and aoti) when the artifact has none."""
     export = manifest.get("exports", {}).get(fmt)
     if not export or "file" not in export:
         command = "make compile, or python -m train.export --aoti DIR" if fmt == "aoti" else "python -m train.export DIR"
         why = (export or {}).get("unsupported", f"the artifact folder has no such export ({command})")
-        raise ValueError(f"runtime needs the {fmt} export: {why}")
+        raise ValueError(f"runtime {runtime or fmt} needs the {fmt} export: {why}")
     return os.path.join(model_dir, export["file"]), export
 
 
@@ -149,13 +152,13 @@ def load(name, model_dir, manifest, device, eager_model, threads=1):
     if name == "eager":
         return TorchRuntime(name, eager_model(), device)
     if name == "torchscript":
-        path, _ = export_file(model_dir, manifest, EXPORTS["torchscript"])
+        path, _ = export_file(model_dir, manifest, EXPORTS["torchscript"], name)
         return TorchRuntime(name, torch.jit.load(path, map_location=device).eval(), device)
     if name == "onnxruntime":
-        path, export = export_file(model_dir, manifest, EXPORTS["onnxruntime"])
+        path, export = export_file(model_dir, manifest, EXPORTS["onnxruntime"], name)
         return OnnxRuntime(path, export, device, threads)
     if name == "aoti":
-        path, export = export_file(model_dir, manifest, EXPORTS["aoti"])
+        path, export = export_file(model_dir, manifest, EXPORTS["aoti"], name)
         if export.get("device", "cpu") != device.type:
             raise ValueError(f"runtime aoti: {export['file']} was compiled for {export.get('device', 'cpu')}, this "
                              f"worker runs on {device}; compile it on a {device.type} machine "

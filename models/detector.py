@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models import resnet50
@@ -101,25 +102,76 @@ EXPORT_BLOCKER = ("torch.export.export(model, ([image],)) (strict or not, one im
                   "4*u1 > 4000).  (Size-like symbols: u1), at torchvision/ops/boxes.py:86 in batched_nms, which picks "
                   "its NMS by how many RPN proposals survive the score filter, a count known only at run time "
                   "(forcing either branch fails next on Eq(4*u1, 0), boxes.py:103 in _batched_nms_coordinate_trick)")
-"""Why torch.export cannot capture Mask R-CNN (torch 2.14, torchvision 0.29): what AOTInductor and the dynamo ONNX
-exporter both start from."""
+"""Why torch.export cannot capture Mask R-CNN (torch 2.14, torchvision 0.29): what AOTInductor starts from."""
+
+TORCHSCRIPT_NOT_WIRED = (
+    "not exported: torch.jit.trace(models.detector.OneImage(model), (image,)) works (TracerWarnings only; outputs "
+    "identical to eager's on the registry's samples and at another size, torch 2.14, torchvision 0.29), but "
+    "train/export.py exports the detector as ONNX only (the same trace, through the TorchScript-based exporter)")
+"""Why the detector has no model.ts.pt: a choice, not a failure (see docs/exports.md)."""
+
+OUTPUTS = ("boxes", "labels", "scores", "masks")
+"""The export's outputs, in order: one image's detections (the keys of the eager model's dict)."""
+TRACE_SIZE = (128, 192)
+"""(height, width) of the scene the ONNX export is traced and checked on: a working size (short side ``min_size``)."""
+
+
+class OneImage(nn.Module):
+    """The detector as the exports see it: one image [1, 3, H, W] in, its (boxes, labels, scores, masks) out."""
+
+    def __init__(self, model: MaskRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        detections = self.model([image[0]])[0]
+        return tuple(detections[name] for name in OUTPUTS)
+
+
+def synthetic_scene(height: int = TRACE_SIZE[0], width: int = TRACE_SIZE[1], seed: int = 0) -> np.ndarray:
+    """A deterministic image like the training data (uint8 [H, W, 3]): a smooth textured background with a few tinted
+    garment-like silhouettes (a top, trousers, a bag) pasted on it. Not noise: on noise or flat images many region
+    scores tie, and which of them NMS keeps is arbitrary, so two correct implementations disagree."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.stack([90 + 60 * np.sin(xs / (9 + 5 * c) + c) * np.cos(ys / (13 + 3 * c)) + 40 * ys / height
+                           for c in range(3)], axis=-1)
+    image = background + rng.normal(0, 6, background.shape)
+    shapes = (  # (top, left, h, w, kind)
+        (14, 18, 46, 40, "top"), (58, 96, 60, 34, "trousers"), (20, 130, 36, 44, "bag"))
+    for top, left, h, w, kind in shapes:
+        y, x = (ys - top) / h, (xs - left) / w
+        if kind == "top":  # a body with sleeves
+            inside = ((x > 0.2) & (x < 0.8) & (y > 0) & (y < 1)) | ((x > 0) & (x < 1) & (y > 0) & (y < 0.35))
+        elif kind == "trousers":  # two legs
+            inside = (y > 0) & (y < 1) & (x > 0) & (x < 1) & ~((x > 0.42) & (x < 0.58) & (y > 0.25))
+        else:  # a bag: a rounded body and a handle
+            inside = ((((x - 0.5) / 0.5) ** 2 + ((y - 0.65) / 0.35) ** 2) < 1) | \
+                     ((np.abs(((x - 0.5) / 0.25) ** 2 + ((y - 0.3) / 0.2) ** 2 - 1) < 0.35) & (y < 0.3))
+        shade = 0.6 + 0.4 * np.cos(3 * x + 2 * y)  # the item's own texture, like Fashion-MNIST's gray levels
+        colour = rng.uniform(0.3, 1.0, 3) * 255
+        image[inside] = (shade[..., None] * colour)[inside]
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def export_example(manifest: dict, batch_size: int) -> dict:
-    """What train/export.py may export: nothing, and the manifest says why for each format.
-
-    Mask R-CNN takes a list of images of any size and returns a dict of boxes, labels, scores and masks per image;
-    train/export.py exports positional tensors with a batch axis 0. torchvision's own routes (torch.jit.script, and
-    the TorchScript-based ONNX exporter, one image per call) do give files that match the eager model, but neither
-    fits that machinery nor the handler's runtime call (a list of images in, a list of dicts out): see
-    docs/exports.md."""
-    return {"unsupported": {
-        "torchscript": "train/export.py traces (torch.jit.trace) positional tensors with a batch axis 0; Mask R-CNN "
-                       "takes a list of images of any size and returns a dict per image. torch.jit.script(model) "
-                       "works (outputs equal to eager's, as (losses, detections)) but is not wired in",
-        "onnx": "torch.onnx.export(..., dynamo=True), which train/export.py uses, fails in torch.export "
-                "(TorchExportError: Failed to export the model with torch.export): " + EXPORT_BLOCKER + ". The "
-                "TorchScript-based exporter (dynamo=False, opset 18, one image per call, dynamic H and W) works and "
-                "matches eager in ONNX Runtime on the registry's samples, but is not wired in",
-        "aoti": EXPORT_BLOCKER + "; AOTInductor compiles that export",
-    }}
+    """What train/export.py exports: ONNX through the TorchScript-based exporter (torchvision's documented route for
+    its detection models), of ``OneImage``: one image [1, 3, H, W] per call (``batch_size`` is ignored; axis 0 is
+    not a batch), H and W dynamic, each output's axis 0 the image's detections. It is traced and checked on
+    ``synthetic_scene``. TorchScript and AOTInductor stay unsupported, with the reasons in the manifest."""
+    pixels = synthetic_scene(*working_size(*TRACE_SIZE, manifest["input"]["min_size"], manifest["input"]["max_size"]))
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
+    detections = {0: "detections"}
+    return {
+        "inputs": {"image": image},
+        "outputs": list(OUTPUTS),
+        "dynamic": {"image": {2: "height", 3: "width"}, "boxes": detections, "labels": detections,
+                    "scores": detections, "masks": {0: "detections", 2: "height", 3: "width"}},
+        "wrap": OneImage,
+        "exporter": {"onnx": "torchscript"},
+        "check_batches": [1],
+        "unsupported": {
+            "torchscript": TORCHSCRIPT_NOT_WIRED,
+            "aoti": EXPORT_BLOCKER + "; AOTInductor compiles that export",
+        },
+    }

@@ -84,13 +84,18 @@ def config_text(name, export, fmt, model_config, versions, labelled):
 
 def exportable(fmt):
     """The registry's models whose served versions can be in a repository of ``fmt``; the others are named, with
-    the reason their manifest gives (e.g. the detector)."""
+    the reason their manifest gives, or that their export has no batch axis (the detector's)."""
     key = FORMATS[fmt][0]
     chosen = []
     for entry in registry.MODELS:
         versions = registry.served_versions(entry)
         exports = [read_manifest(ROOT / v.artifacts).get("exports", {}).get(key, {}) for v in versions]
         unsupported = next((export["unsupported"] for export in exports if "unsupported" in export), None)
+        unbatched = next((export for export in exports if export.get("inputs") and
+                          export["inputs"][0]["shape"][0] != "batch"), None)
+        if unbatched and not unsupported:  # e.g. the detector's ONNX file: one image per call
+            unsupported = (f"its {key} export takes input {unbatched['inputs'][0]['shape']} (no dynamic batch axis), "
+                           "and this repository's configs batch on axis 0")
         if unsupported:
             print(f"triton: {entry.name} left out: {unsupported}", file=sys.stderr)
         elif versions:

@@ -13,7 +13,19 @@ why}}`` (the last two optional). Axis 0 of every input and output is the dynamic
 other axis that varies (a sequence length). ``unsupported`` skips a format, and the manifest says why.
 
 Both files are traced at batch 2 and checked against the eager model at batch sizes 1 and 7 (ONNX through ONNX
-Runtime): a max abs difference above ``TOLERANCE`` fails the export. The manifest gets ``exports``:
+Runtime): a max abs difference above ``TOLERANCE`` fails the export. Optional keys change that per model (the
+detector uses them; the other models declare none, and export as described above):
+
+- ``"wrap": callable``: export ``wrap(model)`` instead of the model, an ``nn.Module`` that takes the inputs
+  positionally and returns a tensor or a tuple of tensors (the detector's ``OneImage``: one image in, its boxes,
+  labels, scores and masks out);
+- ``"exporter": {"onnx": "torchscript"}``: the TorchScript-based ONNX exporter (``dynamo=False``, ``dynamic_axes``)
+  instead of the dynamo one, for a model torch.export cannot capture;
+- ``"check_batches": [1]``: the model takes one example per call, so axis 0 is not a batch: the example is traced
+  and checked at batch 1, the inputs' axis 0 stays fixed at 1, and an output's axis 0 is dynamic only where
+  ``dynamic`` names it (e.g. ``{"boxes": {0: "detections"}}``).
+
+The manifest gets ``exports``:
 
     "exports": {"torchscript": {"file": "model.ts.pt", "inputs": [...], "outputs": [...], "max_abs_diff": ...},
                 "onnx": {"file": "model.onnx", "opset": 18, "inputs": [...], ...},
@@ -46,6 +58,8 @@ TOLERANCE = 1e-4
 TRACE_BATCH = 2
 CHECK_BATCHES = (1, 7)
 BATCH_AXIS = "batch"
+EXPORTERS = ("dynamo", "torchscript")
+"""``torch.onnx.export``'s exporters an ``export_example`` may pick for ONNX (``dynamo=True`` / ``False``)."""
 
 
 class ExportError(RuntimeError):
@@ -60,24 +74,43 @@ def example(manifest: dict, batch_size: int) -> dict:
     return module.export_example(manifest, batch_size)
 
 
-def signature(names, tensors, dynamic) -> list[dict]:
-    """``{"name", "shape", "dtype"}`` per tensor, axis 0 and the ``dynamic`` axes named instead of sized."""
+def batched(spec: dict) -> bool:
+    """Whether axis 0 is a batch axis: not when the model takes one example per call (``check_batches`` [1])."""
+    return list(spec.get("check_batches", CHECK_BATCHES)) != [1]
+
+
+def axes(name: str, spec: dict) -> dict:
+    """The named dynamic axes of tensor ``name``: the batch axis 0 (unless the model takes one example per call) and
+    the ``dynamic`` ones."""
+    return {**({0: BATCH_AXIS} if batched(spec) else {}), **spec.get("dynamic", {}).get(name, {})}
+
+
+def signature(names, tensors, spec: dict) -> list[dict]:
+    """``{"name", "shape", "dtype"}`` per tensor, the dynamic axes (``axes``) named instead of sized."""
     return [{"name": name,
-             "shape": [BATCH_AXIS if axis == 0 else dynamic.get(name, {}).get(axis, size)
-                       for axis, size in enumerate(tensor.shape)],
+             "shape": [axes(name, spec).get(axis, size) for axis, size in enumerate(tensor.shape)],
              "dtype": str(tensor.dtype).removeprefix("torch.")}
             for name, tensor in zip(names, tensors)]
 
 
-def max_abs_diff(model, run, manifest: dict) -> float:
-    """Largest difference between ``run(inputs)`` and the eager model over the check batches."""
+def max_abs_diff(model, run, manifest: dict, check_batches=CHECK_BATCHES) -> float:
+    """Largest difference between ``run(inputs)`` and the eager model over the check batches, every output compared
+    (an output of another shape fails)."""
     worst = 0.0
-    for batch_size in CHECK_BATCHES:
+    for batch_size in check_batches:
         inputs = tuple(example(manifest, batch_size)["inputs"].values())
         with torch.inference_mode():
             expected = as_tuple(model(*inputs))
-        for want, got in zip(expected, run(inputs)):
-            worst = max(worst, float((torch.as_tensor(np.asarray(got)) - want).abs().max()))
+        got = tuple(run(inputs))
+        if len(got) != len(expected):
+            raise ExportError(f"the export gives {len(got)} outputs, the eager model {len(expected)}")
+        for index, (want, out) in enumerate(zip(expected, got)):
+            out = torch.as_tensor(np.asarray(out))
+            if out.shape != want.shape:
+                raise ExportError(f"output {index} is {list(out.shape)} at batch {batch_size}, the eager model's "
+                                  f"{list(want.shape)}")
+            if out.numel():
+                worst = max(worst, float((out - want).abs().max()))
     return worst
 
 
@@ -96,14 +129,27 @@ def to_torchscript(model, inputs: tuple, path: Path):
     return run
 
 
-def to_onnx(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
-    """ONNX (opset ``OPSET``, weights inside the file); returns the function that runs it in ONNX Runtime."""
+def to_onnx(model, inputs: tuple, path: Path, names: dict, spec: dict):
+    """ONNX (opset ``OPSET``, weights inside the file) with the exporter ``spec`` names (dynamo unless
+    ``"exporter": {"onnx": "torchscript"}``); returns the function that runs it in ONNX Runtime."""
     import onnx
     import onnxruntime
 
-    torch.onnx.export(model, inputs, str(path), input_names=names["inputs"], output_names=names["outputs"],
-                      opset_version=OPSET, dynamic_shapes=dynamic_shapes(names, dynamic), dynamo=True,
-                      external_data=False, verbose=False)
+    exporter = spec.get("exporter", {}).get("onnx", "dynamo")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown ONNX exporter {exporter!r}; one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo":
+        torch.onnx.export(model, inputs, str(path), input_names=names["inputs"], output_names=names["outputs"],
+                          opset_version=OPSET, dynamic_shapes=dynamic_shapes(names, spec), dynamo=True,
+                          external_data=False, verbose=False)
+    else:  # traced (torch.jit.trace): what torchvision documents for its detection models
+        dynamic_axes = {name: axes(name, spec) for name in names["inputs"] + names["outputs"] if axes(name, spec)}
+        with warnings.catch_warnings():  # the trace's TracerWarnings and the exporter's deprecation notice
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(model, inputs, str(path), input_names=names["inputs"],
+                                  output_names=names["outputs"], opset_version=OPSET, dynamic_axes=dynamic_axes,
+                                  dynamo=False, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -112,17 +158,17 @@ def to_onnx(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
     return run
 
 
-def dynamic_shapes(names: dict, dynamic: dict) -> tuple:
+def dynamic_shapes(names: dict, spec: dict) -> tuple:
     """torch.export's dynamic shapes of the inputs: the batch axis and the ``dynamic`` axes of each."""
-    return tuple({axis: torch.export.Dim(label) for axis, label in {0: BATCH_AXIS, **dynamic.get(name, {})}.items()}
+    return tuple({axis: torch.export.Dim(label) for axis, label in axes(name, spec).items()}
                  for name in names["inputs"])
 
 
-def to_aoti(model, inputs: tuple, path: Path, names: dict, dynamic: dict):
+def to_aoti(model, inputs: tuple, path: Path, names: dict, spec: dict):
     """torch.export, then AOTInductor into a .pt2 package for the CPU; returns the function that runs the package."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(names, dynamic))
+    program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes(names, spec))
     aoti_compile_and_package(program, package_path=str(path))
     loaded = aoti_load_package(str(path))
 
@@ -146,10 +192,14 @@ def export(artifact_dir, formats=FORMATS) -> dict:
     manifest = read_manifest(artifact_dir)
     model = load_model(artifact_dir, manifest)
     spec = example(manifest, TRACE_BATCH)
+    if not batched(spec):  # one example per call: traced as it is checked
+        spec = example(manifest, 1)
+    if "wrap" in spec:
+        model = spec["wrap"](model).eval()
+    check_batches = list(spec.get("check_batches", CHECK_BATCHES))
     unsupported = spec.get("unsupported", {})
     inputs = tuple(spec.get("inputs", {}).values())
     names = {"inputs": list(spec.get("inputs", {})), "outputs": list(spec.get("outputs", []))}
-    dynamic = spec.get("dynamic", {})
     if "aoti" in formats and "aoti" not in unsupported:
         if inputs:
             why = compiler_missing()
@@ -160,12 +210,13 @@ def export(artifact_dir, formats=FORMATS) -> dict:
     if not set(formats) <= set(unsupported):  # something to trace: the eager model's signature
         with torch.inference_mode():
             outputs = as_tuple(model(*inputs))
-        io = {"inputs": signature(names["inputs"], inputs, dynamic),
-              "outputs": signature(names["outputs"], outputs, dynamic)}
+        io = {"inputs": signature(names["inputs"], inputs, spec),
+              "outputs": signature(names["outputs"], outputs, spec)}
     writers = {"torchscript": (TORCHSCRIPT_FILE, lambda path: to_torchscript(model, inputs, path), {}),
-               "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, dynamic),
-                        {"opset": OPSET}),
-               "aoti": (AOTI_FILE, lambda path: to_aoti(model, inputs, path, names, dynamic),
+               "onnx": (ONNX_FILE, lambda path: to_onnx(model, inputs, path, names, spec),
+                        {"opset": OPSET, **({"exporter": "torchscript"} if spec.get("exporter", {}).get("onnx")
+                                            == "torchscript" else {})}),
+               "aoti": (AOTI_FILE, lambda path: to_aoti(model, inputs, path, names, spec),
                         {"device": "cpu", "torch": torch.__version__})}
     writers = {fmt: writer for fmt, writer in writers.items() if fmt in formats}
     exports = {fmt: entry for fmt, entry in manifest.get("exports", {}).items() if fmt not in formats}
@@ -177,7 +228,7 @@ def export(artifact_dir, formats=FORMATS) -> dict:
             print(f"{artifact_dir}: {fmt} export skipped: {why}", flush=True)
             continue
         try:
-            diff = max_abs_diff(model, write(artifact_dir / file_name), manifest)
+            diff = max_abs_diff(model, write(artifact_dir / file_name), manifest, check_batches)
         except Exception as err:
             if fmt != "aoti":
                 raise ExportError(f"{artifact_dir}: {fmt} export failed: {type(err).__name__}: {err}") from err
@@ -190,7 +241,7 @@ def export(artifact_dir, formats=FORMATS) -> dict:
             raise ExportError(f"{artifact_dir}: {fmt} export differs from the eager model by {diff:.3g} "
                               f"(tolerance {TOLERANCE})")
         exports[fmt] = {"file": file_name, **extra, **io, "max_abs_diff": float(f"{diff:.3g}"),
-                        "checked_batch_sizes": list(CHECK_BATCHES)}
+                        "checked_batch_sizes": check_batches}
         files.append(file_name)
     manifest = {**manifest, "files": files, "exports": exports}
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"

@@ -359,3 +359,54 @@ def test_served_over_http_with_options_and_hostile_bodies(tmp_path):
         assert semantic.status_code == 200 and semantic.json()["label_map"]["format"] == "png"
         again = server.predict("detector", sample)
         assert again.json() == plain.json(), "the worker survived and answers as before"
+
+
+# --- the runtimes: onnxruntime (model.onnx, one image per call); torchscript and aoti fail at load ---------------
+
+def archive_with_runtime(tmp_path, runtime):
+    """model_store/detector.mar with ``handler.runtime`` set in its model-config."""
+    import yaml
+
+    from tests.fixtures.servers import rezip
+
+    root = SAMPLES.parent
+    config = yaml.safe_load((root / "handlers/detector.yaml").read_text())
+    config["handler"]["runtime"] = runtime
+    return rezip(root / "model_store/detector.mar", tmp_path / f"detector-{runtime}.mar", "detector",
+                 replace={"detector.yaml": yaml.safe_dump(config).encode()})
+
+
+def test_onnxruntime_serves_the_samples_as_eager_does(detector, tmp_path):
+    """The handler with ``runtime: onnxruntime`` predicts the eager model's detections for the registry's samples
+    (same labels, boxes within 1e-3 px at the working size), and replies the same."""
+    import registry
+    from tests.worker import Worker
+
+    served = Worker(archive_with_runtime(tmp_path, "onnxruntime"), tmp_path / "unpacked", batch_size=8)
+    assert served.handler.runtime.name == "onnxruntime" == served.handler.describe_handle()["runtime"]
+    samples = [SAMPLES.parent / sample.file for sample in registry.model("detector").samples]
+    images = [detector.handler.decoded(path.read_bytes())["image"] for path in samples]
+    for want, got in zip(detector.handler.predict(images), served.handler.predict(images)):
+        assert set(got) == {"boxes", "labels", "scores", "masks"} and len(got["labels"]) > 10
+        assert torch.equal(got["labels"], want["labels"])
+        assert float((got["boxes"] - want["boxes"]).abs().max()) <= 1e-3
+        assert float((got["scores"] - want["scores"]).abs().max()) <= 1e-3
+        assert float((got["masks"] - want["masks"]).abs().max()) <= 1e-3
+    for path in samples:
+        request = Request(path.read_bytes(), "image/png" if path.suffix == ".png" else "image/jpeg")
+        want, got = detector.run_one(request), served.run_one(request)
+        assert got.status == want.status == 200
+        assert [d["label"] for d in got.body["detections"]] == [d["label"] for d in want.body["detections"]]
+        for mine, theirs in zip(got.body["detections"], want.body["detections"]):
+            assert mine["box"] == pytest.approx(theirs["box"], abs=0.11)  # rounded to 0.1 px in the reply
+
+
+@pytest.mark.parametrize("runtime, reason", [
+    ("torchscript", "runtime torchscript needs the torchscript export: not exported: torch.jit.trace"),
+    ("aoti", "runtime aoti needs the aoti export: torch.export.export.* GuardOnDataDependentSymNode"),
+])
+def test_torchscript_and_aoti_fail_at_load_with_the_manifests_reason(tmp_path, runtime, reason):
+    from tests.worker import Worker
+
+    with pytest.raises(RuntimeError, match=f"detector 1.0: {reason}"):
+        Worker(archive_with_runtime(tmp_path, runtime), tmp_path / "unpacked")

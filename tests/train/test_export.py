@@ -173,7 +173,7 @@ def test_aoti_without_a_package_fails_at_load_saying_how_to_compile(tmp_path):
     archive = archive_with_runtime(tmp_path, "regression", "aoti")
     uncompiled = rezip(archive, tmp_path / "uncompiled.mar", "regression",
                        replace={"manifest.json": json.dumps(manifest).encode()})
-    with pytest.raises(RuntimeError, match=r"runtime needs the aoti export: .*make compile, or python -m train.export "
+    with pytest.raises(RuntimeError, match=r"runtime aoti needs the aoti export: .*make compile, or python -m train.export "
                                            r"--aoti DIR"):
         Worker(uncompiled, tmp_path / "unpacked")
 
@@ -231,3 +231,66 @@ def test_onnxruntime_takes_the_cuda_provider_on_a_gpu_worker(monkeypatch):
     options, providers = sessions[0]
     assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+
+
+# --- the detector: ONNX through the TorchScript-based exporter, one image per call --------------------------------
+
+def detector_sample_images():
+    """The registry's detector samples at the model's working size, as the handler decodes them ([1, 3, H, W])."""
+    from PIL import Image
+
+    from models.detector import working_size
+
+    manifest = read_manifest(ROOT / "artifacts/detector")
+    images = []
+    for sample in registry.model("detector").samples:
+        with Image.open(ROOT / sample.file) as image:
+            image = image.convert("RGB")
+            size = working_size(image.height, image.width, manifest["input"]["min_size"], manifest["input"]["max_size"])
+            image = image.resize(size[::-1], Image.BILINEAR) if image.size != size[::-1] else image
+            pixels = np.asarray(image).copy()
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None])
+    return images
+
+
+def test_the_detector_has_an_onnx_export_and_says_why_not_the_others():
+    manifest = read_manifest(ROOT / "artifacts/detector")
+    onnx_entry = manifest["exports"]["onnx"]
+    assert onnx_entry["file"] == export.ONNX_FILE and onnx_entry["exporter"] == "torchscript"
+    assert onnx_entry["inputs"] == [{"name": "image", "shape": [1, 3, "height", "width"], "dtype": "float32"}]
+    assert [(o["name"], o["shape"]) for o in onnx_entry["outputs"]] == [
+        ("boxes", ["detections", 4]), ("labels", ["detections"]), ("scores", ["detections"]),
+        ("masks", ["detections", 1, "height", "width"])]
+    assert onnx_entry["checked_batch_sizes"] == [1] and onnx_entry["max_abs_diff"] <= TOLERANCE
+    graph = onnx.load(ROOT / "artifacts/detector/model.onnx").graph
+    assert [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, "height",
+                                                                                               "width"]
+    assert manifest["exports"]["torchscript"]["unsupported"].startswith("not exported: torch.jit.trace")
+    assert "GuardOnDataDependentSymNode" in manifest["exports"]["aoti"]["unsupported"]
+
+
+def test_the_detector_onnx_export_matches_eager_on_the_registry_samples():
+    """All four outputs of each image, in ONNX Runtime (the handler's runtime) against eager, within 1e-4."""
+    from models.detector import OneImage
+
+    folder = ROOT / "artifacts/detector"
+    manifest = read_manifest(folder)
+    model = OneImage(load_model(folder, manifest)).eval()
+    session = runtimes.load("onnxruntime", str(folder), manifest, CPU, None)
+    for image in detector_sample_images():
+        with torch.inference_mode():
+            expected = model(image)
+        got = session(image)
+        assert len(expected[0]) > 10  # a real scene: many detections (box_score_thresh is 0)
+        assert torch.equal(got[1], expected[1])  # labels
+        for name, want, out in zip(("boxes", "labels", "scores", "masks"), expected, got):
+            assert out.shape == want.shape, name
+            assert float((out - want).abs().max()) <= TOLERANCE, name
+
+
+def test_exporting_the_detector_writes_only_its_onnx(tmp_path):
+    manifest = export.export(fresh_copy(tmp_path, "detector"))
+    assert manifest["exports"]["onnx"]["file"] == "model.onnx" and "model.onnx" in manifest["files"]
+    assert set(manifest["exports"]) == {"torchscript", "onnx"}
+    assert not (tmp_path / "detector" / "model.ts.pt").exists()
+    assert manifest["exports"]["onnx"]["max_abs_diff"] <= TOLERANCE
