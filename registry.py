@@ -262,6 +262,23 @@ MODELS = (
                  Sample("samples/detector_composed_2.png", "image/png")),
         load=Load("tests.load.payloads:detector", "tests.load.checks:check_detector"),
     ),
+    Model(
+        name="translator",
+        model_module="models/translator.py",
+        train_module="train/translator.py",
+        handler="handlers/translator.py",
+        configs={"cpu": "handlers/translator.yaml", "gpu": "handlers/translator.gpu.yaml"},
+        versions=(Version("1.0", "translator", "artifacts/translator",
+                          "python -m train.translator --out artifacts/translator --threads 1",
+                          quality=(Quality("bleu_beam", goal=0.99, margin=0.015),
+                                   Quality("bleu_greedy", goal=0.99, margin=0.015),
+                                   Quality("em_beam", goal=0.995, margin=0.01),
+                                   Quality("em_greedy", goal=0.995, margin=0.01))),),
+        samples=(Sample("samples/translator.txt", "text/plain; charset=utf-8",
+                        "soixante et onze mille six cent quatre-vingt-trois"),),
+        load=Load(check="tests.load.translator_load:check_translator",
+                  payloads="tests.load.translator_load:payloads"),
+    ),
 )
 
 
