@@ -323,10 +323,10 @@ class BundleHandler:
 
     explain = None
     """Optional hook: ``explain(examples)`` -> one JSON-able reply per example (captum attributions)."""
-    trims_heap = False
-    """Whether the heap is trimmed after every batch (``trim_heap``, ~0.2 ms): for a model whose batches allocate
-    tens of MB, which glibc would otherwise keep, so the worker's memory after a batch does not depend on the
-    batches before it."""
+    large_batch = False
+    """Set by a hook when the batch held a large input: the heap is trimmed after that batch (``trim_heap``). Not
+    after every batch: the next batch would pay page faults for what glibc gave back (the detector's throughput
+    fell by a quarter in `make bench` when it trimmed after each)."""
 
     def __init__(self):
         self.initialized = False
@@ -477,7 +477,8 @@ class BundleHandler:
             return self._handle_batch(data, context)
         finally:  # the batch's counts, whether it was answered or raised
             self.counters.batch_done()
-            if self.trims_heap:
+            if self.large_batch:
+                self.large_batch = False
                 trim_heap()
 
     def _handle_batch(self, data, context):

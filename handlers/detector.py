@@ -46,6 +46,9 @@ POLYGON_TOLERANCE = 1.0
 DEFAULT_MAX_MASK_PIXELS = 100_000_000
 """Masks x image pixels one request may ask for (``handler.max_mask_pixels``): each mask is encoded at the
 image's size, so this bounds the mask stage's work whatever the image and ``max_detections``."""
+LARGE_IMAGE_PIXELS = 4_000_000
+"""Images above this size leave the heap trimmed after their batch (``BundleHandler.large_batch``): their decoding
+and full-size masks take tens of MB that glibc would otherwise keep."""
 MAX_PROTOCOL_IMAGES = 16
 """Images in one Open Inference Protocol request; more are refused with 413 (each is a forward pass and its masks:
 16 are four of the CPU profile's batches)."""
@@ -119,7 +122,6 @@ def png_base64(label_map: np.ndarray) -> str:
 class DetectorHandler(BundleHandler):
     """Accepts raw image bytes (curl -T photo.jpg), a multipart form field, or JSON {"data": "<base64 image>"}."""
 
-    trims_heap = True  # a batch's feature maps, decoded photos and full-size masks are tens of MB
 
     def initialize(self, context):
         super().initialize(context)
@@ -156,6 +158,7 @@ class DetectorHandler(BundleHandler):
             size = working_size(height, width, self.min_size, self.max_size)
             resized = decoded if decoded.size == size[::-1] else decoded.resize(size[::-1], Image.BILINEAR)
             pixels = pixels_of(resized, channels=3)
+        self.large_batch |= height * width > LARGE_IMAGE_PIXELS
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)  # decoded pixels are read-only
         return {"image": image, "height": height, "width": width}
 

@@ -170,6 +170,7 @@ def export_example(manifest: dict, batch_size: int) -> dict:
         "wrap": OneImage,
         "exporter": {"onnx": "torchscript"},
         "check_batches": [1],
+        "optional": ["onnx"],  # an under-trained model's near-tied scores can flip NMS between the two runtimes
         "unsupported": {
             "torchscript": TORCHSCRIPT_NOT_WIRED,
             "aoti": EXPORT_BLOCKER + "; AOTInductor compiles that export",
