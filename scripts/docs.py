@@ -317,6 +317,28 @@ def bench_ratios(records: dict) -> str:
     return "\n".join(rows)
 
 
+def bench_runtimes(records: dict) -> str:
+    """docs/exports.md: each model's req/s per runtime at 16 users, and whether its model-config's runtime is the
+    fastest one `make serve` builds (tests/load/runtimes.py ``choice``)."""
+    from tests.load import runtimes
+
+    bench = records["benchmark"]
+    if bench is None or not bench.get("runtimes"):
+        return MISSING_BENCH
+    users = bench["ratios"].get("users", 16)
+    lines = []
+    for model, results in bench["runtimes"].items():
+        picked = runtimes.choice(results, users)
+        rps = {runtime: next(s["rps"] for s in figures["steps"] if s["users"] == users)
+               for runtime, figures in results.items() if runtime != "model"}
+        shown = ", ".join(f"{runtime} {number(value)}" for runtime, value in rps.items())
+        verdict = ("the fastest candidate ✔" if picked["default_is_fastest_built"]
+                   else f"slower than {picked['fastest_built']} ✘")
+        lines.append(item(f"{model}: {shown} req/s; default `{picked['default']}`, {verdict}"))
+    return "\n".join([wrap(f"`make bench` on {machine(bench)}, at {users} users, the same handler code with each "
+                            "runtime (docs/benchmark.md has in-process µs and p99):"), "", *lines])
+
+
 def lever_name(key: str) -> str:
     """The record's key, or for the handler-code steps (a folder of handler code) the step's folder name."""
     return f"handler step {Path(key).parent.name}" if key.startswith("/") else key
@@ -350,6 +372,7 @@ BLOCKS = {
     "bench-headline": bench_headline,
     "bench-paths": bench_paths,
     "bench-ratios": bench_ratios,
+    "bench-runtimes": bench_runtimes,
     "levers": levers,
 }
 

@@ -16,7 +16,7 @@ copied with ``handler.runtime`` set in its model-config (the rest as it is), the
 Every export was checked against the eager model when it was written (train/export.py: max abs diff ≤ 1e-4 at
 batch 1 and 7), so each runtime here passes parity. tests/load/bench.py calls ``compare`` for every model with an
 export and puts the results under ``runtimes`` in benchmark.json; ``report`` is the markdown for docs/benchmark.md,
-with ``choice``: whether the model-config's ``handler.runtime`` is the fastest runtime that `make serve` builds.
+with ``choice``: whether the model-config's ``handler.runtime`` is the fastest of the CANDIDATES.
 """
 
 import argparse
@@ -35,9 +35,14 @@ from scripts.server import ROOT
 from tests.fixtures.servers import rezip
 from tests.load import bench, payloads
 from tests.worker import Request, Worker
-from train.export import FORMATS
+from train.export import example as export_example
 
 BATCH = 16
+CANDIDATES = ("eager", "onnxruntime")
+"""The runtimes a model-config may default to: `make serve` builds their files (training writes the ONNX export)
+and neither is deprecated. TorchScript is (torch.jit.load warns), and aoti needs `make compile` and a C++ compiler:
+both are measured, neither is a default. ONNX Runtime is not one for a model whose ONNX export is optional
+(``candidates``)."""
 NOISE = 0.05
 """Req/s within this fraction of the fastest runtime's count as a tie (run-to-run spread on a quiet machine)."""
 
@@ -92,13 +97,21 @@ def default_runtime(entry):
     return (bench.model_config(entry, {}).get("handler") or {}).get("runtime", DEFAULT_RUNTIME)
 
 
+def candidates(entry):
+    """The CANDIDATES for the model's default: without onnxruntime where its ONNX export is optional (the
+    detector's: a training run whose parity check fails records why instead of the file, and a default must load)."""
+    manifest = read_manifest(ROOT / entry.versions[0].artifacts)
+    optional = export_example(manifest, 1).get("optional", ())
+    return tuple(runtime for runtime in CANDIDATES if runtime == "eager" or EXPORTS[runtime] not in optional)
+
+
 def choice(results, users):
     """{"default", "fastest", "fastest_built", "default_is_fastest_built"} at ``users``: fastest_built is the
-    fastest runtime whose export training writes (train/export.py's FORMATS), i.e. one `make serve` can load
-    without `make compile`; a default within NOISE of it counts as the fastest."""
+    fastest of the model's ``candidates``; a default within NOISE of it counts as the fastest."""
     rps = {runtime: next(s["rps"] for s in figures["steps"] if s["users"] == users)
            for runtime, figures in results.items() if runtime != "model"}
-    built = {runtime: value for runtime, value in rps.items() if runtime == "eager" or EXPORTS[runtime] in FORMATS}
+    allowed = candidates(registry.model(results["model"]))
+    built = {runtime: value for runtime, value in rps.items() if runtime in allowed}
     default = default_runtime(registry.model(results["model"]))
     fastest_built = max(built, key=built.get)
     return {"default": default, "fastest": max(rps, key=rps.get), "fastest_built": fastest_built,
@@ -148,11 +161,12 @@ def report(by_model, users=bench.RATIO_USERS):
     parts = []
     for name, results in by_model.items():
         picked = choice(results, users)
-        verdict = ("✔ the fastest of those `make serve` builds" if picked["default_is_fastest_built"] else
+        verdict = ("✔ the fastest default candidate" if picked["default_is_fastest_built"] else
                    f"✘ {picked['fastest_built']} is faster: set `handler.runtime: {picked['fastest_built']}`")
         parts.append(f"{name} by runtime (`handler.runtime`, same handler code); model-config default "
                      f"`{picked['default']}` {verdict}; fastest at {users} users: {picked['fastest']}"
-                     + (" (needs `make compile`)" if picked["fastest"] != picked["fastest_built"] else "")
+                     + (" (not a default candidate)" if picked["fastest"] not in candidates(registry.model(name))
+                        else "")
                      + ":\n\n" + table(results))
     return "\n\n".join(parts)
 
