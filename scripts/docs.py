@@ -144,16 +144,21 @@ def training_cost(record: dict) -> str:
     return text
 
 
+README_FIGURES = 2
+"""Quality metrics per version in the README's table (registry order; the model's page shows them all)."""
+
+
 def models_table(records: dict) -> str:
-    """README: per version, its quality figures on the held-out split, the goals, and what training took."""
+    """README: per version, its first quality figures on the held-out split, the goals, and what training took."""
     rows = ["| version | held-out figures | held out | goal (reported) | training |", "|---|---|---|---|---|"]
     for entry, version in recorded(records):
         record = records["metrics"][version.archive]
         test = record["test"]
-        shown = [q.metric for q in version.quality] or [key for key in test if "/" not in key][:1]
+        quality = version.quality[:README_FIGURES]
+        shown = [q.metric for q in quality] or [key for key in test if "/" not in key][:1]
         figures = ", ".join(f"{label(metric)} **{figure(test[metric])}**" for metric in shown)
         held_out = record.get("dataset", {}).get("n_test")
-        goals = ", ".join(f"{q.goal} {'✔' if test[q.metric] >= q.goal else '✘'}" for q in version.quality) or "–"
+        goals = ", ".join(f"{q.goal} {'✔' if test[q.metric] >= q.goal else '✘'}" for q in quality) or "–"
         processes = f" ({record['processes']} processes)" if record.get("processes", 1) > 1 else ""
         rows.append(f"| {entry.name} {version.version} | {figures} | {number(held_out) if held_out else '–'} | "
                     f"{goals} | {duration(record['train_seconds'])}{processes} |")
