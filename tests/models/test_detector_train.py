@@ -95,6 +95,15 @@ def test_voc_training_writes_an_artifact_without_mask_ap(tmp_path):
 
 
 @pytest.mark.slow  # trains
+def layout(folder):
+    """The manifest, each export's measured difference to eager left out: the export check runs in the process's
+    torch threads, whose float order moves near-tied detections of a tiny model by a few 1e-5."""
+    manifest = read_manifest(folder)
+    exports = {fmt: {key: value for key, value in entry.items() if key != "max_abs_diff"}
+               for fmt, entry in manifest.get("exports", {}).items()}
+    return {**manifest, "exports": exports}
+
+
 def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_path):
     common = ["--train-images", "4", "--heldout-images", "2", *TINY_RUN[:2], *TINY_RUN[4:], "--batch-size", "1"]
     detector.main([*common, "--out", str(tmp_path / "single")])
@@ -103,7 +112,7 @@ def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
-    assert read_manifest(tmp_path / "ddp") == read_manifest(tmp_path / "single")
+    assert layout(tmp_path / "ddp") == layout(tmp_path / "single")
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["torch_threads"] == 1 and "mask_map_50" in metrics["test"]
     # rank 0 alone says where the data came from, evaluates and reports

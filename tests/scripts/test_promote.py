@@ -7,9 +7,11 @@ import shlex
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import registry
 from scripts import promote
@@ -128,16 +130,21 @@ def as_version(stem, target, version, replace=None):
 
 
 def shuffled_candidate(folder, version="9.0"):
-    """mnist.mar with every weight tensor's entries permuted (same shapes, no skill), as version ``version``."""
+    """mnist.mar with every weight tensor's entries permuted (same shapes, no skill), as version ``version``; its
+    model-config serves those weights (``runtime: eager``: the archive's exports keep the trained ones)."""
     weights_name = serialized_file(STORE / "mnist.mar")
+    config_name = Path(registry.model("mnist").configs["cpu"]).name
     with zipfile.ZipFile(STORE / "mnist.mar") as mar:
         state = torch.load(io.BytesIO(mar.read(weights_name)), weights_only=True)
+        config = yaml.safe_load(mar.read(config_name))
     generator = torch.Generator().manual_seed(0)
     shuffled = {name: t.flatten()[torch.randperm(t.numel(), generator=generator)].reshape(t.shape)
                 for name, t in state.items()}
     buffer = io.BytesIO()
     torch.save(shuffled, buffer)
-    return as_version("mnist", folder / "mnist_bad.mar", version, replace={weights_name: buffer.getvalue()})
+    config["handler"]["runtime"] = "eager"
+    return as_version("mnist", folder / "mnist_bad.mar", version,
+                      replace={weights_name: buffer.getvalue(), config_name: yaml.safe_dump(config).encode()})
 
 
 def promote_cli(server, *args, report):
