@@ -253,24 +253,8 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
         requests = client.prepare("127.0.0.1", port, f"/predictions/{path.served_as}", samples, path.check,
                                   server.token("inference"))
         setup = served(server, path, overrides)
-        warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)  # JIT, caches; discarded
-        if warm.failed:
-            log(f"[{path.name}] warm-up failures: {warm.errors}")
-        steps = []
-        for n in users:
-            result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0, server_pgid=server.process.pid,
-                                keep_answers=True)
-            step = result.summary()
-            if result.answers and path.check is not checks.check_noop:  # the no-op's reply has no label
-                correct = sum(str(expected) == str(answer) for expected, answer in result.answers)
-                step["label_accuracy"] = round(correct / len(result.answers), 4)
-            step["loadavg"] = loadavg()[0]
-            steps.append(step)
-            log(f"[{path.name}] {n:>3} users: {step['rps']:>7.1f} req/s  p50 {step['p50_ms']:6.2f}  "
-                f"p95 {step['p95_ms']:6.2f}  p99 {step['p99_ms']:6.2f} ms  failed {step['failed']}  "
-                f"client {step['client_cpu_pct']}%  server {step['server_cpu_pct']}% (workers "
-                f"{step['worker_cpu_pct']}%, {step['worker_cpu_us_per_req']:.0f} µs/req)  "
-                f"others {step['others_cpu_pct']}%")
+        steps = measure_steps(path.name, port, requests, users, seconds, warmup, server.process.pid, log,
+                              labelled=path.check is not checks.check_noop, workers=True)  # the no-op has no label
         description = path.description
         if overrides and (path.peer is None or path.peer.model_config):
             description += f"; model-config changed: {overrides}"
@@ -284,6 +268,32 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
                 os.killpg(server.process.pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def measure_steps(label, port, requests, users, seconds, warmup, server_pgid, log, labelled=True, workers=False):
+    """A warm-up of ``warmup`` seconds (JIT, caches; discarded), then a window of ``seconds`` at each of ``users``
+    against the server on ``port``: one summary per concurrency, with the share of right labels when ``labelled``
+    and, for a TorchServe (``workers``), its workers' CPU in the log line."""
+    warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
+    if warm.failed:
+        log(f"[{label}] warm-up failures: {warm.errors}")
+    steps = []
+    for n in users:
+        result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0, server_pgid=server_pgid,
+                            keep_answers=True)
+        step = result.summary()
+        if result.answers and labelled:
+            correct = sum(str(expected) == str(answer) for expected, answer in result.answers)
+            step["label_accuracy"] = round(correct / len(result.answers), 4)
+        step["loadavg"] = loadavg()[0]
+        steps.append(step)
+        cpu = (f"(workers {step['worker_cpu_pct']}%, {step['worker_cpu_us_per_req']:.0f} µs/req)" if workers
+               else f"({step['server_cpu_us_per_req']:.0f} µs/req)")
+        log(f"[{label}] {n:>3} users: {step['rps']:>7.1f} req/s  p50 {step['p50_ms']:6.2f}  "
+            f"p95 {step['p95_ms']:6.2f}  p99 {step['p99_ms']:6.2f} ms  failed {step['failed']}  "
+            f"client {step['client_cpu_pct']}%  server {step['server_cpu_pct']}% {cpu}  "
+            f"others {step['others_cpu_pct']}%")
+    return steps
 
 
 def measure_in_process(stem, samples, batch_size, seconds, log):
@@ -347,23 +357,7 @@ def measure_server_peers(results, models, sample_sets, users, seconds, warmup, o
                     log(f"[{label}] {peer.title} ready in {time.monotonic() - started:.1f} s")
                     requests = client.prepare("127.0.0.1", port, peer.route.format(model=name), sample_sets[name],
                                               check, peers.TOKEN)
-                    warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
-                    if warm.failed:
-                        log(f"[{label}] warm-up failures: {warm.errors}")
-                    steps = []
-                    for n in users:
-                        result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0,
-                                            server_pgid=server.pid, keep_answers=True)
-                        step = result.summary()
-                        if result.answers:
-                            correct = sum(str(expected) == str(answer) for expected, answer in result.answers)
-                            step["label_accuracy"] = round(correct / len(result.answers), 4)
-                        step["loadavg"] = loadavg()[0]
-                        steps.append(step)
-                        log(f"[{label}] {n:>3} users: {step['rps']:>7.1f} req/s  p50 {step['p50_ms']:6.2f}  "
-                            f"p95 {step['p95_ms']:6.2f}  p99 {step['p99_ms']:6.2f} ms  failed {step['failed']}  "
-                            f"client {step['client_cpu_pct']}%  server {step['server_cpu_pct']}% "
-                            f"({step['server_cpu_us_per_req']:.0f} µs/req)  others {step['others_cpu_pct']}%")
+                    steps = measure_steps(label, port, requests, users, seconds, warmup, server.pid, log)
             except peers.Unavailable as why:
                 results["peers_skipped"][label] = str(why)
                 log(f"[{label}] skipped: {why}")
