@@ -25,6 +25,7 @@ import json
 import os
 
 import torch
+from ts.handler_utils.utils import send_intermediate_predict_response
 
 from handlers.common import BundleHandler, RequestError, compact_json, decode_text, quote
 from models.translator import PAD_ID, UNK_ID, UNK_TOKEN, beam_search, detokenize, greedy, tokenize
@@ -156,8 +157,6 @@ class TranslatorHandler(BundleHandler):
             if idx not in self.streaming:
                 self.streaming[idx] = kind
                 self.context.set_response_content_type(idx, EVENT_STREAM if kind == "sse" else NDJSON)
-            from ts.handler_utils.utils import send_intermediate_predict_response
-
             send_intermediate_predict_response({idx: frame(body, kind)}, {idx: self.context.request_ids[idx]},
                                                "Intermediate Prediction success", 200, self.context)
 
