@@ -335,7 +335,7 @@ def bench_runtimes(records: dict) -> str:
     for model, results in bench["runtimes"].items():
         picked = runtimes.choice(results, users)
         rps = {runtime: next(s["rps"] for s in figures["steps"] if s["users"] == users)
-               for runtime, figures in results.items() if runtime != "model"}
+               for runtime, figures in runtimes.measured(results).items()}
         shown = ", ".join(f"{runtime} {number(value)}" for runtime, value in rps.items())
         verdict = ("the fastest candidate ✔" if picked["default_is_fastest_built"]
                    else f"slower than {picked['fastest_built']} ✘")

@@ -99,18 +99,24 @@ def default_runtime(entry):
 
 def candidates(entry):
     """The CANDIDATES for the model's default: without onnxruntime where its ONNX export is optional (the
-    detector's: a training run whose parity check fails records why instead of the file, and a default must load)."""
+    detector's: a training run whose parity check fails records why instead of the file, and a default must load).
+    ``compare`` records them with its figures, so a report needs no artifacts."""
     manifest = read_manifest(ROOT / entry.versions[0].artifacts)
     optional = export_example(manifest, 1).get("optional", ())
-    return tuple(runtime for runtime in CANDIDATES if runtime == "eager" or EXPORTS[runtime] not in optional)
+    return [runtime for runtime in CANDIDATES if runtime == "eager" or EXPORTS[runtime] not in optional]
+
+
+def measured(results):
+    """{runtime: figures} of a ``compare`` result."""
+    return {runtime: figures for runtime, figures in results.items() if runtime in RUNTIMES}
 
 
 def choice(results, users):
     """{"default", "fastest", "fastest_built", "default_is_fastest_built"} at ``users``: fastest_built is the
     fastest of the model's ``candidates``; a default within NOISE of it counts as the fastest."""
     rps = {runtime: next(s["rps"] for s in figures["steps"] if s["users"] == users)
-           for runtime, figures in results.items() if runtime != "model"}
-    allowed = candidates(registry.model(results["model"]))
+           for runtime, figures in measured(results).items()}
+    allowed = results["candidates"]
     built = {runtime: value for runtime, value in rps.items() if runtime in allowed}
     default = default_runtime(registry.model(results["model"]))
     fastest_built = max(built, key=built.get)
@@ -121,7 +127,7 @@ def choice(results, users):
 def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print):
     """Every runtime of registry ``entry`` in process and over HTTP: {"model": its name, runtime: {in-process
     figures, "steps": [...]}}."""
-    results = {"model": entry.name}
+    results = {"model": entry.name, "candidates": candidates(entry)}
     samples = payloads.of_model(entry)
     exports = exports_of(entry)
     for runtime in [r for r in runtimes if r != "eager" and "file" not in exports.get(EXPORTS[r], {})]:
@@ -137,19 +143,19 @@ def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, lo
         for runtime, archive in archives.items():
             path = bench.BenchPath(f"{entry.name}-{runtime}", entry, entry.name, registry.resolve(entry.load.check),
                                    f"{entry.handler}, handler.runtime: {runtime}")
-            measured = bench.measure_path(path, archive.parent, archive.name, Path(tmp) / runtime, samples, users,
+            over_http = bench.measure_path(path, archive.parent, archive.name, Path(tmp) / runtime, samples, users,
                                           seconds, warmup, {}, {"handler.runtime": runtime}, log)
-            results[runtime]["steps"] = measured["steps"]
+            results[runtime]["steps"] = over_http["steps"]
     return results
 
 
 def table(results):
     """Markdown: one row per runtime, in-process µs and, per concurrency, req/s and p99."""
-    measured = {runtime: figures for runtime, figures in results.items() if runtime != "model"}
-    users = [step["users"] for step in next(iter(measured.values()))["steps"]]
+    by_runtime = measured(results)
+    users = [step["users"] for step in next(iter(by_runtime.values()))["steps"]]
     header = ["runtime", "µs/item handle", "µs/item runtime"] + [f"{n} users req/s, p99 ms" for n in users]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for runtime, figures in measured.items():
+    for runtime, figures in by_runtime.items():
         cells = [runtime, f"{figures['handle_us_per_item']:.1f}", f"{figures['forward_us_per_item']:.1f}"]
         cells += [f"{step['rps']:.0f}, {step['p99_ms']:.1f}" for step in figures["steps"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -165,7 +171,7 @@ def report(by_model, users=bench.RATIO_USERS):
                    f"✘ {picked['fastest_built']} is faster: set `handler.runtime: {picked['fastest_built']}`")
         parts.append(f"{name} by runtime (`handler.runtime`, same handler code); model-config default "
                      f"`{picked['default']}` {verdict}; fastest at {users} users: {picked['fastest']}"
-                     + (" (not a default candidate)" if picked["fastest"] not in candidates(registry.model(name))
+                     + (" (not a default candidate)" if picked["fastest"] not in results["candidates"]
                         else "")
                      + ":\n\n" + table(results))
     return "\n\n".join(parts)

@@ -401,6 +401,7 @@ def test_onnxruntime_serves_the_samples_as_eager_does(detector, tmp_path):
             assert mine["box"] == pytest.approx(theirs["box"], abs=0.11)  # rounded to 0.1 px in the reply
 
 
+@pytest.mark.trained
 @pytest.mark.parametrize("runtime, reason", [
     ("torchscript", "runtime torchscript needs the torchscript export: not exported: torch.jit.trace"),
     ("aoti", "runtime aoti needs the aoti export: torch.export.export.* GuardOnDataDependentSymNode"),
