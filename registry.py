@@ -279,6 +279,18 @@ MODELS = (
         load=Load(check="tests.load.translator_load:check_translator",
                   payloads="tests.load.translator_load:payloads"),
     ),
+    Model(
+        name="cyclegan",
+        model_module="models/cyclegan.py",
+        train_module="train/cyclegan.py",
+        handler="handlers/cyclegan.py",
+        configs={"cpu": "handlers/cyclegan.yaml", "gpu": "handlers/cyclegan.gpu.yaml"},
+        versions=(Version("1.0", "cyclegan", "artifacts/cyclegan",
+                          "python -m train.cyclegan --out artifacts/cyclegan --threads 2",
+                          quality=(Quality("class_preservation", goal=0.8, margin=0.03),)),),
+        samples=(Sample("samples/cyclegan_sneaker.png", "image/png"),),
+        load=Load(check="tests.load.cyclegan_load:check_cyclegan", payloads="tests.load.cyclegan_load:payloads"),
+    ),
 )
 
 

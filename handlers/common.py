@@ -7,7 +7,8 @@ The subclass supplies three hooks:
 - ``parse(payload, as_json) -> (examples, many)``: one request's body (decoded JSON if ``as_json``, else bytes or
   text) -> model-ready examples, ``many`` when the request held a list. Bad input raises ``RequestError``.
 - ``collate(examples)``: examples -> whatever the model takes (a tensor, a list of tensors, ...).
-- ``format(example, output)``: one example and its output row -> a JSON-able reply.
+- ``format(example, output)``: one example and its output row -> a JSON-able reply, or a ``BinaryReply`` (raw
+  bytes with their media type, e.g. an image a client asked for with ``Accept: image/png``).
 
 and may override ``parse_request(idx, row, name, payload, as_json)`` (default: ``parse`` of the body alone; ``row``
 also holds the other form fields, ``idx`` reads the request's headers), ``predict(batch)`` (default: the model on
@@ -31,6 +32,7 @@ per reply (below config.properties' ``max_response_size``, which would otherwise
 
 import codecs
 import ctypes
+import dataclasses
 import functools
 import http
 import importlib
@@ -106,6 +108,16 @@ def internal_error(model, idx, stage, err):
     logger.error("%s: internal error %s request %d", model, stage, idx, exc_info=err)
     return RequestError(f"internal error while {stage} this request ({type(err).__name__}); the model log has the "
                         "details, and the other requests of its batch were answered", code=500, kind="InternalError")
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryReply:
+    """A reply sent as its raw bytes with ``content_type`` instead of as JSON (``max_reply_bytes`` still bounds it);
+    ``label``: what PredictionsByLabel counts it under (None: not counted)."""
+
+    body: bytes
+    content_type: str
+    label: str | None = None
 
 
 # --- request bodies ----------------------------------------------------------------------------------------------
@@ -448,7 +460,27 @@ class BundleHandler:
 
     def label_of(self, reply):
         """The label a reply is counted under in PredictionsByLabel (None: not counted)."""
-        return reply.get("label")
+        return reply.label if isinstance(reply, BinaryReply) else reply.get("label")
+
+    def request_header(self, idx, name):
+        """Request ``idx``'s header ``name`` (any case), or None: clients' headers reach the handler as sent."""
+        headers = self.context.get_all_request_header(idx) or {}
+        value = next((value for key, value in headers.items() if key.lower() == name.lower()), None)
+        return value if isinstance(value, str) else None
+
+    def request_options(self, idx, row, name, payload, as_json, options):
+        """The ``options`` a request names, from its headers (``score_threshold`` as ``Score-Threshold``), its other
+        form fields and the fields of its JSON body besides ``data`` (the later win): {option: value}. A field that
+        is not an option is a 400 naming them."""
+        fields = {key: value for key, value in row.items() if key != name}  # other form fields
+        if as_json and isinstance(payload, dict):
+            fields.update({key: value for key, value in payload.items() if key != "data"})
+        unknown = sorted(set(fields) - set(options))
+        if unknown:
+            raise RequestError(f"unknown option {quote(unknown[0])}; options: {', '.join(options)}",
+                               kind="InvalidField")
+        from_headers = {option: self.request_header(idx, option.replace("_", "-")) for option in options}
+        return {**{option: value for option, value in from_headers.items() if value is not None}, **fields}
 
     # --- Open Inference Protocol hooks (handlers/oip.py) ---------------------------------------------------------
 
@@ -567,13 +599,15 @@ class BundleHandler:
     def _bounded(self, idx, reply):
         """``reply`` as JSON bytes, or a 413 in its place when it is larger than ``max_reply_bytes``."""
         try:
-            body = reply.body if isinstance(reply, oip.Response) else compact_json(reply)
+            body = reply.body if isinstance(reply, (oip.Response, BinaryReply)) else compact_json(reply)
         except Exception as err:  # e.g. a value JSON cannot carry
             body = compact_json(self.fail(idx, err, "encoding"))
         if len(body) > self.max_reply_bytes:
             err = RequestError(f"the reply would be {len(body)} bytes, over this model's limit of "
                                f"{self.max_reply_bytes}; send fewer or shorter items", code=413, kind="ReplyTooLarge")
             body = compact_json(self.reject(idx, err))
+        elif isinstance(reply, BinaryReply):
+            self.context.set_response_content_type(idx, reply.content_type)
         elif isinstance(reply, oip.Response) and reply.header_length is not None:
             self.context.set_response_header(idx, oip.HEADER, str(reply.header_length))
             self.context.set_response_content_type(idx, "application/octet-stream")

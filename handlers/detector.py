@@ -37,8 +37,8 @@ MASK_FORMATS = ("rle", "polygons")
 NUMERIC_OPTIONS = {"score_threshold": float, "max_detections": int}
 DEFAULT_BOUNDS = {"score_threshold": {"default": 0.5, "min": 0.0, "max": 1.0},
                   "max_detections": {"default": 20, "min": 1, "max": 100}}
-OPTION_HEADERS = {option: option.replace("_", "-") for option in (*NUMERIC_OPTIONS, "output", "mask_format")}
-"""Request headers that set an option for a raw body (curl -T photo.jpg -H 'Max-Detections: 5')."""
+OPTIONS = (*NUMERIC_OPTIONS, "output", "mask_format")
+"""Options a request may set: JSON or form fields, or headers for a raw body (-H 'Max-Detections: 5')."""
 POLYGON_TOLERANCE = 1.0
 """Pixels a simplified polygon may stray from the mask's outline."""
 
@@ -135,16 +135,11 @@ class DetectorHandler(BundleHandler):
     # --- a request -------------------------------------------------------------------------------------------------
 
     def parse_request(self, idx, row, name, payload, as_json):
-        headers = {key.lower(): value for key, value in (self.context.get_all_request_header(idx) or {}).items()}
-        fields = {key: value for key, value in row.items() if key != name}  # other form fields
-        if as_json and isinstance(payload, dict):
-            fields.update({key: value for key, value in payload.items() if key != "data"})
-        from_headers = {option: headers[header] for option, header in OPTION_HEADERS.items()
-                        if isinstance(headers.get(header), str)}
-        options = self.options(from_headers, fields)
+        asked = self.request_options(idx, row, name, payload, as_json, OPTIONS)
+        options = self.options(asked)
         example = self.decoded(image_bytes(payload, as_json))
         options["max_detections"] = self.mask_budget(options["max_detections"], example["height"] * example["width"],
-                                                     asked="max_detections" in fields or "max_detections" in from_headers)
+                                                     asked="max_detections" in asked)
         return [{**example, **options}], False
 
     def decoded(self, data):
@@ -171,7 +166,7 @@ class DetectorHandler(BundleHandler):
         default options. The images share the request's mask budget (``max_mask_pixels``): ``max_detections`` is
         lowered to what fits all of them, and a request whose images take more than the budget at one mask each is
         a 413. A bad image is a 400 naming its place in the input."""
-        options = self.options({}, {})
+        options = self.options({})
         examples = []
         for index, data in enumerate(protocol_images(tensor, MAX_PROTOCOL_IMAGES)):
             try:
@@ -203,14 +198,9 @@ class DetectorHandler(BundleHandler):
                 "count": np.array([len(reply["detections"]) for reply in replies], np.int64),
                 "boxes": boxes, "scores": scores, "labels": labels}
 
-    def options(self, from_headers, fields):
-        """The request's options (JSON or form ``fields`` over headers) with the model-config's defaults; an
-        unknown field or an out-of-bounds value is a 400."""
-        unknown = sorted(set(fields) - set(OPTION_HEADERS))
-        if unknown:
-            raise RequestError(f"unknown option {quote(unknown[0])}; options: {', '.join(OPTION_HEADERS)}",
-                               kind="InvalidField")
-        fields = {**from_headers, **fields}
+    def options(self, fields):
+        """The request's options (``request_options``) with the model-config's defaults; an out-of-bounds value is
+        a 400."""
         options = {"output": self.choice(fields, "output", OUTPUTS),
                    "mask_format": self.choice(fields, "mask_format", MASK_FORMATS)}
         for name, kind in NUMERIC_OPTIONS.items():

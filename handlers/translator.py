@@ -61,8 +61,7 @@ class TranslatorHandler(BundleHandler):
         return self.parse_request(None, {}, "body", payload, as_json)
 
     def parse_request(self, idx, row, name, payload, as_json):
-        headers = (self.context.get_all_request_header(idx) or {}) if idx is not None else {}
-        accept = next((str(v) for k, v in headers.items() if k.lower() == "accept"), "")
+        accept = (self.request_header(idx, "accept") or "") if idx is not None else ""
         options = {}
         if not as_json or isinstance(payload, str):
             text = decode_text(payload)

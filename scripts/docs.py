@@ -35,7 +35,8 @@ BLOCK = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- 
 
 LABELS = {"accuracy": "accuracy", "r2": "R²", "rmse": "RMSE", "mae": "MAE",
           "box_map_50": "box AP@0.5", "box_map": "box AP@[.5:.95]", "box_map_75": "box AP@0.75",
-          "mask_map_50": "mask AP@0.5", "mask_map": "mask AP@[.5:.95]", "mask_map_75": "mask AP@0.75"}
+          "mask_map_50": "mask AP@0.5", "mask_map": "mask AP@[.5:.95]", "mask_map_75": "mask AP@0.75",
+          "class_preservation": "class kept"}
 MISSING_TRAINING = "not measured yet (run make train)"
 MISSING_BENCH = "not measured yet (run make bench)"
 
@@ -344,6 +345,19 @@ def bench_runtimes(records: dict) -> str:
                             "runtime (docs/benchmark.md has in-process µs and p99):"), "", *lines])
 
 
+def bench_profile(records: dict) -> str:
+    """docs/benchmark.md: where mnist's handler time goes (tests/load/handler_cost.py ``profile``)."""
+    from tests.load.handler_cost import profile_table
+
+    bench = records["benchmark"]
+    if bench is None or not bench.get("profile"):
+        return "not measured yet (`make bench` records it)"
+    return "\n".join([wrap(f"`make bench` on {machine(bench)}: cProfile of 50 batches of 16 mnist digits through "
+                            "`handle` in-process, TorchServe's decoding and reply encoding included; cProfile's own "
+                            "overhead inflates every figure, so read the shares, not the µs:"), "",
+                      profile_table(bench["profile"])])
+
+
 def lever_name(key: str) -> str:
     """The record's key, or for the handler-code steps (a folder of handler code) the step's folder name."""
     return f"handler step {Path(key).parent.name}" if key.startswith("/") else key
@@ -378,6 +392,7 @@ BLOCKS = {
     "bench-paths": bench_paths,
     "bench-ratios": bench_ratios,
     "bench-runtimes": bench_runtimes,
+    "bench-profile": bench_profile,
     "levers": levers,
 }
 

@@ -93,6 +93,8 @@ def floors(record: dict) -> dict[tuple[str, str], float]:
 def table(record: dict) -> str:
     """The docs' table (the ``seeds`` block): per version and metric, each seed's figure, the goal, and the floor
     with its margin."""
+    from scripts.docs import label
+
     rows = ["| version | held-out metric | seed: figure | spread | goal (met by) | test floor (worst − margin) |",
             "|---|---|---|---|---|---|"]
     limits, machines = floors(record), set()
@@ -103,7 +105,7 @@ def table(record: dict) -> str:
             values = [run[quality.metric] for run in measured["seeds"].values()]
             figures = ", ".join(f"{s}: {run[quality.metric]:.4f}" for s, run in measured["seeds"].items())
             met = sum(value >= quality.goal for value in values)
-            rows.append(f"| {entry.name} {version.version} | {quality.metric} | {figures} | "
+            rows.append(f"| {entry.name} {version.version} | {label(quality.metric)} | {figures} | "
                         f"{max(values) - min(values):.4f} | {quality.goal} ({met} of {len(values)}) | "
                         f"**{limits[version.archive, quality.metric]}** ({min(values):.4f} − {quality.margin}) |")
     return "\n".join([*rows, "", f"Measured on {'; '.join(sorted(machines))}."])

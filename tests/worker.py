@@ -34,8 +34,9 @@ class Request:
 @dataclass
 class Reply:
     status: int
-    body: object  # the decoded JSON reply
+    body: object  # the decoded JSON reply; the raw bytes of an image or octet-stream reply
     reason: str = ""
+    content_type: str = "application/json"
 
 
 class _Frame:
@@ -87,7 +88,10 @@ class Worker:
         for i, body in enumerate(bodies):
             status, reason = self.context.get_response_status(i)
             assert body is not None, f"request {i} got no reply"
-            replies.append(Reply(status, json.loads(body), reason or ""))
+            content_type = self.context.get_response_content_type(i) or "application/json"
+            binary = content_type.startswith("image/") or content_type == "application/octet-stream"
+            decoded = bytes(body) if binary else json.loads(body)
+            replies.append(Reply(status, decoded, reason or "", content_type))
         return replies
 
     def run_one(self, request):

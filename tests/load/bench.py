@@ -649,6 +649,11 @@ def main(argv=None):
         results["in_process"][name] = measure_in_process(entry.versions[0].archive, sample_sets[name], batch_size,
                                                          args.seconds, log)
 
+    if not args.no_in_process and "mnist" in models:
+        from tests.load import handler_cost
+
+        log("[profile] cProfile of mnist batches of 16 through handle, in-process")
+        results["profile"] = handler_cost.profile()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         staging = Path(tmp) / "staging"
         staging.mkdir()

@@ -62,16 +62,23 @@ for _ in range(int(sys.argv[3])):
 print(json.dumps(best))
 '''
 PROFILE = r'''
-import cProfile, io, pstats
+import cProfile, os, pstats, re
+BATCHES = 50
 profile = cProfile.Profile()
 profile.enable()
-for _ in range(50):
+for _ in range(BATCHES):
     run()
 profile.disable()
-out = io.StringIO()
-stats = pstats.Stats(profile, stream=out)
-stats.sort_stats("cumulative").print_stats(r"handlers/|models/|PIL/Image|otf_message|metric", int(sys.argv[3]))
-print(out.getvalue())
+shown = re.compile(r"handlers/|models/|PIL/Image|otf_message|metric|ts/service|ts/context")
+rows = []
+for (path, line, function), (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items():
+    if shown.search(path):
+        where = re.sub(r"^.*?/((?:handlers|models|PIL|ts)/)", r"\1", path)
+        rows.append({"function": f"{where}:{line}({function})", "calls_per_request": calls / BATCHES / len(batch),
+                     "cumulative_us": cumulative / BATCHES / len(batch) * 1e6,
+                     "own_us": own / BATCHES / len(batch) * 1e6})
+rows.sort(key=lambda row: -row["cumulative_us"])
+print(json.dumps(rows[:int(sys.argv[3])]))
 '''
 
 
@@ -106,15 +113,23 @@ def archive(version, staging):
 
 
 def profile(top=25):
-    """cProfile of 50 batches of 16 through the working tree's handler (cumulative time, project and Pillow
-    frames), as docs/benchmark.md shows it; returns the table."""
+    """cProfile of 50 batches of 16 through the working tree's handler: the ``top`` functions of the handler, the
+    models, Pillow and TorchServe's worker by cumulative time, each {"function", "calls_per_request",
+    "cumulative_us", "own_us"} per request (`make bench` records them; docs/benchmark.md shows the table)."""
     with tempfile.TemporaryDirectory(prefix="handler-profile-") as staging:
         run = subprocess.run([sys.executable, "-c", SETUP + PROFILE, str(source_folder(None, staging)),
                               str(archive(None, staging)), str(top)], cwd=ROOT, capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(run.stderr.strip()[-2000:])
-    print(run.stdout)
-    return run.stdout
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def profile_table(rows):
+    """Markdown of ``profile``'s rows."""
+    lines = ["| function | calls per request | cumulative µs per request | own µs per request |", "|---|---|---|---|"]
+    lines += [f"| `{row['function']}` | {row['calls_per_request']:.2f} | {row['cumulative_us']:.1f} | "
+              f"{row['own_us']:.1f} |" for row in rows]
+    return "\n".join(lines)
 
 
 def main(versions, rounds=3, per_round=3):
@@ -135,4 +150,4 @@ def main(versions, rounds=3, per_round=3):
 
 
 if __name__ == "__main__":
-    profile() if sys.argv[1:] == ["--profile"] else main(sys.argv[1:])
+    print(profile_table(profile())) if sys.argv[1:] == ["--profile"] else main(sys.argv[1:])
