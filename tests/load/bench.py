@@ -47,7 +47,7 @@ import yaml
 
 import registry
 from scripts.server import ROOT, TorchServe, free_port
-from tests.load import checks, client, payloads
+from tests.load import checks, client, handler_cost, payloads
 
 VENV_BIN = Path(sys.executable).parent
 USERS = (1, 4, 16, 32)
@@ -649,10 +649,8 @@ def main(argv=None):
         results["in_process"][name] = measure_in_process(entry.versions[0].archive, sample_sets[name], batch_size,
                                                          args.seconds, log)
 
-    if not args.no_in_process and "mnist" in models:
-        from tests.load import handler_cost
-
-        log("[profile] cProfile of mnist batches of 16 through handle, in-process")
+    if not args.no_in_process and handler_cost.MODEL in models:
+        log(f"[profile] cProfile of {handler_cost.MODEL} batches of 16 through handle, in-process")
         results["profile"] = handler_cost.profile()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         staging = Path(tmp) / "staging"

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from scripts.server import ROOT
 
+MODEL = "mnist"
+"""The model whose handler this measures (its SETUP reads digits and imports handlers.mnist)."""
+
 SETUP = r'''
 import importlib, json, logging, sys, tempfile, time
 from tests.load import payloads
@@ -108,7 +111,7 @@ def archive(version, staging):
     from tests.load.bench import build_ours
 
     store = Path(tempfile.mkdtemp(dir=staging))
-    build_ours(registry.model("mnist"), store, staging, {}, version)
+    build_ours(registry.model(MODEL), store, staging, {}, version)
     return store / "mnist.mar"
 
 
