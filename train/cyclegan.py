@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from models import architecture, build
-from models.cyclegan import DIRECTIONS, PatchDiscriminator, to_model
+from models.cyclegan import PatchDiscriminator, to_model
 from train.common import (DataError, build_parser, metrics_record, positive_int, run_cli, seed_everything,
                           write_artifacts)
 from train.datasets import fashion_mnist
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = evaluate(gan, domains, generator)
     print("held-out " + "  ".join(f"{name} {value:.4f}" for name, value in test.items()), flush=True)
     polarity = {"a": "light-on-dark", "b": "dark-on-light"} if args.data_dir is None else {}
-    manifest = {"model": "cyclegan", **spec, "labels": list(DIRECTIONS),
+    manifest = {"model": "cyclegan", **spec,
                 "input": {"size": size, "channels": channels, "polarity": polarity},
                 "domains": {"a": "items (Fashion-MNIST, light on black)", "b": "line drawings (dark on white)"}
                 if args.data_dir is None else {"a": f"{args.data_dir}/trainA", "b": f"{args.data_dir}/trainB"}}

@@ -1,6 +1,7 @@
 """Load smoke test: the locustfile's users against the session TorchServe for a fixed number of requests.
 
-Bounded (a few seconds, 300 requests from 6 users) and without timing assertions: every reply must be a 200 with
+Bounded (a few seconds, 300 requests, one user per unit of the models' load weights, so that every model's user
+class gets at least one) and without timing assertions: every reply must be a 200 with
 the right content (tests/load/checks.py), for every model. The checks themselves are tested on wrong answers.
 """
 
@@ -18,13 +19,14 @@ from tests.load.checks import WrongAnswer
 pytestmark = pytest.mark.slow  # starts a real TorchServe
 
 REQUESTS = 300
+USERS = sum(entry.load.weight for entry in registry.MODELS if entry.load_tested)
 
 
 def test_locust_users_get_correct_answers_from_every_model(server, tmp_path):
     samples = tmp_path / "payloads.json"
     payloads.save(samples, payloads.build_all())  # built here, so the locust process needs no torch
     command = [sys.executable, "-m", "locust", "-f", str(ROOT / "tests/load/locustfile.py"), "--headless",
-               "-u", "6", "-r", "6", "-t", "20s", "--stop-timeout", "5", "--host", server.url("inference"),
+               "-u", str(USERS), "-r", str(USERS), "-t", "20s", "--stop-timeout", "5", "--host", server.url("inference"),
                "--key-file", str(server.workdir / "key_file.json"), "--payloads", str(samples),
                "--max-requests", str(REQUESTS), "--json-file", str(tmp_path / "stats"), "--only-summary"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -41,7 +41,7 @@ ROOT = registry.ROOT
 TRITON_SERVICE = "/inference.GRPCInferenceService/"
 TORCHSERVE_SERVICE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"
 CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents",
-            "INT64": "int64_contents", "BOOL": "bool_contents"}
+            "INT64": "int64_contents", "BOOL": "bool_contents", "UINT8": "uint_contents"}
 """Datatype -> the InferTensorContents field TorchServe reads (its bridge handles these and a few more)."""
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 REFUSED_WITHOUT_THE_KEY = {"type": "InvalidKeyException", "code": 400}
