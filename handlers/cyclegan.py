@@ -25,8 +25,9 @@ from PIL import Image
 
 from handlers.common import BinaryReply, BundleHandler, RequestError, quote
 from handlers.images import decode_fitted, image_bytes, protocol_images
+from handlers.vision import VisionHandler
 from models.cyclegan import DIRECTIONS, to_model, to_pixels
-from models.vision import LIGHT_ON_DARK, light_on_dark
+from models.vision import LIGHT_ON_DARK
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/*": "PNG"}
 """Accept media types answered with the image itself, and the format each gets."""
@@ -79,10 +80,7 @@ class CycleganHandler(BundleHandler):
         pixels = decode_fitted(data, self.channels, self.size)
         source = self.polarity.get(direction[0])
         if source is not None:
-            try:
-                pixels = light_on_dark(pixels)
-            except ValueError as err:
-                raise RequestError(str(err), kind="InvalidImage") from None
+            pixels = VisionHandler.canonical(pixels)  # light on dark, or a 400 for a blank image
             if source != LIGHT_ON_DARK:
                 pixels = 255 - pixels
         return {"pixels": pixels, "direction": direction, "media_type": media_type}
