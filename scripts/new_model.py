@@ -1,7 +1,10 @@
 """Add a model to the bundle: its four modules, its model-configs, a sample and one registry entry, from templates
 that train on a tiny data set they make, so that `make serve` serves it at once.
 
-    python -m scripts.new_model NAME --task {image-classification,text-classification,tabular-regression,detection}
+    python -m scripts.new_model NAME --task TASK
+
+TASK: image-classification, text-classification, tabular-regression, detection, image-to-image (an unpaired CycleGAN,
+image replies) or seq2seq (attention encoder-decoder, streamed tokens).
 
 Writes models/NAME.py, train/NAME.py, handlers/NAME.py, handlers/NAME.yaml (CPU profile), handlers/NAME.gpu.yaml
 (the image and k8s/), samples/NAME.{png,txt,json}, and appends NAME's entry to registry.py's MODELS. Everything else
@@ -45,6 +48,13 @@ def shapes_png() -> bytes:
     return png(image)
 
 
+def disc_png() -> bytes:
+    """A 112 px picture of a light disc on black: what the image-to-image template translates (to dark on white)."""
+    image = Image.new("L", (112, 112), 20)
+    ImageDraw.Draw(image).ellipse((30, 34, 78, 82), fill=230)
+    return png(image)
+
+
 def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -68,6 +78,8 @@ TASKS = {
     "tabular-regression": Task(".json", "application/json", None,
                                lambda: (json.dumps({"rooms": 3, "area": 70, "age": 20}) + "\n").encode(), 16, 10),
     "detection": Task(".png", "image/png", None, shapes_png, 4, 60),
+    "image-to-image": Task(".png", "image/png", None, disc_png, 8, 30),
+    "seq2seq": Task(".txt", "text/plain; charset=utf-8", None, lambda: "3 1 4\n".encode(), 8, 30),
 }
 
 

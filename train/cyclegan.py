@@ -192,46 +192,25 @@ def evaluate(gan, domains: dict, generator: torch.Generator, log=print) -> dict[
     return figures
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/cyclegan", default_epochs=5,
-                          held_out_split=False)
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="a CycleGAN folder (trainA/ trainB/ testA/ testB/); default: Fashion-MNIST items and "
-                             "line drawings")
-    parser.add_argument("--fashion-dir", type=Path, default=Path("data"),
-                        help="where Fashion-MNIST is cached (default %(default)s; train/datasets.py finds it)")
-    parser.add_argument("--size", type=int, default=28, help="image side with --data-dir, a multiple of 4 "
-                        "(default %(default)s; Fashion-MNIST is 28)")
-    parser.add_argument("--steps-per-epoch", type=positive_int, default=400,
+def add_gan_options(parser, steps_per_epoch: int = 400, width: int = 16, blocks: int = 3):
+    """The CycleGAN's training options (what ``train_gan`` reads), with these defaults."""
+    parser.add_argument("--steps-per-epoch", type=positive_int, default=steps_per_epoch,
                         help="generator updates per epoch (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--width", type=positive_int, default=16, help="generator and critic base channels")
-    parser.add_argument("--blocks", type=positive_int, default=3, help="residual blocks per generator")
+    parser.add_argument("--width", type=positive_int, default=width, help="generator and critic base channels")
+    parser.add_argument("--blocks", type=positive_int, default=blocks, help="residual blocks per generator")
     parser.add_argument("--cycle-weight", type=float, default=5.0,
                         help="the paper's is 10; here 10 let A->B hide grey levels in dark blobs (default %(default)s)")
     parser.add_argument("--identity-weight", type=float, default=1.0,
                         help="the paper's is half the cycle weight; the domains here differ in polarity, which an "
                              "identity mapping fights (default %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    args = parser.parse_args(argv)
-    if args.size % 4:
-        parser.error(f"--size must be a multiple of 4 (two stride-2 downsamplings), got {args.size}")
-    generator = seed_everything(args.seed, threads=args.threads)
-    rng = np.random.default_rng(args.seed)
-    if args.data_dir is None:
-        domains, channels, size = fashion_domains(args.fashion_dir, rng, args.limit), 1, 28
-        dataset = {"name": "Fashion-MNIST: A = items as photographed (light on black), B = other items as line "
-                           "drawings (Sobel edges, dark on white); disjoint items per domain",
-                   "labels": FASHION_LABELS}
-    else:
-        (domains, channels), size = folder_domains(args.data_dir, args.size, args.limit), args.size
-        dataset = {"name": f"CycleGAN folders of {args.data_dir}"}
-    dataset |= {f"n_{name}": len(images) for name, (images, _) in domains.items()}
-    dataset["n_test"] = dataset["n_testA"] + dataset["n_testB"]
-    train_a, train_b = to_model(domains["trainA"][0]), to_model(domains["trainB"][0])
 
-    spec = architecture("models.cyclegan", "CycleGAN", channels=channels, width=args.width, blocks=args.blocks)
-    gan = build(spec)
+
+def train_gan(gan, train_a: torch.Tensor, train_b: torch.Tensor, args, generator: torch.Generator) -> float:
+    """Fit ``gan`` (a ``CycleGAN``) to unpaired images of its two domains ([N, C, H, W] in [-1, 1]) with two fresh
+    critics, as the module's doc says; the seconds it took."""
+    channels = train_a.shape[1]
     critic_a, critic_b = PatchDiscriminator(channels, args.width), PatchDiscriminator(channels, args.width)
     steps = args.epochs * args.steps_per_epoch
     adam = {"lr": args.lr, "betas": (0.5, 0.999)}
@@ -275,17 +254,58 @@ def main(argv: list[str] | None = None) -> dict:
         mean = totals / args.steps_per_epoch
         print(f"epoch {epoch:3d}/{args.epochs}  adversarial {mean[0]:.3f}  cycle {mean[1]:.4f}  critics {mean[2]:.3f}  "
               f"{time.perf_counter() - epoch_started:.1f}s", flush=True)
-    seconds = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def fit_and_write(name: str, module: str, domains: dict, channels: int, args, generator: torch.Generator,
+                  dataset: dict, polarity: dict, domain_names: dict) -> dict:
+    """Build the ``CycleGAN`` of ``module``, train it on ``domains`` (``fashion_domains``' shape), evaluate it and
+    write ``args.out``: the manifest names ``name``, the input (size, channels, each domain's ``polarity``, may be
+    empty) and what each domain is (``domain_names``); metrics.json the held-out figures. Returns the metrics."""
+    dataset = {**dataset, **{f"n_{split}": len(images) for split, (images, _) in domains.items()}}
+    dataset["n_test"] = dataset["n_testA"] + dataset["n_testB"]
+    train_a, train_b = to_model(domains["trainA"][0]), to_model(domains["trainB"][0])
+    spec = architecture(module, "CycleGAN", channels=channels, width=args.width, blocks=args.blocks)
+    gan = build(spec)
+    seconds = train_gan(gan, train_a, train_b, args, generator)
     test = evaluate(gan, domains, generator)
     print("held-out " + "  ".join(f"{name} {value:.4f}" for name, value in test.items()), flush=True)
-    polarity = {"a": "light-on-dark", "b": "dark-on-light"} if args.data_dir is None else {}
-    manifest = {"model": "cyclegan", **spec,
-                "input": {"size": size, "channels": channels, "polarity": polarity},
-                "domains": {"a": "items (Fashion-MNIST, light on black)", "b": "line drawings (dark on white)"}
-                if args.data_dir is None else {"a": f"{args.data_dir}/trainA", "b": f"{args.data_dir}/trainB"}}
-    metrics = metrics_record("cyclegan", dataset, args, seconds, test)
+    manifest = {"model": name, **spec, "input": {"size": train_a.shape[-1], "channels": channels, "polarity": polarity},
+                "domains": domain_names}
+    metrics = metrics_record(name, dataset, args, seconds, test)
     write_artifacts(args.out, gan, manifest, metrics)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/cyclegan", default_epochs=5,
+                          held_out_split=False)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="a CycleGAN folder (trainA/ trainB/ testA/ testB/); default: Fashion-MNIST items and "
+                             "line drawings")
+    parser.add_argument("--fashion-dir", type=Path, default=Path("data"),
+                        help="where Fashion-MNIST is cached (default %(default)s; train/datasets.py finds it)")
+    parser.add_argument("--size", type=int, default=28, help="image side with --data-dir, a multiple of 4 "
+                        "(default %(default)s; Fashion-MNIST is 28)")
+    add_gan_options(parser)
+    args = parser.parse_args(argv)
+    if args.size % 4:
+        parser.error(f"--size must be a multiple of 4 (two stride-2 downsamplings), got {args.size}")
+    generator = seed_everything(args.seed, threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    if args.data_dir is None:
+        domains, channels = fashion_domains(args.fashion_dir, rng, args.limit), 1
+        dataset = {"name": "Fashion-MNIST: A = items as photographed (light on black), B = other items as line "
+                           "drawings (Sobel edges, dark on white); disjoint items per domain",
+                   "labels": FASHION_LABELS}
+        polarity = {"a": "light-on-dark", "b": "dark-on-light"}
+        domain_names = {"a": "items (Fashion-MNIST, light on black)", "b": "line drawings (dark on white)"}
+    else:
+        domains, channels = folder_domains(args.data_dir, args.size, args.limit)
+        dataset = {"name": f"CycleGAN folders of {args.data_dir}"}
+        polarity, domain_names = {}, {"a": f"{args.data_dir}/trainA", "b": f"{args.data_dir}/trainB"}
+    return fit_and_write("cyclegan", "models.cyclegan", domains, channels, args, generator, dataset, polarity,
+                         domain_names)
 
 
 if __name__ == "__main__":

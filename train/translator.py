@@ -104,37 +104,24 @@ def evaluate(model, sources: list[list[int]], references: list[str], target_voca
     return figures
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/translator", default_epochs=4)
-    parser.set_defaults(test_fraction=0.05)
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder of manythings.org/anki pair files (*.txt); default: number names, num2words")
-    parser.add_argument("--pairs", type=positive_int, default=24000,
-                        help="number pairs to draw without --data-dir (default %(default)s)")
-    parser.add_argument("--max-tokens", type=positive_int, default=20,
-                        help="with --data-dir: leave out pairs longer than this many tokens (default %(default)s)")
+def add_seq2seq_options(parser, dim: int = 64, hidden: int = 128):
+    """The seq2seq model's and training's options (what ``fit_and_write`` reads), with these widths by default."""
     parser.add_argument("--min-count", type=positive_int, default=1,
                         help="tokens seen fewer times in training are <unk> (default %(default)s)")
     parser.add_argument("--attention", choices=["bahdanau", "luong"], default="bahdanau")
-    parser.add_argument("--dim", type=positive_int, default=64, help="embedding width (default %(default)s)")
-    parser.add_argument("--hidden", type=positive_int, default=128, help="GRU width (default %(default)s)")
+    parser.add_argument("--dim", type=positive_int, default=dim, help="embedding width (default %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=hidden, help="GRU width (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--beam", type=int, choices=range(2, MAX_BEAM + 1), default=4,
                         help="beam width of the held-out evaluation (default %(default)s)")
-    args = parser.parse_args(argv)
-    generator = seed_everything(args.seed, threads=args.threads)
-    rng = np.random.default_rng(args.seed)
-    if args.data_dir is None:
-        pairs = number_pairs(args.pairs, rng)
-        dataset = {"name": "English -> French number names (num2words 0.5.14), numbers 0..999,999"}
-    else:
-        pairs = read_pairs(args.data_dir)
-        pairs = [pairs[i] for i in rng.permutation(len(pairs))]
-        pairs = [p for p in pairs if max(len(tokenize(p[0])), len(tokenize(p[1]))) <= args.max_tokens] or pairs[:2]
-        dataset = {"name": f"sentence pairs of {args.data_dir}"}
-    if args.limit:
-        pairs = pairs[:args.limit]
+
+
+def fit_and_write(name: str, module: str, pairs: list[tuple[str, str]], args, generator: torch.Generator,
+                  dataset: dict) -> dict:
+    """Build the ``Seq2Seq`` of ``module``, train it on ``pairs`` (source, target) with teacher forcing, the first
+    ``args.test_fraction`` held out, evaluate it (``evaluate``) and write ``args.out``: the manifest (naming
+    ``name``), both vocabularies and metrics.json. Returns the metrics."""
     held_out = min(len(pairs) - 1, max(1, int(len(pairs) * args.test_fraction)))
     test_pairs, train_pairs = pairs[:held_out], pairs[held_out:]
     source_tokens = [tokenize(s) for s, _ in train_pairs]
@@ -151,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     test_sources = [encode(tokenize(s), source_index) or [PAD_ID] for s, _ in test_pairs]
     test_references = [detokenize(tokenize(t)) for _, t in test_pairs]
 
-    spec = architecture("models.translator", "Seq2Seq", source_vocab=len(source_vocab),
-                        target_vocab=len(target_vocab), dim=args.dim, hidden=args.hidden, attention=args.attention)
+    spec = architecture(module, "Seq2Seq", source_vocab=len(source_vocab), target_vocab=len(target_vocab),
+                        dim=args.dim, hidden=args.hidden, attention=args.attention)
     model = build(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps = args.epochs * -(-len(sources) // args.batch_size)
@@ -184,17 +171,42 @@ def main(argv: list[str] | None = None) -> dict:
     test = evaluate(model, test_sources, test_references, target_vocab, max_length, args.beam)
     print("held-out " + "  ".join(f"{k} {v:.4f}" for k, v in test.items())
           + f"  ({len(test_sources)} pairs, beam {args.beam}, {time.perf_counter() - started:.1f}s)", flush=True)
-    manifest = {"model": "translator", **spec, "source_vocab": "source_vocab.json",
+    manifest = {"model": name, **spec, "source_vocab": "source_vocab.json",
                 "target_vocab": "target_vocab.json", "max_source_tokens": max(32, 2 * max_source),
                 "max_target_tokens": max_length, "max_beam": MAX_BEAM, "default_beam": 1}
     dataset = {**dataset, "n_train": len(train_pairs), "n_test": len(test_pairs), "beam": args.beam,
                "bleu": "sacrebleu corpus_bleu / 100 on the model's tokens "
                        "(hyphens, punctuation split; tokenize='none')"}
-    metrics = metrics_record("translator", dataset, args, seconds, test)
+    metrics = metrics_record(name, dataset, args, seconds, test)
     write_artifacts(args.out, model, manifest, metrics,
                     extra_files={"source_vocab.json": source_vocab, "target_vocab.json": target_vocab})
     return metrics
 
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser(__doc__.splitlines()[0], default_out="artifacts/translator", default_epochs=4)
+    parser.set_defaults(test_fraction=0.05)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder of manythings.org/anki pair files (*.txt); default: number names, num2words")
+    parser.add_argument("--pairs", type=positive_int, default=24000,
+                        help="number pairs to draw without --data-dir (default %(default)s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=20,
+                        help="with --data-dir: leave out pairs longer than this many tokens (default %(default)s)")
+    add_seq2seq_options(parser)
+    args = parser.parse_args(argv)
+    generator = seed_everything(args.seed, threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    if args.data_dir is None:
+        pairs = number_pairs(args.pairs, rng)
+        dataset = {"name": "English -> French number names (num2words 0.5.14), numbers 0..999,999"}
+    else:
+        pairs = read_pairs(args.data_dir)
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+        pairs = [p for p in pairs if max(len(tokenize(p[0])), len(tokenize(p[1]))) <= args.max_tokens] or pairs[:2]
+        dataset = {"name": f"sentence pairs of {args.data_dir}"}
+    if args.limit:
+        pairs = pairs[:args.limit]
+    return fit_and_write("translator", "models.translator", pairs, args, generator, dataset)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -13,7 +13,7 @@ from tests.cli import run_module
 from tests.scripts.test_build import bundle, make  # noqa: F401 (bundle: a fixture)
 
 ADDED = {"my_images": "image-classification", "my_texts": "text-classification", "my_table": "tabular-regression",
-         "my_shapes": "detection"}
+         "my_shapes": "detection", "my_pictures": "image-to-image", "my_sequences": "seq2seq"}
 
 
 def fingerprints(folder):
@@ -96,3 +96,7 @@ def test_the_entry_is_appended_to_models_and_the_registry_still_loads(tmp_path):
                     "print(e.name, e.configs['gpu'], e.samples[0].file, e.samples[0].label, e.versions[0].train)")
     assert loaded.stdout.split() == ["appended", "handlers/appended.gpu.yaml", "samples/appended.txt", "positive",
                                      "python", "-m", "train.appended", "--out", "artifacts/appended"], loaded.stderr
+
+
+def test_the_end_to_end_test_adds_a_model_of_every_task():
+    assert sorted(ADDED.values()) == sorted(new_model.TASKS)
