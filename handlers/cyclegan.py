@@ -31,6 +31,8 @@ from models.vision import LIGHT_ON_DARK
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/*": "PNG"}
 """Accept media types answered with the image itself, and the format each gets."""
+PROTOCOL = "protocol"
+"""The media type of an Open Inference Protocol example: its reply is the raw pixels (``oip_outputs``)."""
 MAX_PROTOCOL_IMAGES = 64
 """Images in one Open Inference Protocol request; more are refused with 413."""
 
@@ -76,7 +78,7 @@ class CycleganHandler(BundleHandler):
 
     def example(self, data, direction, media_type=None):
         """An encoded image -> {"pixels": uint8 at the model's size in the source domain's polarity, "direction",
-        "media_type"}."""
+        "media_type": the reply's image type, None for JSON, ``PROTOCOL`` for the Open Inference Protocol}."""
         pixels = decode_fitted(data, self.channels, self.size)
         source = self.polarity.get(direction[0])
         if source is not None:
@@ -99,6 +101,8 @@ class CycleganHandler(BundleHandler):
 
     def format(self, example, output):
         media_type = example["media_type"]
+        if media_type == PROTOCOL:  # oip_outputs answers the pixels: nothing to encode
+            return {"direction": example["direction"]}
         if media_type is not None:
             return BinaryReply(encoded(output, IMAGE_TYPES[media_type]), media_type, example["direction"])
         return {"image": base64.b64encode(encoded(output, "PNG")).decode("ascii"), "format": "png",
@@ -114,7 +118,7 @@ class CycleganHandler(BundleHandler):
     oip_input = ("data", "BYTES")
 
     def oip_examples(self, tensor):
-        return [self.example(image, DIRECTIONS[0]) for image in protocol_images(tensor, MAX_PROTOCOL_IMAGES)]
+        return [self.example(image, DIRECTIONS[0], PROTOCOL) for image in protocol_images(tensor, MAX_PROTOCOL_IMAGES)]
 
     def oip_outputs(self, rows, replies):
         return {"image": np.stack(rows)}
