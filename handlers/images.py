@@ -39,12 +39,13 @@ def protocol_images(tensor, limit):
             for image in bounded_list(tensor.data, limit, "images")]
 
 
-def decode_image(data, channels, max_pixels=MAX_IMAGE_PIXELS):
+def decode_image(data, channels, max_pixels=MAX_IMAGE_PIXELS, draft_size=None):
     """Image bytes in any format and mode Pillow reads -> uint8 array [H, W] (channels=1) or [H, W, 3].
 
-    Upright by its EXIF orientation; transparent pixels count as white paper.
+    Upright by its EXIF orientation; transparent pixels count as white paper. ``draft_size``: a JPEG may be decoded
+    at a reduced DCT scale (1/2 to 1/8) that still covers it.
     """
-    with opened_image(data, channels, max_pixels) as image:
+    with opened_image(data, channels, max_pixels, draft_size) as image:
         return pixels_of(image, channels)
 
 
