@@ -76,6 +76,10 @@ class Load:
     """What `make bench` compares this model's served path with (tests/load/bench.py)."""
     in_process_target: float | None = None
     """The least ratio served ÷ in-process (the same archive without a server) the benchmark aims at."""
+    photos: str | None = None
+    """"module:function": the payloads of a realistic photo mix (phone-sized JPEGs). `make bench` also measures this
+    model and its peers that serve its weights on them (paths MODEL-photos, MODEL-PEER-photos), because a ratio to
+    a stock handler depends on the images sent."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ MODELS = (
                             "(batchSize 1, a worker per core)", weights=False, check="tests.load.checks:check_noop"),
                          Peer("stock", "tests/load/stock_handler.py", "stock image_classifier handler, TorchServe "
                               "defaults", model_file="tests/load/stock_model.py",
-                              check="tests.load.checks:check_stock_mnist", target=2.5))),
+                              check="tests.load.checks:check_stock_mnist", target=2.5)),
+                  photos="tests.load.payloads:digit_photos"),
         promotion=Promotion("train.mnist:labelled_requests"),
         candidate="2.0",
     ),
@@ -234,7 +239,7 @@ MODELS = (
                   peers=(Peer("stock", "tests/load/stock_fashion_handler.py", "stock image_classifier handler, "
                               "TorchServe defaults", model_file="tests/load/stock_fashion_model.py",
                               check="tests.load.checks:check_stock_fashion", target=5.0),),
-                  in_process_target=0.7),
+                  in_process_target=0.7, photos="tests.load.payloads:fashion_photos"),
     ),
     Model(
         name="cifar10",

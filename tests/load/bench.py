@@ -15,6 +15,9 @@ answers), for every model that registry.py serves:
   MODEL-litserve,  for mnist and fashion, unless --no-peers: the same handler code and weights behind another
   MODEL-kserve,    server (LitServe, KServe's Python model server, Ray Serve), each with its own documented batching
   MODEL-rayserve   set from the model-config (tests/load/peers/; their packages in .venv-peers, else skipped)
+  MODEL-photos,    for models with a photo mix (registry ``Load.photos``: phone-sized JPEGs), at 16 users: the
+  MODEL-PEER-photos  model and each peer that serves its weights, on those photos (a ratio to a stock handler
+                   depends on the images sent)
   MODEL-baseline   only with --baseline MODEL=REV|MAR: the model built with the handler code of git revision (or
                    folder) REV, or the archive MAR, measured next to it in the same run, so a change is judged side
                    by side rather than against figures from another run
@@ -32,6 +35,7 @@ ours ÷ the fastest peer server against tests/load/peers.RATIO_TARGET.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -65,6 +69,7 @@ class BenchPath:
     description: str
     peer: registry.Peer | None = None
     baseline: str | None = None  # a git revision, a folder of handler modules or an archive
+    photos: bool = False  # sends the model's photo mix (registry Load.photos), at RATIO_USERS only
 
 
 def paths_of(entry, baselines):
@@ -76,6 +81,10 @@ def paths_of(entry, baselines):
     for peer in entry.load.peers:
         found.append(BenchPath(f"{entry.name}-{peer.name}", entry, f"{entry.name}_{peer.name.replace('-', '_')}",
                                registry.resolve(peer.check) if peer.check else check, peer.description, peer=peer))
+    if entry.load.photos:  # ours and each peer that serves the model's weights, on phone photos too
+        found += [dataclasses.replace(path, name=f"{path.name}-photos", photos=True,
+                                      description=f"{path.description}; the photo mix ({entry.load.photos})")
+                  for path in list(found) if path.peer is None or path.peer.weights]
     if entry.name in baselines:
         found.append(BenchPath(f"{entry.name}-baseline", entry, entry.name, check,
                                f"{entry.name} from {baselines[entry.name]}", baseline=baselines[entry.name]))
@@ -402,6 +411,11 @@ def ratios(results, users=RATIO_USERS):
                 vs[peer.name] = round(ours["rps"] / other["rps"], 3)
                 if peer.target is not None:
                     targets[f"÷ {peer.name} >= {peer.target}"] = vs[peer.name] >= peer.target
+        photos = at(results, f"{entry.name}-photos", users)
+        for peer in entry.load.peers if photos else ():
+            other = at(results, f"{entry.name}-{peer.name}-photos", users)
+            if other:
+                vs[f"{peer.name} (photos)"] = round(photos["rps"] / other["rps"], 3)
         baseline = at(results, f"{entry.name}-baseline", users)
         if baseline:
             vs["baseline"] = round(ours["rps"] / baseline["rps"], 3)
@@ -624,11 +638,15 @@ def main(argv=None):
             "(see each step's 'others CPU')")
     models = list(dict.fromkeys(path.entry.name for path in paths))
     sample_sets = {name: payloads.of_model(registry.model(name)) for name in models}  # only what the paths send
+    photo_sets = {path.entry.name: registry.resolve(path.entry.load.photos)() for path in paths if path.photos}
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "loadavg_before": before,
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                "settings": {"users": users, "seconds": args.seconds, "warmup": args.warmup,
                             "model_config_overrides": overrides, "ts_config_overrides": ts_overrides,
-                            "baselines": baselines, "samples": {k: len(v) for k, v in sample_sets.items()}},
+                            "baselines": baselines, "samples": {k: len(v) for k, v in sample_sets.items()},
+                            "photo_samples": {k: {"count": len(v), "mean_bytes": round(sum(len(s.body) for s in v)
+                                                                                       / max(1, len(v)))}
+                                              for k, v in photo_sets.items()}},
                "paths": {}}
 
     if not args.no_client_ceiling:
@@ -660,8 +678,10 @@ def main(argv=None):
             store.mkdir(parents=True)
             model_overrides = overrides.get(path.entry.name, {})
             archive = build_archive(path, store, staging, model_overrides)
-            results["paths"][path.name] = measure_path(path, store, archive, tmp, sample_sets[path.entry.name], users,
-                                                       args.seconds, args.warmup, ts_overrides, model_overrides, log)
+            samples = (photo_sets if path.photos else sample_sets)[path.entry.name]
+            results["paths"][path.name] = measure_path(path, store, archive, tmp, samples,
+                                                       [RATIO_USERS] if path.photos else users, args.seconds,
+                                                       args.warmup, ts_overrides, model_overrides, log)
     if not args.no_peers:
         measure_server_peers(results, [n for n in models if n in names], sample_sets, users, args.seconds, args.warmup,
                              overrides, log, only=peer_selection(parser, args))

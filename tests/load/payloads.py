@@ -4,6 +4,8 @@
 - reviews: held-out Chinese reviews as UTF-8 text;
 - patients: held-out rows of the regression data set as JSON objects;
 - fashion: Fashion-MNIST test images (never seen in training) re-encoded as JPEG and PNG, upscaled, grey and RGB;
+- the photo mix of mnist and fashion (registry ``Load.photos``): the same held-out digits and items as a phone
+  photographs them, 4032x3024 JPEGs with sensor noise;
 - detector: held-out composed images (photos and items training never saw) as PNG and JPEG at two sizes.
 
 "Easy" samples only: a digit or review is kept when the trained models in artifacts/ (loaded here, in-process,
@@ -32,6 +34,11 @@ DIGIT_RENDERINGS = {  # name: (size px, dark ink on light paper)
     "digit-128px": (128, False),
     "digit-300px-paper": (300, True),  # a scan-sized image: decoding dominates
 }
+PHONE = "phone"
+"""The size of a rendering that is a phone photo (``phone_photo``)."""
+DIGIT_PHOTOS = {"digit-phone-jpeg": (PHONE, True)}  # the photo mix (registry Load.photos)
+PHONE_FRAME = (4032, 3024)
+"""A 12-megapixel phone camera's frame (4:3)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,30 @@ class Sample:
     body: bytes
     content_type: str
     expected: object  # the known label, or None where any valid reply is right (regression)
+
+
+def phone_photo(pixels, dark_on_light=False, seed=0, fill=0.75):
+    """A small grey image (a digit, an item) as a phone photographs it: a 4032x3024 RGB JPEG (quality 90), the image
+    upscaled (bicubic) to ``fill`` of the frame's height in its centre, on the image's background (white paper for
+    ``dark_on_light``, inverting the image), with the sensor's noise (which is what makes photos megabytes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    if dark_on_light:
+        pixels = 255 - pixels
+    width, height = PHONE_FRAME
+    side = round(height * fill)
+    frame = Image.new("L", PHONE_FRAME, int(np.median(np.concatenate([pixels[0], pixels[-1]]))))
+    frame.paste(Image.fromarray(pixels).resize((side, side), Image.Resampling.BICUBIC),
+                ((width - side) // 2, (height - side) // 2))
+    rgb = np.repeat(np.asarray(frame, dtype=np.int16)[..., None], 3, axis=2)
+    rgb += np.random.default_rng(seed).integers(-6, 7, rgb.shape, dtype=np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def _mnist_models():
@@ -58,23 +89,24 @@ def digits(renderings=tuple(DIGIT_RENDERINGS), count=40):
     import numpy as np
     import torch
 
-    from handlers.images import decode_image
-    from models.mnist import canonicalize_digit
+    from handlers.mnist import read_digit
 
     images, labels = heldout_digits(count=count)
     models = _mnist_models()
     samples = []
     for name in renderings:
-        size, dark_on_light = DIGIT_RENDERINGS[name]
-        bodies = [render_digit(image, size, dark_on_light) for image in images]
-        canonical = torch.from_numpy(np.stack([canonicalize_digit(decode_image(b, channels=1)) for b in bodies])).unsqueeze(1)
+        size, dark_on_light = {**DIGIT_RENDERINGS, **DIGIT_PHOTOS}[name]
+        bodies = [phone_photo(image, dark_on_light, seed) if size == PHONE else render_digit(image, size, dark_on_light)
+                  for seed, image in enumerate(images)]
+        canonical = torch.from_numpy(np.stack([read_digit(b) for b in bodies])).unsqueeze(1)
         easy = np.ones(len(bodies), dtype=bool)
         with torch.inference_mode():
             for model, mean, std in models:
                 probabilities = torch.softmax(model((canonical - mean) / std), dim=1)
                 confidence, predicted = probabilities.max(dim=1)
                 easy &= (predicted.numpy() == labels) & (confidence.numpy() >= MIN_CONFIDENCE)
-        samples += [Sample(name, body, "image/png", str(label))
+        content_type = "image/jpeg" if size == PHONE else "image/png"
+        samples += [Sample(name, body, content_type, str(label))
                     for body, label, keep in zip(bodies, labels, easy) if keep]
     return samples
 
@@ -135,6 +167,7 @@ FASHION_RENDERINGS = {  # name: (size px, format, mode)
     "fashion-128px-png-rgb": (128, "PNG", "RGB"),
     "fashion-256px-jpeg": (256, "JPEG", "L"),
 }
+FASHION_PHOTOS = {"fashion-phone-jpeg": (PHONE, "JPEG", "RGB")}  # the photo mix (registry Load.photos)
 
 
 def render_fashion(pixels, size=28, fmt="PNG", mode="L"):
@@ -181,8 +214,9 @@ def fashion(renderings=tuple(FASHION_RENDERINGS), count=80, confident_only=True)
     images, labels = heldout_fashion(count)
     samples = []
     for name in renderings:
-        size, fmt, mode = FASHION_RENDERINGS[name]
-        bodies = [render_fashion(image, size, fmt, mode) for image in images]
+        size, fmt, mode = {**FASHION_RENDERINGS, **FASHION_PHOTOS}[name]
+        bodies = [phone_photo(image, seed=seed, fill=1.0) if size == PHONE else render_fashion(image, size, fmt, mode)
+                  for seed, image in enumerate(images)]
         keep = np.ones(len(bodies), dtype=bool)
         if confident_only:
             pixels = np.stack([decode_fitted(b, spec["channels"], spec["size"], spec["resize"]) for b in bodies])
@@ -195,6 +229,16 @@ def fashion(renderings=tuple(FASHION_RENDERINGS), count=80, confident_only=True)
         content_type = f"image/{fmt.lower()}"
         samples += [Sample(name, body, content_type, label) for body, label, ok in zip(bodies, labels, keep) if ok]
     return samples
+
+
+def digit_photos():
+    """The photo mix of mnist: held-out digits photographed on paper by a phone (``phone_photo``)."""
+    return digits(tuple(DIGIT_PHOTOS), count=16)
+
+
+def fashion_photos():
+    """The photo mix of fashion: held-out items photographed by a phone (``phone_photo``)."""
+    return fashion(tuple(FASHION_PHOTOS), count=16)
 
 
 DETECTOR_ARTIFACT = "artifacts/detector"

@@ -48,6 +48,15 @@ def test_ratios_per_model_against_the_targets_of_its_peers():
     assert any(line.startswith("- mnist at 16 users: ÷ stock **") for line in lines)
 
 
+def test_a_photo_mix_is_sent_to_the_model_and_to_each_peer_of_its_weights_and_judged_apart():
+    paths = {path.name: path for path in bench.paths_of(registry.model("mnist"), {})}
+    assert {name for name, path in paths.items() if path.photos} == {"mnist-photos", "mnist-stock-photos"}
+    assert paths["mnist-stock-photos"].peer is paths["mnist-stock"].peer  # the no-op ceilings have no weights
+    assert not any(path.photos for path in bench.paths_of(registry.model("sentiment"), {}))
+    out = bench.ratios(results(mnist=(900,), mnist_stock=(600,), mnist_photos=(300,), mnist_stock_photos=(30,)))
+    assert out["models"]["mnist"]["vs"] == {"stock": 1.5, "stock (photos)": 10.0}
+
+
 def test_a_baseline_is_named_by_model_and_its_archive_must_exist(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--paths", "sentiment-baseline"])
