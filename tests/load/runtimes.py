@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 import registry
+from handlers.common import decode_json, is_json_type, parse_content_type
 from handlers.runtimes import DEFAULT_RUNTIME, EXPORTS, RUNTIMES
 from models import read_manifest
 from scripts.server import ROOT
@@ -56,6 +57,14 @@ def with_runtime(entry, folder, runtime):
                  replace={Path(entry.configs["cpu"]).name: yaml.safe_dump(config).encode()})
 
 
+def parsed(handler, idx, request):
+    """The first example of ``request`` (request ``idx`` of the handler's last batch), read as ``handle`` reads it:
+    a JSON body decoded first."""
+    as_json = is_json_type(parse_content_type(request.content_type)[0])
+    payload = decode_json(request.body) if as_json else request.body
+    return handler.parse_request(idx, {}, "body", payload, as_json)[0][0]
+
+
 def in_process(archives, samples, rounds=5, repeats=20):
     """{runtime: {"handle_us_per_item", "forward_us_per_item"}}: best round, runtimes alternating."""
     requests = [Request(sample.body, sample.content_type) for sample in (samples * BATCH)[:BATCH]]
@@ -63,8 +72,7 @@ def in_process(archives, samples, rounds=5, repeats=20):
                for runtime, archive in archives.items()}
     for worker in workers.values():
         worker.run(*requests)  # warm-up: first-call allocations, ONNX Runtime's arena; the context's headers
-    batches = {runtime: worker.handler.collate([worker.handler.parse_request(idx, {}, "body", r.body, False)[0][0]
-                                                for idx, r in enumerate(requests)])
+    batches = {runtime: worker.handler.collate([parsed(worker.handler, idx, r) for idx, r in enumerate(requests)])
                for runtime, worker in workers.items()}
     best = {runtime: {"handle_us_per_item": np.inf, "forward_us_per_item": np.inf} for runtime in workers}
     for _ in range(rounds):

@@ -5,6 +5,7 @@ import pytest
 
 import registry
 from tests.load import bench
+from tests.worker import Request
 
 MACHINE = {"cores": 2, "cpu": "x86_64", "memory_gib": 24, "python": "3.11", "torch": "2", "torchserve": "0.12.0"}
 
@@ -81,3 +82,18 @@ def test_a_baseline_archive_is_copied_into_its_own_store(tmp_path):
                 if p.name == "sentiment-baseline")
     name = bench.build_archive(path, store, tmp_path, {})
     assert (store / name).read_bytes() == b"an older sentiment archive" and name == "sentiment.mar"
+
+
+@pytest.mark.trained
+@pytest.mark.parametrize("name", [entry.name for entry in registry.served_models() if entry.load_tested])
+def test_the_runtime_comparison_reads_each_load_payload_as_handle_does(name, worker):
+    """tests/load/runtimes.py collates a model's load payloads itself, to time the runtime alone: JSON bodies (the
+    cyclegan's) are decoded first, as ``handle`` decodes them."""
+    from tests.load import payloads, runtimes
+
+    entry = registry.model(name)
+    loaded = worker(entry.versions[0].archive)
+    requests = [Request(sample.body, sample.content_type) for sample in payloads.of_model(entry)[:2]]
+    assert {reply.status for reply in loaded.run(*requests)} == {200}
+    batch = loaded.handler.collate([runtimes.parsed(loaded.handler, idx, r) for idx, r in enumerate(requests)])
+    assert loaded.handler.predict(batch) is not None
