@@ -52,16 +52,21 @@ serve: $(READY)
 stop:
 	@$(PY) -m scripts.server stop
 
+# Two pytest processes (pytest-xdist), a test file each at a time: most tests wait on a TorchServe (the JVM, loading
+# models), about half a core on average, so two processes fill a 2-core machine. Every test uses free ports and its
+# own folders, and the session's fixtures (the in-process workers, one TorchServe) are per process.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 test: archive
 	@scripts/ensure_prometheus.sh
-	@echo "==> [test] pytest"
-	@$(PY) -m pytest
+	@echo "==> [test] pytest (2 processes)"
+	@$(PYTEST)
 
 # The fast tier: needs no trained artifact, no archive and no TorchServe (handler contracts on tiny models, registry
 # and manifest checks, k8s rendering, CLI errors); stops at its first failure. .ci/run runs it before `make test`.
 test-fast: $(READY)
-	@echo "==> [test-fast] pytest -m 'not slow and not trained'"
-	@$(PY) -m pytest -x -m "not slow and not trained"
+	@echo "==> [test-fast] pytest -m 'not slow and not trained' (2 processes)"
+	@$(PYTEST) -x -m "not slow and not trained"
 
 # The peer servers (LitServe, KServe, Ray Serve) get their own venv; where it cannot be built, the bench reports
 # them as skipped and measures the rest.

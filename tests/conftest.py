@@ -56,9 +56,17 @@ def server(tmp_path_factory):
         torchserve.stop()
 
 
+LONGEST_FIRST = ("tests/scripts/test_new_model.py", "tests/scripts/test_build.py", "tests/scripts/test_setup.py")
+"""Test files of minutes (they copy the repository, train and serve), run first: under `make test`'s two processes
+(pytest-xdist, a file at a time) the other files then fill the second process meanwhile, instead of one process
+running the longest file alone at the end."""
+
+
 def pytest_collection_modifyitems(items):
     """Tests that use the built archives are ``trained``, and those that use the session TorchServe are ``slow`` too
-    (modules that read artifacts or start servers of their own mark themselves)."""
+    (modules that read artifacts or start servers of their own mark themselves); ``LONGEST_FIRST`` files first."""
+    rank = {path: position for position, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if "server" in fixtures:
