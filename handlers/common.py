@@ -181,6 +181,17 @@ def decode_json(payload, charset=None):
         raise RequestError("the JSON body is nested too deeply", kind="InvalidJSON") from None
 
 
+def read_body(payload, kind, charset=None):
+    """(payload, as_json) of a body of media type ``kind``: JSON decoded, ``text/*`` as str in its charset (default
+    UTF-8), anything else (or JSON TorchServe already decoded) as it came."""
+    as_json = is_json_type(kind)
+    if as_json and isinstance(payload, (bytes, bytearray, str)):
+        return decode_json(payload, charset), True
+    if kind.startswith("text/"):
+        return decode_text(payload, charset), as_json
+    return payload, as_json
+
+
 def decode_text(payload, charset=None):
     """Text from bytes in ``charset`` (default UTF-8; one of ``CHARSETS``, else a 415), or a str as is. Bytes that
     are not valid in the charset, or text holding NUL characters (UTF-16 or UTF-32 sent as UTF-8), are a 400."""
@@ -525,12 +536,7 @@ class BundleHandler:
                 if oip.is_request(context.get_all_request_header(idx), payload):
                     to_predict.append((idx, self._oip_examples(idx, payload), True))
                     continue
-                kind, charset = media_type(context, idx, name)
-                as_json = is_json_type(kind)
-                if as_json and isinstance(payload, (bytes, bytearray, str)):
-                    payload = decode_json(payload, charset)
-                elif kind.startswith("text/"):
-                    payload = decode_text(payload, charset)
+                payload, as_json = read_body(payload, *media_type(context, idx, name))
                 explaining = context.get_request_header(idx, "explain") == "True"
                 if explaining and self.explain is None:
                     raise RequestError(f"model {self.model_name} has no explanations; use /predictions",

@@ -1,6 +1,6 @@
 """Serving benchmark (`make bench`): each served model's path against the peers its registry entry names.
 
-    .venv/bin/python -m tests.load.bench                      # everything, ~25 min on 2 cores; writes docs/benchmark.{json,png}
+    .venv/bin/python -m tests.load.bench                      # everything, ~25 min (2 cores); docs/benchmark.{json,png}
     .venv/bin/python -m tests.load.bench --paths mnist --users 16 --model-config mnist.batchSize=8 \\
         --out bench_results/b8
 

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 import registry
-from handlers.common import decode_json, is_json_type, parse_content_type
+from handlers.common import parse_content_type, read_body
 from handlers.runtimes import DEFAULT_RUNTIME, EXPORTS, RUNTIMES
 from models import read_manifest
 from scripts.server import ROOT
@@ -58,10 +58,9 @@ def with_runtime(entry, folder, runtime):
 
 
 def parsed(handler, idx, request):
-    """The first example of ``request`` (request ``idx`` of the handler's last batch), read as ``handle`` reads it:
-    a JSON body decoded first."""
-    as_json = is_json_type(parse_content_type(request.content_type)[0])
-    payload = decode_json(request.body) if as_json else request.body
+    """The first example of ``request`` (request ``idx`` of the handler's last batch), its body read as ``handle``
+    reads it (``read_body``)."""
+    payload, as_json = read_body(request.body, *parse_content_type(request.content_type))
     return handler.parse_request(idx, {}, "body", payload, as_json)[0][0]
 
 
