@@ -13,6 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import ExifTags, Image
 
 from handlers import runtimes, vision
@@ -439,8 +440,9 @@ def test_explanation_is_a_grad_cam_map_at_the_input_size(fashion, heldout):
     assert reply.body["label"] in FASHION_CLASSES
 
 
-def test_model_runs_channels_last_on_the_cpu_with_amp_off(fashion):
-    handler = fashion.handler
+@pytest.mark.trained
+def test_the_eager_runtime_runs_channels_last_batch_norms_fused_on_the_cpu_with_amp_off(tmp_path):
+    handler = fashion_with(tmp_path, runtime="eager").handler
     assert handler.device == torch.device("cpu") and handler.amp is None and handler.threads == 1
     weight = handler.model.stages[-1][0].conv2.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
@@ -500,46 +502,48 @@ def test_predictions_on_cuda_run_under_autocast_with_the_configured_dtype():
     autocast.assert_called_once_with(device_type="cuda", dtype=torch.bfloat16)
 
 
-@pytest.mark.trained
-@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
-def test_every_runtime_serves_fashion_with_the_eager_answers(fashion, tmp_path, runtime):
-    """``handler.runtime`` is honoured by the vision handler: the export answers as the eager model does."""
+def fashion_with(tmp_path, batch_size=8, **settings):
+    """The fashion archive loaded in-process with ``settings`` in the ``handler`` section of its model-config."""
     from tests.worker import Worker
 
-    mar = ROOT / "model_store" / "fashion.mar"
-    config = (ROOT / "handlers" / "vision.yaml").read_text().replace("runtime: eager", f"runtime: {runtime}")
-    assert f"runtime: {runtime}" in config
-    worker = Worker(rezip(mar, tmp_path / "fashion.mar", "fashion", replace={"vision.yaml": config.encode()}),
-                    tmp_path / "unpacked", batch_size=8)
-    assert worker.handler.runtime.name == runtime and worker.handler.describe_handle()["runtime"] == runtime
+    config = yaml.safe_load((ROOT / "handlers" / "vision.yaml").read_text())
+    config["handler"].update(settings)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    archive = rezip(ROOT / "model_store" / "fashion.mar", tmp_path / "fashion.mar", "fashion",
+                    replace={"vision.yaml": yaml.safe_dump(config).encode()})
+    return Worker(archive, tmp_path / "unpacked", batch_size=batch_size)
+
+
+@pytest.mark.trained
+def test_fashion_serves_with_the_runtime_its_model_config_names(fashion):
+    configured = yaml.safe_load((ROOT / "handlers" / "vision.yaml").read_text())["handler"]["runtime"]
+    assert fashion.handler.runtime.name == configured and fashion.handler.describe_handle()["runtime"] == configured
+
+
+@pytest.mark.trained
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_every_runtime_serves_fashion_with_the_eager_answers(tmp_path, runtime):
+    """``handler.runtime`` is honoured by the vision handler: the export answers as the eager model does."""
+    eager = fashion_with(tmp_path / "eager", runtime="eager")
+    other = fashion_with(tmp_path / runtime, runtime=runtime)
+    assert other.handler.runtime.name == runtime and other.handler.describe_handle()["runtime"] == runtime
     images, _ = payloads.heldout_fashion(count=8)
     requests = [Request(payloads.render_fashion(image), "image/png") for image in images]
-    eager, other = fashion.run(*requests), worker.run(*requests)
-    assert [reply.body["label"] for reply in other] == [reply.body["label"] for reply in eager]
-    for a, b in zip(eager, other):
+    eager_replies, other_replies = eager.run(*requests), other.run(*requests)
+    assert [reply.body["label"] for reply in other_replies] == [reply.body["label"] for reply in eager_replies]
+    for a, b in zip(eager_replies, other_replies):
         assert a.body["probabilities"] == pytest.approx(b.body["probabilities"], abs=2e-4)
 
 
 @pytest.mark.trained
 def test_a_runtime_the_artifact_cannot_run_fails_at_load_naming_it(tmp_path):
-    from tests.worker import Worker
-
-    mar = ROOT / "model_store" / "fashion.mar"
-    config = (ROOT / "handlers" / "vision.yaml").read_text().replace("runtime: eager", "runtime: tensorrt")
     with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript"):
-        Worker(rezip(mar, tmp_path / "fashion.mar", "fashion", replace={"vision.yaml": config.encode()}),
-               tmp_path / "unpacked")
+        fashion_with(tmp_path, runtime="tensorrt")
 
 
 @pytest.mark.trained
 def test_archive_with_amp_in_its_model_config_loads_on_the_cpu_with_amp_off(tmp_path):
-    mar = ROOT / "model_store" / "fashion.mar"
-    config = (ROOT / "handlers" / "vision.yaml").read_text().replace("amp: off", "amp: bf16")
-    assert "amp: bf16" in config
-    from tests.worker import Worker
-
-    patched = rezip(mar, tmp_path / "fashion_amp.mar", "fashion", replace={"vision.yaml": config.encode()})
-    worker = Worker(patched, tmp_path / "unpacked")
+    worker = fashion_with(tmp_path, amp="bf16")
     assert worker.handler.model_config["handler"]["amp"] == "bf16" and worker.handler.amp is None
     images, labels = payloads.heldout_fashion(count=1)
     reply = worker.run_one(Request(payloads.render_fashion(images[0]), "image/png"))
