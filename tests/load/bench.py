@@ -35,6 +35,7 @@ ours ÷ the fastest peer server against tests/load/peers.RATIO_TARGET.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -248,7 +249,10 @@ def measure_client(requests_for, users, seconds):
         dummy.wait()
 
 
-def measure_path(path, store, archive, workdir, samples, users, seconds, warmup, ts_overrides, overrides, log):
+@contextlib.contextmanager
+def serving(path, store, archive, workdir, ts_overrides, log):
+    """A private TorchServe of ``path`` (only ``archive`` loaded; its own ports): yields (server, prepared
+    requests of ``path``'s samples for the client) and stops it, workers included, on the way out."""
     properties = {"grpc_inference_port": free_port(), "grpc_management_port": free_port(),
                   # worker sockets are /tmp/.ts.sock.<port>: a base of its own, away from other TorchServes' 9000+
                   "initial_worker_port": free_port(), **ts_overrides}
@@ -258,18 +262,7 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
         started = time.monotonic()
         server.start(expect_ready=1)
         log(f"[{path.name}] TorchServe ready in {time.monotonic() - started:.1f} s")
-        port = server.ports["inference"]
-        requests = client.prepare("127.0.0.1", port, f"/predictions/{path.served_as}", samples, path.check,
-                                  server.token("inference"))
-        setup = served(server, path, overrides)
-        steps = measure_steps(path.name, port, requests, users, seconds, warmup, server.process.pid, log,
-                              labelled=path.check is not checks.check_noop, workers=True)  # the no-op has no label
-        description = path.description
-        if overrides and (path.peer is None or path.peer.model_config):
-            description += f"; model-config changed: {overrides}"
-        if ts_overrides:
-            description += f"; config.properties changed: {ts_overrides}"
-        return {"description": description, "server": setup, "steps": steps}
+        yield server
     finally:
         server.stop()
         if server.process is not None:  # workers left behind by a TorchServe that exited on its own
@@ -279,13 +272,34 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
                 pass
 
 
+def prepared(server, path, samples):
+    """``samples`` as the client sends them to ``path`` on ``server``, with its reply check and token."""
+    return client.prepare("127.0.0.1", server.ports["inference"], f"/predictions/{path.served_as}", samples,
+                          path.check, server.token("inference"))
+
+
+def measure_path(path, store, archive, workdir, samples, users, seconds, warmup, ts_overrides, overrides, log):
+    with serving(path, store, archive, workdir, ts_overrides, log) as server:
+        setup = served(server, path, overrides)
+        steps = measure_steps(path.name, server.ports["inference"], prepared(server, path, samples), users, seconds,
+                              warmup, server.process.pid, log, labelled=path.check is not checks.check_noop,
+                              workers=True)  # the no-op has no label
+    description = path.description
+    if overrides and (path.peer is None or path.peer.model_config):
+        description += f"; model-config changed: {overrides}"
+    if ts_overrides:
+        description += f"; config.properties changed: {ts_overrides}"
+    return {"description": description, "server": setup, "steps": steps}
+
+
 def measure_steps(label, port, requests, users, seconds, warmup, server_pgid, log, labelled=True, workers=False):
-    """A warm-up of ``warmup`` seconds (JIT, caches; discarded), then a window of ``seconds`` at each of ``users``
+    """A warm-up of ``warmup`` seconds (JIT, caches; discarded; none at 0), then a window of ``seconds`` at each of ``users``
     against the server on ``port``: one summary per concurrency, with the share of right labels when ``labelled``
     and, for a TorchServe (``workers``), its workers' CPU in the log line."""
-    warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
-    if warm.failed:
-        log(f"[{label}] warm-up failures: {warm.errors}")
+    if warmup > 0:
+        warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
+        if warm.failed:
+            log(f"[{label}] warm-up failures: {warm.errors}")
     steps = []
     for n in users:
         result = client.run("127.0.0.1", port, requests, n, seconds, warmup=1.0, server_pgid=server_pgid,

@@ -10,8 +10,9 @@ copied with ``handler.runtime`` set in its model-config (the rest as it is), the
 - in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
   load-test samples through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
   the collated batch (``forward_us_per_item``); best of several rounds, runtimes alternating;
-- over HTTP (bench.measure_path: a private TorchServe, the same load generator and reply checks as `make bench`):
-  req/s and p99 at each concurrency.
+- over HTTP (a private TorchServe per runtime, bench.serving, all up at once; the same load generator and reply
+  checks as `make bench`): req/s and p99 at each concurrency, the median of ROUNDS windows taken with the runtimes
+  alternating (same-code figures move by a quarter between runs minutes apart on a shared 2-core VM).
 
 Every export was checked against the eager model when it was written (train/export.py: max abs diff ≤ 1e-4 at
 batch 1 and 7), so each runtime here passes parity. tests/load/bench.py calls ``compare`` for every model with an
@@ -20,6 +21,7 @@ with ``choice``: whether the model-config's ``handler.runtime`` is the fastest o
 """
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -46,6 +48,8 @@ both are measured, neither is a default. ONNX Runtime is not one for a model who
 (``candidates``)."""
 NOISE = 0.05
 """Req/s within this fraction of the fastest runtime's count as a tie (run-to-run spread on a quiet machine)."""
+ROUNDS = 3
+"""Load windows per runtime and concurrency over HTTP, the runtimes alternating; the median round counts."""
 
 
 def with_runtime(entry, folder, runtime):
@@ -131,7 +135,34 @@ def choice(results, users):
             "default_is_fastest_built": rps.get(default, 0.0) >= (1 - NOISE) * built[fastest_built]}
 
 
-def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print):
+def median_round(rounds):
+    """The step of the round with the median req/s, with every round's req/s under "rounds_rps"."""
+    ordered = sorted(rounds, key=lambda step: step["rps"])
+    return {**ordered[len(ordered) // 2], "rounds_rps": [step["rps"] for step in rounds]}
+
+
+def over_http(entry, archives, samples, users, seconds, warmup, workdir, log, rounds=ROUNDS):
+    """{runtime: steps}: a private TorchServe per runtime, all started first; then ``rounds`` rounds of load
+    windows with the runtimes alternating in each, so that drift on a shared machine reaches them alike. Each step
+    is the median round (``median_round``)."""
+    windows = {runtime: [] for runtime in archives}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for runtime, archive in archives.items():
+            path = bench.BenchPath(f"{entry.name}-{runtime}", entry, entry.name, registry.resolve(entry.load.check),
+                                   f"{entry.handler}, handler.runtime: {runtime}")
+            server = stack.enter_context(bench.serving(path, archive.parent, archive.name, workdir / runtime, {},
+                                                       log))
+            servers[runtime] = server, bench.prepared(server, path, samples)
+        for number in range(rounds):
+            for runtime, (server, requests) in servers.items():
+                windows[runtime].append(bench.measure_steps(
+                    f"{entry.name}-{runtime} round {number + 1}/{rounds}", server.ports["inference"], requests,
+                    users, seconds, warmup if number == 0 else 0, server.process.pid, log, workers=True))
+    return {runtime: [median_round(list(step)) for step in zip(*rounds_of)] for runtime, rounds_of in windows.items()}
+
+
+def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print, rounds=ROUNDS):
     """Every runtime of registry ``entry`` in process and over HTTP: {"model": its name, runtime: {in-process
     figures, "steps": [...]}}."""
     results = {"model": entry.name, "candidates": candidates(entry)}
@@ -147,24 +178,28 @@ def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, lo
             results[runtime] = dict(figures)
             log(f"[runtime {runtime}] in-process: {figures['handle_us_per_item']:.1f} µs per item through handle, "
                 f"{figures['forward_us_per_item']:.1f} µs per item in the runtime (batches of {BATCH})")
-        for runtime, archive in archives.items():
-            path = bench.BenchPath(f"{entry.name}-{runtime}", entry, entry.name, registry.resolve(entry.load.check),
-                                   f"{entry.handler}, handler.runtime: {runtime}")
-            over_http = bench.measure_path(path, archive.parent, archive.name, Path(tmp) / runtime, samples, users,
-                                          seconds, warmup, {}, {"handler.runtime": runtime}, log)
-            results[runtime]["steps"] = over_http["steps"]
+        for runtime, steps in over_http(entry, archives, samples, users, seconds, warmup, Path(tmp), log,
+                                          rounds).items():
+            results[runtime]["steps"] = steps
     return results
 
 
+def spread(step):
+    """" (low-high)": the range of a step's rounds in req/s ("" for a single window)."""
+    rounds = step.get("rounds_rps", [])
+    return f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+
+
 def table(results):
-    """Markdown: one row per runtime, in-process µs and, per concurrency, req/s and p99."""
+    """Markdown: one row per runtime, in-process µs and, per concurrency, req/s (the median round, and the range of
+    the rounds) and p99."""
     by_runtime = measured(results)
     users = [step["users"] for step in next(iter(by_runtime.values()))["steps"]]
     header = ["runtime", "µs/item handle", "µs/item runtime"] + [f"{n} users req/s, p99 ms" for n in users]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for runtime, figures in by_runtime.items():
         cells = [runtime, f"{figures['handle_us_per_item']:.1f}", f"{figures['forward_us_per_item']:.1f}"]
-        cells += [f"{step['rps']:.0f}, {step['p99_ms']:.1f}" for step in figures["steps"]]
+        cells += [f"{step['rps']:.0f}{spread(step)}, {step['p99_ms']:.1f}" for step in figures["steps"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,11 +226,13 @@ def main(argv=None):
     parser.add_argument("--users", default="1,16", help="concurrencies (default 1,16)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per concurrency")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first window")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="load windows per runtime and concurrency, "
+                        "the runtimes alternating; the median counts (default %(default)s)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {', '.join(RUNTIMES)}")
     parser.add_argument("--out", default="bench_results/runtimes", help="folder for runtimes.json")
     args = parser.parse_args(argv)
     results = compare(registry.model(args.model), [int(n) for n in args.users.split(",")], args.seconds, args.warmup,
-                      [name for name in args.runtimes.split(",") if name])
+                      [name for name in args.runtimes.split(",") if name], rounds=args.rounds)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
