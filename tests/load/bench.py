@@ -1,6 +1,6 @@
 """Serving benchmark (`make bench`): each served model's path against the peers its registry entry names.
 
-    .venv/bin/python -m tests.load.bench                      # everything, ~25 min (2 cores); docs/benchmark.{json,png}
+    .venv/bin/python -m tests.load.bench                      # everything, ~30 min (2 cores); docs/benchmark.{json,png}
     .venv/bin/python -m tests.load.bench --paths mnist --users 16 --model-config mnist.batchSize=8 \\
         --out bench_results/b8
 
@@ -251,8 +251,8 @@ def measure_client(requests_for, users, seconds):
 
 @contextlib.contextmanager
 def serving(path, store, archive, workdir, ts_overrides, log):
-    """A private TorchServe of ``path`` (only ``archive`` loaded; its own ports): yields (server, prepared
-    requests of ``path``'s samples for the client) and stops it, workers included, on the way out."""
+    """A private TorchServe of ``path`` (only ``archive`` loaded; its own ports), stopped with its workers on the
+    way out."""
     properties = {"grpc_inference_port": free_port(), "grpc_management_port": free_port(),
                   # worker sockets are /tmp/.ts.sock.<port>: a base of its own, away from other TorchServes' 9000+
                   "initial_worker_port": free_port(), **ts_overrides}
@@ -293,9 +293,9 @@ def measure_path(path, store, archive, workdir, samples, users, seconds, warmup,
 
 
 def measure_steps(label, port, requests, users, seconds, warmup, server_pgid, log, labelled=True, workers=False):
-    """A warm-up of ``warmup`` seconds (JIT, caches; discarded; none at 0), then a window of ``seconds`` at each of ``users``
-    against the server on ``port``: one summary per concurrency, with the share of right labels when ``labelled``
-    and, for a TorchServe (``workers``), its workers' CPU in the log line."""
+    """A warm-up of ``warmup`` seconds (JIT, caches; discarded; none at 0), then a window of ``seconds`` at each of
+    ``users`` against the server on ``port``: one summary per concurrency, with the share of right labels when
+    ``labelled`` and, for a TorchServe (``workers``), its workers' CPU in the log line."""
     if warmup > 0:
         warm = client.run("127.0.0.1", port, requests, max(users), warmup, warmup=0.0)
         if warm.failed:
