@@ -25,8 +25,10 @@ answers), for every model that registry.py serves:
 Each model is also measured in-process (tests/worker.py: TorchServe's loader, the handler's entry point, no
 server) at its batch size: the model and handler code's own ceiling on this machine.
 
-Each path gets its own TorchServe (config.properties, token auth on, only that model loaded), a short warm-up,
-then a measurement window at each concurrency. Every reply is checked (registry ``Load.check``, or the peer's
+Each path gets its own TorchServe (config.properties, token auth on, only that model loaded). A model's paths and
+peer servers are all up at once and loaded in turn (``measure_side_by_side``): a short warm-up and a measurement
+window at each concurrency, then ROUNDS - 1 more rounds at 16 users, the median round counting, so that the
+machine's drift reaches every server of a ratio alike. Every reply is checked (registry ``Load.check``, or the peer's
 ``check``); a wrong answer or non-200 counts as a failed request. Before the paths, the client is measured against
 a fixed-reply server (its own ceiling), and every step reports the CPU used by the client, by the TorchServe
 process group and by everything else on the machine. Ratios at 16 users (ours ÷ each peer, ÷ in-process, ÷ the
@@ -57,6 +59,8 @@ from tests.load import checks, client, handler_cost, payloads
 VENV_BIN = Path(sys.executable).parent
 USERS = (1, 4, 16, 32)
 RATIO_USERS = 16
+ROUNDS = 3
+"""Windows per server at RATIO_USERS (``measure_side_by_side``): the median counts."""
 P99_TARGET_MS = 100.0
 MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -278,18 +282,54 @@ def prepared(server, path, samples):
                           path.check, server.token("inference"))
 
 
-def measure_path(path, store, archive, workdir, samples, users, seconds, warmup, ts_overrides, overrides, log):
-    with serving(path, store, archive, workdir, ts_overrides, log) as server:
-        setup = served(server, path, overrides)
-        steps = measure_steps(path.name, server.ports["inference"], prepared(server, path, samples), users, seconds,
-                              warmup, server.process.pid, log, labelled=path.check is not checks.check_noop,
-                              workers=True)  # the no-op has no label
+def path_record(server, path, overrides, ts_overrides):
+    """What benchmark.json says of a TorchServe path besides its steps: its description and served settings."""
     description = path.description
     if overrides and (path.peer is None or path.peer.model_config):
         description += f"; model-config changed: {overrides}"
     if ts_overrides:
         description += f"; config.properties changed: {ts_overrides}"
-    return {"description": description, "server": setup, "steps": steps}
+    return {"description": description, "server": served(server, path, overrides)}
+
+
+@dataclass
+class Running:
+    """A server that is up, as ``measure_side_by_side`` loads it: its port and prepared requests, the process
+    group (or, for a peer server, the session: ``sessions``) whose CPU it counts, and its concurrencies."""
+    label: str
+    port: int
+    pgid: int
+    requests: list
+    users: list
+    labelled: bool = True
+    sessions: bool = False
+
+
+def median_round(rounds):
+    """The step of the round with the median req/s, with every round's req/s under "rounds_rps"."""
+    ordered = sorted(rounds, key=lambda step: step["rps"])
+    return {**ordered[len(ordered) // 2], "rounds_rps": [step["rps"] for step in rounds]}
+
+
+def measure_side_by_side(running, seconds, warmup, log, rounds=ROUNDS):
+    """{label: steps} of servers that are all up (``Running``): each in turn gets its warm-up and a window at each
+    of its concurrencies, then ``rounds`` - 1 more rounds of windows at RATIO_USERS, where the ratios are taken, the
+    servers in turn again, so that the machine's drift reaches every one alike. A concurrency measured in several
+    rounds is its median round (``median_round``)."""
+    from tests.load.peers import counting_sessions
+
+    windows = {run.label: {} for run in running}
+    for number in range(rounds):
+        for run in running:
+            users = run.users if number == 0 else [n for n in run.users if n == RATIO_USERS]
+            label = run.label if number == 0 else f"{run.label} round {number + 1}/{rounds}"
+            with counting_sessions() if run.sessions else contextlib.nullcontext():
+                steps = measure_steps(label, run.port, run.requests, users, seconds, warmup if number == 0 else 0,
+                                      run.pgid, log, labelled=run.labelled, workers=not run.sessions)
+            for step in steps:
+                windows[run.label].setdefault(step["users"], []).append(step)
+    return {label: [median_round(found) if len(found) > 1 else found[0] for found in by_users.values()]
+            for label, by_users in windows.items()}
 
 
 def measure_steps(label, port, requests, users, seconds, warmup, server_pgid, log, labelled=True, workers=False):
@@ -346,50 +386,46 @@ def measure_in_process(stem, samples, batch_size, seconds, log):
     return step
 
 
-def measure_server_peers(results, models, sample_sets, users, seconds, warmup, overrides, log, only=None):
-    """Each peer server of tests/load/peers/ (LitServe, KServe, Ray Serve; ``only``: those named) for each of
-    ``models`` that the peers serve: the model's own handler and weights behind another framework, with the model's
-    model-config (``overrides`` included), measured like a TorchServe path: same client, samples, reply checks and
-    concurrencies, CPU of the server's whole session. Into ``results["paths"]`` as MODEL-PEER; a peer that cannot
-    run here (no .venv-peers, a package missing, a server that did not start) into ``results["peers_skipped"]``."""
+def server_peers(stack, results, name, samples, users, overrides, workdir, log, only=None):
+    """The peer servers of tests/load/peers/ (LitServe, KServe, Ray Serve; ``only``: those named) that serve model
+    ``name``, started in ``stack``: the model's own handler and weights behind another framework, with the model's
+    model-config (``overrides`` included), to be measured like a TorchServe path (same client, samples, reply checks
+    and concurrencies; the CPU of the server's whole session). [(Running, what benchmark.json says of it)]; a peer
+    that cannot run here (no .venv-peers, a package missing, a server that did not start) goes into
+    ``results["peers_skipped"]`` with the reason."""
     from models import available_cpus
     from tests.load import peers
 
-    unknown = sorted(set(only or ()) - {p.name for p in peers.PEERS})
-    if unknown:
-        raise SystemExit(f"--peers: unknown peer servers {unknown}; choose from {[p.name for p in peers.PEERS]}")
     results.setdefault("peers_skipped", {})
-    versions = {}
-    for name in [m for m in models if m in peers.MODELS]:
-        entry = registry.model(name)
-        config = model_config(entry, overrides.get(name, {}))
-        settings = peers.settings(config)
-        threads = (config.get("handler") or {}).get("torch_threads") or max(1, available_cpus() // settings["workers"])
-        check = registry.resolve(entry.load.check)
-        for peer in [p for p in peers.PEERS if only is None or p.name in only]:
-            label = f"{name}-{peer.name}"
-            try:
-                if peer.name not in versions:
-                    versions[peer.name] = peers.version(peer)
-                port = free_port()
-                with tempfile.TemporaryDirectory(prefix=f"peer-{label}-") as workdir, \
-                        peers.PeerServer(peer, name, config, port, workdir, threads) as server, \
-                        peers.counting_sessions():
-                    started = time.monotonic()
-                    server.start()
-                    log(f"[{label}] {peer.title} ready in {time.monotonic() - started:.1f} s")
-                    requests = client.prepare("127.0.0.1", port, peer.route.format(model=name), sample_sets[name],
-                                              check, peers.TOKEN)
-                    steps = measure_steps(label, port, requests, users, seconds, warmup, server.pid, log)
-            except peers.Unavailable as why:
-                results["peers_skipped"][label] = str(why)
-                log(f"[{label}] skipped: {why}")
-                continue
-            description = peer.describe(name, settings, versions[peer.name])
-            if overrides.get(name):
-                description += f"; model-config changed: {overrides[name]}"
-            results["paths"][label] = {"description": description, "server": peer.served(settings, threads),
-                                       "steps": steps, "peer_server": peer.name, "version": versions[peer.name]}
+    if name not in peers.MODELS:
+        return []
+    entry = registry.model(name)
+    config = model_config(entry, overrides.get(name, {}))
+    settings = peers.settings(config)
+    threads = (config.get("handler") or {}).get("torch_threads") or max(1, available_cpus() // settings["workers"])
+    started = []
+    for peer in [p for p in peers.PEERS if only is None or p.name in only]:
+        label = f"{name}-{peer.name}"
+        try:
+            version = peers.version(peer)
+            port = free_port()
+            server = stack.enter_context(peers.PeerServer(peer, name, config, port, Path(workdir) / label, threads))
+            began = time.monotonic()
+            server.start()
+        except peers.Unavailable as why:
+            results["peers_skipped"][label] = str(why)
+            log(f"[{label}] skipped: {why}")
+            continue
+        log(f"[{label}] {peer.title} ready in {time.monotonic() - began:.1f} s")
+        description = peer.describe(name, settings, version)
+        if overrides.get(name):
+            description += f"; model-config changed: {overrides[name]}"
+        requests = client.prepare("127.0.0.1", port, peer.route.format(model=name), samples,
+                                  registry.resolve(entry.load.check), peers.TOKEN)
+        started.append((Running(label, port, server.pid, requests, users, sessions=True),
+                        {"description": description, "server": peer.served(settings, threads),
+                         "peer_server": peer.name, "version": version}))
+    return started
 
 
 def peer_selection(parser, args):
@@ -475,7 +511,8 @@ def table(results):
         for s in path["steps"]:
             lines.append(f"| {name} | {s['users']} | {s['rps']:.0f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | "
                          f"{s['p99_ms']:.1f} | {s['failed']} | {s['client_cpu_pct']:.0f}% | "
-                         f"{s['server_cpu_pct']:.0f}% ({s['worker_cpu_pct']:.0f}%) | {s['worker_cpu_us_per_req']:.0f} | "
+                         f"{s['server_cpu_pct']:.0f}% ({s['worker_cpu_pct']:.0f}%) | "
+                         f"{s['worker_cpu_us_per_req']:.0f} | "
                          f"{s['others_cpu_pct']:.0f}% |")
     lines.append("")
     lines += ratio_lines(results["ratios"])
@@ -687,18 +724,27 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         staging = Path(tmp) / "staging"
         staging.mkdir()
-        for path in paths:
-            store = Path(tmp) / "store" / path.name  # a store per path: a model and its baseline share a name
-            store.mkdir(parents=True)
-            model_overrides = overrides.get(path.entry.name, {})
-            archive = build_archive(path, store, staging, model_overrides)
-            samples = (photo_sets if path.photos else sample_sets)[path.entry.name]
-            results["paths"][path.name] = measure_path(path, store, archive, tmp, samples,
-                                                       [RATIO_USERS] if path.photos else users, args.seconds,
-                                                       args.warmup, ts_overrides, model_overrides, log)
-    if not args.no_peers:
-        measure_server_peers(results, [n for n in models if n in names], sample_sets, users, args.seconds, args.warmup,
-                             overrides, log, only=peer_selection(parser, args))
+        for model in models:  # a model's paths and peer servers all up at once, loaded in turn
+            model_overrides = overrides.get(model, {})
+            with contextlib.ExitStack() as stack:
+                running, records = [], {}
+                for path in [p for p in paths if p.entry.name == model]:
+                    store = Path(tmp) / "store" / path.name  # a store per path: a model and its baseline share a name
+                    store.mkdir(parents=True)
+                    archive = build_archive(path, store, staging, model_overrides)
+                    server = stack.enter_context(serving(path, store, archive, tmp, ts_overrides, log))
+                    samples = (photo_sets if path.photos else sample_sets)[model]
+                    running.append(Running(path.name, server.ports["inference"], server.process.pid,
+                                           prepared(server, path, samples), [RATIO_USERS] if path.photos else users,
+                                           labelled=path.check is not checks.check_noop))  # the no-op has no label
+                    records[path.name] = path_record(server, path, model_overrides, ts_overrides)
+                if not args.no_peers and model in names:
+                    for run, record in server_peers(stack, results, model, sample_sets[model], users, overrides,
+                                                    Path(tmp) / "peers", log, only=peer_selection(parser, args)):
+                        running.append(run)
+                        records[run.label] = record
+                for label, steps in measure_side_by_side(running, args.seconds, args.warmup, log).items():
+                    results["paths"][label] = {**records[label], "steps": steps}
     if not args.no_runtimes:
         from tests.load import runtimes  # it builds on this module
 

@@ -10,9 +10,9 @@ copied with ``handler.runtime`` set in its model-config (the rest as it is), the
 - in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
   load-test samples through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
   the collated batch (``forward_us_per_item``); best of several rounds, runtimes alternating;
-- over HTTP (a private TorchServe per runtime, bench.serving, all up at once; the same load generator and reply
-  checks as `make bench`): req/s and p99 at each concurrency, the median of ROUNDS windows taken with the runtimes
-  alternating (same-code figures move by a quarter between runs minutes apart on a shared 2-core VM).
+- over HTTP (a private TorchServe per runtime, all up at once, loaded in turn as `make bench` loads a model's
+  paths: bench.measure_side_by_side, the same load generator and reply checks): req/s and p99 at each concurrency,
+  at 16 users the median of bench.ROUNDS windows.
 
 Every export was checked against the eager model when it was written (train/export.py: max abs diff ≤ 1e-4 at
 batch 1 and 7), so each runtime here passes parity. tests/load/bench.py calls ``compare`` for every model with an
@@ -48,8 +48,6 @@ both are measured, neither is a default. ONNX Runtime is not one for a model who
 (``candidates``)."""
 NOISE = 0.05
 """Req/s within this fraction of the fastest runtime's count as a tie (run-to-run spread on a quiet machine)."""
-ROUNDS = 3
-"""Load windows per runtime and concurrency over HTTP, the runtimes alternating; the median round counts."""
 
 
 def with_runtime(entry, folder, runtime):
@@ -135,34 +133,23 @@ def choice(results, users):
             "default_is_fastest_built": rps.get(default, 0.0) >= (1 - NOISE) * built[fastest_built]}
 
 
-def median_round(rounds):
-    """The step of the round with the median req/s, with every round's req/s under "rounds_rps"."""
-    ordered = sorted(rounds, key=lambda step: step["rps"])
-    return {**ordered[len(ordered) // 2], "rounds_rps": [step["rps"] for step in rounds]}
-
-
-def over_http(entry, archives, samples, users, seconds, warmup, workdir, log, rounds=ROUNDS):
-    """{runtime: steps}: a private TorchServe per runtime, all started first; then ``rounds`` rounds of load
-    windows with the runtimes alternating in each, so that drift on a shared machine reaches them alike. Each step
-    is the median round (``median_round``)."""
-    windows = {runtime: [] for runtime in archives}
+def over_http(entry, archives, samples, users, seconds, warmup, workdir, log, rounds=bench.ROUNDS):
+    """{runtime: steps}: a private TorchServe per runtime, all up at once, loaded in turn
+    (``bench.measure_side_by_side``: ``rounds`` windows at 16 users, the median counting)."""
     with contextlib.ExitStack() as stack:
-        servers = {}
+        running = []
         for runtime, archive in archives.items():
             path = bench.BenchPath(f"{entry.name}-{runtime}", entry, entry.name, registry.resolve(entry.load.check),
                                    f"{entry.handler}, handler.runtime: {runtime}")
             server = stack.enter_context(bench.serving(path, archive.parent, archive.name, workdir / runtime, {},
                                                        log))
-            servers[runtime] = server, bench.prepared(server, path, samples)
-        for number in range(rounds):
-            for runtime, (server, requests) in servers.items():
-                windows[runtime].append(bench.measure_steps(
-                    f"{entry.name}-{runtime} round {number + 1}/{rounds}", server.ports["inference"], requests,
-                    users, seconds, warmup if number == 0 else 0, server.process.pid, log, workers=True))
-    return {runtime: [median_round(list(step)) for step in zip(*rounds_of)] for runtime, rounds_of in windows.items()}
+            running.append(bench.Running(path.name, server.ports["inference"], server.process.pid,
+                                         bench.prepared(server, path, samples), list(users)))
+        measured = bench.measure_side_by_side(running, seconds, warmup, log, rounds)
+    return {runtime: measured[f"{entry.name}-{runtime}"] for runtime in archives}
 
 
-def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print, rounds=ROUNDS):
+def compare(entry, users=(1, 16), seconds=4.0, warmup=5.0, runtimes=RUNTIMES, log=print, rounds=bench.ROUNDS):
     """Every runtime of registry ``entry`` in process and over HTTP: {"model": its name, runtime: {in-process
     figures, "steps": [...]}}."""
     results = {"model": entry.name, "candidates": candidates(entry)}
@@ -226,8 +213,8 @@ def main(argv=None):
     parser.add_argument("--users", default="1,16", help="concurrencies (default 1,16)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per concurrency")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first window")
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="load windows per runtime and concurrency, "
-                        "the runtimes alternating; the median counts (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=bench.ROUNDS, help="windows per runtime at 16 users, the "
+                        "runtimes in turn; the median counts (default %(default)s)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {', '.join(RUNTIMES)}")
     parser.add_argument("--out", default="bench_results/runtimes", help="folder for runtimes.json")
     args = parser.parse_args(argv)
@@ -236,7 +223,8 @@ def main(argv=None):
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtimes.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n" + report({results["model"]: results}, users=max(int(n) for n in args.users.split(","))) + f"\n\nwrote {out / 'runtimes.json'}")
+    print("\n" + report({results["model"]: results}, users=max(int(n) for n in args.users.split(",")))
+          + f"\n\nwrote {out / 'runtimes.json'}")
 
 
 if __name__ == "__main__":

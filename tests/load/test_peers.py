@@ -3,6 +3,7 @@ ratios against the fastest peer, a peer that cannot run is skipped with the reas
 .venv-peers has the package) each peer server serves the model's samples and leaves no process behind."""
 
 import base64
+import contextlib
 import json
 
 import pytest
@@ -80,12 +81,18 @@ def test_ours_is_judged_against_the_fastest_peer_server():
 def test_without_the_peers_venv_every_peer_is_skipped_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(peers, "PYTHON", tmp_path / "no-venv" / "bin" / "python")
     results = {"paths": {}}
-    bench.measure_server_peers(results, ["mnist", "sentiment"], {}, [1], 0.1, 0.1, {}, lambda message: None)
-    assert results["paths"] == {}
+    with contextlib.ExitStack() as stack:
+        started = [bench.server_peers(stack, results, name, [], [1], {}, tmp_path, lambda message: None)
+                   for name in ("mnist", "sentiment")]
+    assert started == [[], []]
     assert set(results["peers_skipped"]) == {f"mnist-{p.name}" for p in peers.PEERS}  # sentiment has no peers
     assert all("no-venv/bin/python not found" in why for why in results["peers_skipped"].values())
-    with pytest.raises(SystemExit, match="unknown peer servers"):
-        bench.measure_server_peers(results, ["mnist"], {}, [1], 0.1, 0.1, {}, print, only=["triton"])
+
+
+def test_an_unknown_peer_server_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--paths", "mnist", "--peers", "litserve,triton"])
+    assert "--peers: unknown peer servers ['triton']" in capsys.readouterr().err
 
 
 def installed(server_peer):

@@ -103,11 +103,11 @@ def test_the_runtime_comparison_counts_the_median_of_its_alternating_rounds():
     from tests.load import runtimes
 
     rounds = [step(1200.0, 25.0), step(900.0, 40.0), step(1400.0, 20.0)]
-    median = runtimes.median_round(rounds)
+    median = bench.median_round(rounds)
     assert median["rps"] == 1200.0 and median["p99_ms"] == 25.0 and median["rounds_rps"] == [1200.0, 900.0, 1400.0]
     compared = {"model": "fashion", "candidates": ["eager", "onnxruntime"],
                 "eager": {"handle_us_per_item": 500.0, "forward_us_per_item": 230.0, "steps": [median]},
                 "onnxruntime": {"handle_us_per_item": 390.0, "forward_us_per_item": 175.0,
-                                "steps": [runtimes.median_round([step(1300.0), step(1500.0), step(1000.0)])]}}
+                                "steps": [bench.median_round([step(1300.0), step(1500.0), step(1000.0)])]}}
     assert "| eager | 500.0 | 230.0 | 1200 (900-1400), 25.0 |" in runtimes.table(compared)
     assert runtimes.choice(compared, 16)["fastest_built"] == "onnxruntime"
