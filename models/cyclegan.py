@@ -1,14 +1,14 @@
 """cyclegan: unpaired image-to-image translation (the PyTorch course's chapter 9), two generators and their critics.
 
-``ResnetGenerator`` (Johnson et al., as in the CycleGAN paper): a 7x7 convolution, two stride-2 downsamplings,
-residual blocks, two transposed-convolution upsamplings and a 7x7 convolution to ``tanh``, with instance norm and
-reflection padding. ``PatchDiscriminator``: the 70x70 PatchGAN's layers, scaled to small images, one real/fake
-score per patch. Training (train/cyclegan.py) fits A->B and B->A with adversarial (least squares), cycle and identity
-losses.
+``ResnetGenerator`` (Johnson et al., as in the CycleGAN paper): a 7x7 convolution, stride-2 downsamplings (the
+paper's two; the default model here has one, train/cyclegan.py), residual blocks, as many transposed-convolution
+upsamplings and a 7x7 convolution to ``tanh``, with instance norm and reflection padding. ``PatchDiscriminator``:
+the 70x70 PatchGAN's layers, scaled to small images, one real/fake score per patch. Training (train/cyclegan.py)
+fits A->B and B->A with adversarial (least squares), cycle and identity losses.
 
 ``CycleGAN`` is what is served: both generators, and ``forward(images, to_a)`` translates each image the way its
 ``to_a`` flag says (False: A->B, True: B->A), running each generator only on its own images. Images are [N, C, H, W]
-in [-1, 1] (``to_model``, ``to_pixels``), H and W multiples of 4.
+in [-1, 1] (``to_model``, ``to_pixels``), H and W multiples of 2 ** ``downsamplings``.
 
 What the default model learns (train/cyclegan.py): Fashion-MNIST items as photographed (domain A: light items on
 black, 28x28) <-> the same kinds of items as line drawings (domain B: dark strokes on white, the items' edges), from
@@ -35,16 +35,18 @@ class ResidualBlock(nn.Module):
 
 class ResnetGenerator(nn.Module):
     """c7s1-``width``, d(2 ``width``), d(4 ``width``), ``blocks`` x R(4 ``width``), u(2 ``width``), u(``width``),
-    c7s1-``channels`` with tanh."""
+    c7s1-``channels`` with tanh (``downsamplings`` 2, the paper's; with 1: d(2 ``width``), R(2 ``width``),
+    u(``width``))."""
 
-    def __init__(self, channels: int = 1, width: int = 32, blocks: int = 6):
+    def __init__(self, channels: int = 1, width: int = 32, blocks: int = 6, downsamplings: int = 2):
         super().__init__()
+        factors = [2 ** step for step in range(downsamplings)]
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(channels, width, 7), nn.InstanceNorm2d(width), nn.ReLU(True)]
-        for factor in (1, 2):
+        for factor in factors:
             layers += [nn.Conv2d(width * factor, width * factor * 2, 3, stride=2, padding=1),
                        nn.InstanceNorm2d(width * factor * 2), nn.ReLU(True)]
-        layers += [ResidualBlock(width * 4) for _ in range(blocks)]
-        for factor in (4, 2):
+        layers += [ResidualBlock(width * 2 ** downsamplings) for _ in range(blocks)]
+        for factor in [2 * factor for factor in reversed(factors)]:
             layers += [nn.ConvTranspose2d(width * factor, width * factor // 2, 3, stride=2, padding=1,
                                           output_padding=1),
                        nn.InstanceNorm2d(width * factor // 2), nn.ReLU(True)]
@@ -74,10 +76,10 @@ class PatchDiscriminator(nn.Module):
 class CycleGAN(nn.Module):
     """The two generators: ``a2b`` and ``b2a``; ``forward(images, to_a)`` translates each image its own way."""
 
-    def __init__(self, channels: int = 1, width: int = 32, blocks: int = 6):
+    def __init__(self, channels: int = 1, width: int = 32, blocks: int = 6, downsamplings: int = 2):
         super().__init__()
-        self.a2b = ResnetGenerator(channels, width, blocks)
-        self.b2a = ResnetGenerator(channels, width, blocks)
+        self.a2b = ResnetGenerator(channels, width, blocks, downsamplings)
+        self.b2a = ResnetGenerator(channels, width, blocks, downsamplings)
 
     def forward(self, images: torch.Tensor, to_a: torch.Tensor) -> torch.Tensor:
         to_b_rows, to_a_rows = torch.nonzero(~to_a).flatten(), torch.nonzero(to_a).flatten()

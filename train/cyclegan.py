@@ -12,8 +12,9 @@ grey when every image is grey, else RGB).
 Losses (Zhu et al. 2017, as in the course): least-squares adversarial, cycle consistency (L1, ``--cycle-weight``) and
 identity (L1, ``--identity-weight``); Adam (beta1 0.5), constant for the first half of the steps and then decayed
 linearly to 0; the critics see a pool of 50 past fakes. The defaults fit the 6-minute budget of a 2-core CPU: small
-generators (width 16, 3 residual blocks), batches of 8, 2,000 steps at a learning rate of 2e-3 (the paper's 2e-4
-with batches of 1 over 200 epochs is days of CPU). docs/models/cyclegan.md has what each choice bought.
+generators (width 16, one downsampling, 3 residual blocks at 14x14), batches of 8, 2,000 steps at a learning rate of
+2e-3 (the paper's 2e-4 with batches of 1 over 200 epochs is days of CPU). docs/models/cyclegan.md has what each
+choice bought.
 
 Evaluation on the held-out images, into metrics.json:
 
@@ -192,13 +193,16 @@ def evaluate(gan, domains: dict, generator: torch.Generator, log=print) -> dict[
     return figures
 
 
-def add_gan_options(parser, steps_per_epoch: int = 400, width: int = 16, blocks: int = 3):
+def add_gan_options(parser, steps_per_epoch: int = 400, width: int = 16, blocks: int = 3, downsamplings: int = 1):
     """The CycleGAN's training options (what ``train_gan`` reads), with these defaults."""
     parser.add_argument("--steps-per-epoch", type=positive_int, default=steps_per_epoch,
                         help="generator updates per epoch (default %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--width", type=positive_int, default=width, help="generator and critic base channels")
     parser.add_argument("--blocks", type=positive_int, default=blocks, help="residual blocks per generator")
+    parser.add_argument("--downsamplings", type=positive_int, default=downsamplings,
+                        help="stride-2 steps before the residual blocks: the paper's 2 leave a 7x7 map of a 28x28 "
+                             "image, 1 a 14x14 one, which keeps more of the items' kinds (default %(default)s)")
     parser.add_argument("--cycle-weight", type=float, default=5.0,
                         help="the paper's is 10; here 10 let A->B hide grey levels in dark blobs (default %(default)s)")
     parser.add_argument("--identity-weight", type=float, default=1.0,
@@ -265,7 +269,8 @@ def fit_and_write(name: str, module: str, domains: dict, channels: int, args, ge
     dataset = {**dataset, **{f"n_{split}": len(images) for split, (images, _) in domains.items()}}
     dataset["n_test"] = dataset["n_testA"] + dataset["n_testB"]
     train_a, train_b = to_model(domains["trainA"][0]), to_model(domains["trainB"][0])
-    spec = architecture(module, "CycleGAN", channels=channels, width=args.width, blocks=args.blocks)
+    spec = architecture(module, "CycleGAN", channels=channels, width=args.width, blocks=args.blocks,
+                        downsamplings=args.downsamplings)
     gan = build(spec)
     seconds = train_gan(gan, train_a, train_b, args, generator)
     test = evaluate(gan, domains, generator)
@@ -285,12 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "line drawings")
     parser.add_argument("--fashion-dir", type=Path, default=Path("data"),
                         help="where Fashion-MNIST is cached (default %(default)s; train/datasets.py finds it)")
-    parser.add_argument("--size", type=int, default=28, help="image side with --data-dir, a multiple of 4 "
-                        "(default %(default)s; Fashion-MNIST is 28)")
+    parser.add_argument("--size", type=int, default=28, help="image side with --data-dir, a multiple of "
+                        "2 ** --downsamplings (default %(default)s; Fashion-MNIST is 28)")
     add_gan_options(parser)
     args = parser.parse_args(argv)
-    if args.size % 4:
-        parser.error(f"--size must be a multiple of 4 (two stride-2 downsamplings), got {args.size}")
+    if args.size % 2 ** args.downsamplings:
+        parser.error(f"--size must be a multiple of {2 ** args.downsamplings} ({args.downsamplings} stride-2 "
+                     f"downsamplings), got {args.size}")
     generator = seed_everything(args.seed, threads=args.threads)
     rng = np.random.default_rng(args.seed)
     if args.data_dir is None:
