@@ -27,8 +27,8 @@ server) at its batch size: the model and handler code's own ceiling on this mach
 
 Each path gets its own TorchServe (config.properties, token auth on, only that model loaded). A model's paths and
 peer servers are all up at once and loaded in turn (``measure_side_by_side``): a short warm-up and a measurement
-window at each concurrency, then ROUNDS - 1 more rounds at 16 users, the median round counting, so that the
-machine's drift reaches every server of a ratio alike. Every reply is checked (registry ``Load.check``, or the peer's
+window at each concurrency, the others paused, then ROUNDS - 1 more rounds at 16 users, the median round
+counting, so that the machine's drift reaches every server of a ratio alike. Every reply is checked (registry ``Load.check``, or the peer's
 ``check``); a wrong answer or non-200 counts as a failed request. Before the paths, the client is measured against
 a fixed-reply server (its own ceiling), and every step reports the CPU used by the client, by the TorchServe
 process group and by everything else on the machine. Ratios at 16 users (ours ÷ each peer, ÷ in-process, ÷ the
@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -294,8 +295,9 @@ def path_record(server, path, overrides, ts_overrides):
 
 @dataclass
 class Running:
-    """A server that is up, as ``measure_side_by_side`` loads it: its port and prepared requests, the process
-    group (or, for a peer server, the session: ``sessions``) whose CPU it counts, and its concurrencies."""
+    """A server that is up, as ``measure_side_by_side`` loads it: its port and prepared requests, its session (the
+    leader's pid; TorchServe's process group is its session too), whose CPU it counts (TorchServe: the process
+    group; a peer server: the whole session, ``sessions``), and its concurrencies."""
     label: str
     port: int
     pgid: int
@@ -311,11 +313,31 @@ def median_round(rounds):
     return {**ordered[len(ordered) // 2], "rounds_rps": [step["rps"] for step in rounds]}
 
 
+@contextlib.contextmanager
+def paused(sessions):
+    """Every process of each of ``sessions`` stopped (SIGSTOP) within it and continued (SIGCONT) after, so that an
+    idle server takes no CPU from the one under load: an idle LitServe's workers poll their queues at ~70 % of a
+    core, Ray's actors at ~10 %."""
+    from tests.load.peers import session_processes
+
+    def signal_all(signal_number):
+        for session in sessions:
+            for pid in session_processes(session):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal_number)
+
+    signal_all(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_all(signal.SIGCONT)
+
+
 def measure_side_by_side(running, seconds, warmup, log, rounds=ROUNDS):
     """{label: steps} of servers that are all up (``Running``): each in turn gets its warm-up and a window at each
-    of its concurrencies, then ``rounds`` - 1 more rounds of windows at RATIO_USERS, where the ratios are taken, the
-    servers in turn again, so that the machine's drift reaches every one alike. A concurrency measured in several
-    rounds is its median round (``median_round``)."""
+    of its concurrencies, the others paused (``paused``), then ``rounds`` - 1 more rounds of windows at
+    RATIO_USERS, where the ratios are taken, the servers in turn again, so that the machine's drift reaches every
+    one alike. A concurrency measured in several rounds is its median round (``median_round``)."""
     from tests.load.peers import counting_sessions
 
     windows = {run.label: {} for run in running}
@@ -323,7 +345,8 @@ def measure_side_by_side(running, seconds, warmup, log, rounds=ROUNDS):
         for run in running:
             users = run.users if number == 0 else [n for n in run.users if n == RATIO_USERS]
             label = run.label if number == 0 else f"{run.label} round {number + 1}/{rounds}"
-            with counting_sessions() if run.sessions else contextlib.nullcontext():
+            with paused([other.pgid for other in running if other is not run]), \
+                    counting_sessions() if run.sessions else contextlib.nullcontext():
                 steps = measure_steps(label, run.port, run.requests, users, seconds, warmup if number == 0 else 0,
                                       run.pgid, log, labelled=run.labelled, workers=not run.sessions)
             for step in steps:

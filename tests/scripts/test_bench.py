@@ -1,6 +1,10 @@
 """tests/load/bench.py's paths and figures: every served model with the peers of its registry entry, ratios between
 paths measured in one run, and targets judged only where measured."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 import registry
@@ -111,3 +115,44 @@ def test_the_runtime_comparison_counts_the_median_of_its_alternating_rounds():
                                 "steps": [bench.median_round([step(1300.0), step(1500.0), step(1000.0)])]}}
     assert "| eager | 500.0 | 230.0 | 1200 (900-1400), 25.0 |" in runtimes.table(compared)
     assert runtimes.choice(compared, 16)["fastest_built"] == "onnxruntime"
+
+
+def settled_states(processes, timeout=5.0):
+    """The state letter of each process's /proc/PID/stat (S sleeping, T stopped) once none is running (R): a
+    signal is delivered, and a process started, asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for process in processes:
+            with open(f"/proc/{process.pid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if "R" not in states or time.monotonic() > deadline:
+            return states
+        time.sleep(0.01)
+
+
+def test_servers_not_under_load_are_paused_while_another_is_measured(monkeypatch):
+    servers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+               for _ in range(2)]
+    seen = []
+
+    def measure_steps(label, port, requests, users, *args, **kwargs):
+        seen.append((label, settled_states(servers)))
+        return [step(1000.0, users=n) for n in users]
+
+    monkeypatch.setattr(bench, "measure_steps", measure_steps)
+    try:
+        assert settled_states(servers) == ["S", "S"]
+        running = [bench.Running(f"server {number}", 0, server.pid, [], [4, 16])
+                   for number, server in enumerate(servers)]
+        measured = bench.measure_side_by_side(running, 1.0, 0.0, lambda message: None, rounds=2)
+        after = settled_states(servers)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    assert seen == [("server 0", ["S", "T"]), ("server 1", ["T", "S"]),
+                    ("server 0 round 2/2", ["S", "T"]), ("server 1 round 2/2", ["T", "S"])]
+    assert after == ["S", "S"]
+    assert [step["users"] for step in measured["server 0"]] == [4, 16]
+    assert measured["server 1"][1]["rounds_rps"] == [1000.0, 1000.0]
