@@ -31,9 +31,9 @@ window at each concurrency, the others paused, then ROUNDS - 1 more rounds at 16
 counting, so that the machine's drift reaches every server of a ratio alike. Every reply is checked (registry
 ``Load.check``, or the peer's ``check``); a wrong answer or non-200 counts as a failed request. Before the paths,
 the client is measured against a fixed-reply server (its own ceiling), and every step reports the CPU used by the
-client, by the TorchServe process group and by everything else on the machine. Ratios at 16 users (ours ÷ each peer, ÷ in-process, ÷ the
-baseline) are judged against the targets in registry.py, with p99 ≤ 100 ms and no failed request for every model;
-ours ÷ the fastest peer server against tests/load/peers.RATIO_TARGET.
+client, by the TorchServe process group and by everything else on the machine. Ratios at 16 users (ours ÷ each
+peer, ÷ in-process, ÷ the baseline) are judged against the targets in registry.py, with p99 ≤ 100 ms and no failed
+request for every model; ours ÷ the fastest peer server against tests/load/peers.RATIO_TARGET.
 """
 
 import argparse
