@@ -296,11 +296,11 @@ def path_record(server, path, overrides, ts_overrides):
 @dataclass
 class Running:
     """A server that is up, as ``measure_side_by_side`` loads it: its port and prepared requests, its session (the
-    leader's pid; TorchServe's process group is its session too), whose CPU it counts (TorchServe: the process
-    group; a peer server: the whole session, ``sessions``), and its concurrencies."""
+    leader's pid, which is TorchServe's process group id too), whose CPU counts (TorchServe: the process group; a
+    peer server: the whole session, ``sessions``), and its concurrencies."""
     label: str
     port: int
-    pgid: int
+    session: int
     requests: list
     users: list
     labelled: bool = True
@@ -345,10 +345,10 @@ def measure_side_by_side(running, seconds, warmup, log, rounds=ROUNDS):
         for run in running:
             users = run.users if number == 0 else [n for n in run.users if n == RATIO_USERS]
             label = run.label if number == 0 else f"{run.label} round {number + 1}/{rounds}"
-            with paused([other.pgid for other in running if other is not run]), \
+            with paused([other.session for other in running if other is not run]), \
                     counting_sessions() if run.sessions else contextlib.nullcontext():
                 steps = measure_steps(label, run.port, run.requests, users, seconds, warmup if number == 0 else 0,
-                                      run.pgid, log, labelled=run.labelled, workers=not run.sessions)
+                                      run.session, log, labelled=run.labelled, workers=not run.sessions)
             for step in steps:
                 windows[run.label].setdefault(step["users"], []).append(step)
     return {label: [median_round(found) if len(found) > 1 else found[0] for found in by_users.values()]
@@ -677,7 +677,7 @@ def main(argv=None):
     parser.add_argument("--no-runtimes", action="store_true",
                         help="skip the runtime comparison of each model with exports (tests/load/runtimes.py)")
     args = parser.parse_args(argv)
-    peer_selection(parser, args)
+    selected_peers = peer_selection(parser, args)
 
     baselines = {}
     for item in args.baseline or []:
@@ -763,7 +763,7 @@ def main(argv=None):
                     records[path.name] = path_record(server, path, model_overrides, ts_overrides)
                 if not args.no_peers and model in names:
                     for run, record in server_peers(stack, results, model, sample_sets[model], users, overrides,
-                                                    Path(tmp) / "peers", log, only=peer_selection(parser, args)):
+                                                    Path(tmp) / "peers", log, only=selected_peers):
                         running.append(run)
                         records[run.label] = record
                 for label, steps in measure_side_by_side(running, args.seconds, args.warmup, log).items():
