@@ -313,6 +313,13 @@ def median_round(rounds):
     return {**ordered[len(ordered) // 2], "rounds_rps": [step["rps"] for step in rounds]}
 
 
+def stop_servers_on_sigterm():
+    """Make SIGTERM (``kill``, ``timeout``, a cancelled CI job) unwind like Ctrl-C, so that the ``with`` blocks stop
+    every server this process started; Python's default ends the process at once and leaves them running, the
+    paused ones stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextlib.contextmanager
 def paused(sessions):
     """Every process of each of ``sessions`` stopped (SIGSTOP) within it and continued (SIGCONT) after, so that an
@@ -678,6 +685,7 @@ def main(argv=None):
                         help="skip the runtime comparison of each model with exports (tests/load/runtimes.py)")
     args = parser.parse_args(argv)
     selected_peers = peer_selection(parser, args)
+    stop_servers_on_sigterm()
 
     baselines = {}
     for item in args.baseline or []:

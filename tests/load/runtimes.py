@@ -218,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, of {', '.join(RUNTIMES)}")
     parser.add_argument("--out", default="bench_results/runtimes", help="folder for runtimes.json")
     args = parser.parse_args(argv)
+    bench.stop_servers_on_sigterm()
     results = compare(registry.model(args.model), [int(n) for n in args.users.split(",")], args.seconds, args.warmup,
                       [name for name in args.runtimes.split(",") if name], rounds=args.rounds)
     out = ROOT / args.out

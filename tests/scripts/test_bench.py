@@ -1,6 +1,9 @@
 """tests/load/bench.py's paths and figures: every served model with the peers of its registry entry, ratios between
 paths measured in one run, and targets judged only where measured."""
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,3 +159,51 @@ def test_servers_not_under_load_are_paused_while_another_is_measured(monkeypatch
     assert after == ["S", "S"]
     assert [step["users"] for step in measured["server 0"]] == [4, 16]
     assert measured["server 1"][1]["rounds_rps"] == [1000.0, 1000.0]
+
+
+def descendants(pid):
+    """The pids of every living process below ``pid`` (children, grandchildren, ...), from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid):
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_every_server_the_benchmark_started(tmp_path):
+    run = subprocess.Popen([sys.executable, "-m", "tests.load.bench", "--paths", "regression", "--users", "1",
+                            "--warmup", "120", "--no-client-ceiling", "--no-in-process", "--no-runtimes",
+                            "--out", str(tmp_path)], cwd=registry.ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    servers = set()
+    try:
+        lines = []
+        while not any("TorchServe ready" in line for line in lines):  # then in its 120 s warm-up
+            line = run.stdout.readline()
+            assert line, "".join(lines)[-3000:]
+            lines.append(line)
+        servers = descendants(run.pid)
+        assert servers
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=90) == 128 + signal.SIGTERM, run.stdout.read()[-3000:]
+        assert [pid for pid in servers if alive(pid)] == []
+    finally:
+        for pid in [pid for pid in servers if alive(pid)]:  # what a failed run left
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.kill()
+        run.wait()
