@@ -7,6 +7,8 @@ handler code serves each of them:
 - ``torchscript``: the manifest's ``exports.torchscript`` file (``torch.jit.load``);
 - ``onnxruntime``: the manifest's ``exports.onnx`` file in an ONNX Runtime session (the CUDA provider on a GPU
   worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget;
+- ``onnxruntime-int8``: the manifest's ``exports.onnx-int8`` file (int8 weights and activations, which training
+  writes for the classifiers it calibrates: ``train.export.quantize``) in the same kind of session;
 - ``aoti``: the manifest's ``exports.aoti`` package (``model.pt2``: torch.export + AOTInductor, compiled by
   ``python -m train.export --aoti`` / `make compile` for the device it names), loaded with ``aoti_load_package``.
 
@@ -29,8 +31,8 @@ from models import as_tuple
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime", "aoti")
-EXPORTS = {"torchscript": "torchscript", "onnxruntime": "onnx", "aoti": "aoti"}
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "onnxruntime-int8", "aoti")
+EXPORTS = {"torchscript": "torchscript", "onnxruntime": "onnx", "onnxruntime-int8": "onnx-int8", "aoti": "aoti"}
 """The manifest export each runtime other than eager loads."""
 DEFAULT_RUNTIME = "eager"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,11 +117,10 @@ class TorchRuntime:
 class OnnxRuntime:
     """An ONNX Runtime session; outputs as CPU tensors (one, or a tuple when the export has several)."""
 
-    name = "onnxruntime"
-
-    def __init__(self, path, export, device, threads):
+    def __init__(self, name, path, export, device, threads):
         import onnxruntime
 
+        self.name = name
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -141,7 +142,9 @@ def export_file(model_dir, manifest, fmt, runtime=None):
     (an ``"unsupported"`` export, e.g. the detector's torchscript and aoti) when the artifact has none."""
     export = manifest.get("exports", {}).get(fmt)
     if not export or "file" not in export:
-        command = "make compile, or python -m train.export --aoti DIR" if fmt == "aoti" else "python -m train.export DIR"
+        command = {"aoti": "make compile, or python -m train.export --aoti DIR",
+                   "onnx-int8": "training writes it for the classifiers it calibrates (train.export.quantize)"
+                   }.get(fmt, "python -m train.export DIR")
         why = (export or {}).get("unsupported", f"the artifact folder has no such export ({command})")
         raise ValueError(f"runtime {runtime or fmt} needs the {fmt} export: {why}")
     return os.path.join(model_dir, export["file"]), export
@@ -154,9 +157,9 @@ def load(name, model_dir, manifest, device, eager_model, threads=1):
     if name == "torchscript":
         path, _ = export_file(model_dir, manifest, EXPORTS["torchscript"], name)
         return TorchRuntime(name, torch.jit.load(path, map_location=device).eval(), device)
-    if name == "onnxruntime":
-        path, export = export_file(model_dir, manifest, EXPORTS["onnxruntime"], name)
-        return OnnxRuntime(path, export, device, threads)
+    if name in ("onnxruntime", "onnxruntime-int8"):
+        path, export = export_file(model_dir, manifest, EXPORTS[name], name)
+        return OnnxRuntime(name, path, export, device, threads)
     if name == "aoti":
         path, export = export_file(model_dir, manifest, EXPORTS["aoti"], name)
         if export.get("device", "cpu") != device.type:

@@ -211,8 +211,10 @@ def detector_classes(records: dict) -> str:
 
 
 def exports_table(records: dict) -> str:
-    """Each exported file's max abs difference from the eager model, as the export check measured it."""
+    """Each exported file's max abs difference from the eager model, as the export check measured it, and how often
+    each int8 model gives the eager model's top class."""
     rows = ["| version | TorchScript | ONNX | AOTInductor | checked batch sizes |", "|---|---|---|---|---|"]
+    int8 = []
     for entry, version in recorded(records):
         manifest = records["manifests"].get(version.archive) or {}
         cells, sizes = [], set()
@@ -228,7 +230,17 @@ def exports_table(records: dict) -> str:
                 sizes.update(export.get("checked_batch_sizes", []))
         rows.append(f"| {entry.name} {version.version} | {' | '.join(cells)} | "
                     f"{', '.join(map(str, sorted(sizes))) or '–'} |")
-    return "\n".join(rows) if len(rows) > 2 else MISSING_TRAINING
+        quantized = manifest.get("exports", {}).get("onnx-int8")
+        if quantized:
+            int8.append(f"{entry.name} {version.version} " + (
+                f"{quantized['top1_agreement']:.4f} of {quantized['checked_examples']:,}" if "file" in quantized
+                else "unsupported (manifest: why)"))
+    if len(rows) == 2:
+        return MISSING_TRAINING
+    if int8:
+        rows += ["", wrap("int8 (`model.int8.onnx`, `handler.runtime: onnxruntime-int8`), the share of held-out "
+                          f"inputs given the eager model's top class: {'; '.join(int8)}.")]
+    return "\n".join(rows)
 
 
 def seeds_table(records: dict) -> str:

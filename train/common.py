@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from models import available_cpus
-from train.export import export
+from train.export import export, quantize
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -201,15 +201,26 @@ def fit(epochs: int, run_epoch: Callable[[], float], evaluate: Callable[[], dict
     return metrics, time.perf_counter() - start
 
 
+CALIBRATION_EXAMPLES = 512
+"""Training inputs that calibrate an int8 model's activation ranges (``train.export.quantize``)."""
+
+
+def calibration_sample(inputs: torch.Tensor, count: int = CALIBRATION_EXAMPLES) -> torch.Tensor:
+    """``count`` of the training ``inputs``, spread evenly over the set: the calibration inputs of ``quantize``."""
+    return inputs[torch.linspace(0, len(inputs) - 1, min(count, len(inputs))).long()]
+
+
 def write_artifacts(
     out_dir: Path,
     model: nn.Module,
     manifest: dict,
     metrics: dict,
     extra_files: dict[str, object] | None = None,
+    quantization: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write model.pt (plain state_dict), extra JSON files, manifest.json and metrics.json into out_dir, then the
-    TorchScript and ONNX exports (train/export.py).
+    TorchScript and ONNX exports (train/export.py), and with ``quantization`` = (calibration inputs, held-out
+    inputs) the int8 ONNX model (``train.export.quantize``).
 
     manifest (which names the architecture, see models.architecture) gets the common keys "weights" and "files"
     (every file the handler loads, manifest.json included) added; extra_files maps a file name to the
@@ -226,6 +237,8 @@ def write_artifacts(
     write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}: {', '.join(manifest['files'])}, metrics.json")
     export(out_dir)  # model.ts.pt and model.onnx, added to the manifest
+    if quantization is not None:
+        quantize(out_dir, *quantization)  # model.int8.onnx
 
 
 def write_json(path: Path, content: object) -> None:

@@ -7,6 +7,11 @@
 (``torch._inductor.aoti_compile_and_package``) compiles the model to a shared library in ``model.pt2`` with the
 system's C++ compiler, for the CPU; without a compiler the manifest records that it was skipped and why.
 
+Training also writes ``model.int8.onnx`` for the classifiers whose training script passes calibration inputs
+(``quantize``: ONNX Runtime's static int8 quantization of the ONNX export, checked by how often it gives the eager
+model's top class on held-out inputs); ``handler.runtime: onnxruntime-int8`` serves it. Exporting ONNX again
+removes it (it was made from the old file): retrain to get it back.
+
 Each model module declares what to export with ``export_example(manifest, batch_size)``, which returns
 ``{"inputs": {name: example tensor}, "outputs": [names], "dynamic": {name: {axis: label}}, "unsupported": {format:
 why}}`` (the last two optional). Axis 0 of every input and output is the dynamic batch axis; ``dynamic`` names any
@@ -32,7 +37,8 @@ The manifest gets ``exports``:
 
     "exports": {"torchscript": {"file": "model.ts.pt", "inputs": [...], "outputs": [...], "max_abs_diff": ...},
                 "onnx": {"file": "model.onnx", "opset": 18, "inputs": [...], ...},
-                "aoti": {"file": "model.pt2", "device": "cpu", "inputs": [...], ...}}
+                "aoti": {"file": "model.pt2", "device": "cpu", "inputs": [...], ...},
+                "onnx-int8": {"file": "model.int8.onnx", "from": "onnx", ..., "top1_agreement": 0.998}}
 
 with each input and output as ``{"name", "shape", "dtype"}`` (dynamic axes as their label, e.g. "batch").
 """
@@ -53,6 +59,7 @@ from models import MANIFEST_FILE, as_tuple, load_model, read_manifest
 TORCHSCRIPT_FILE = "model.ts.pt"
 ONNX_FILE = "model.onnx"
 AOTI_FILE = "model.pt2"
+INT8_FILE = "model.int8.onnx"
 FORMATS = ("torchscript", "onnx")
 """What training exports; ``aoti`` is compiled on request (``--aoti``)."""
 OPSET = 18
@@ -61,6 +68,10 @@ TOLERANCE = 1e-4
 TRACE_BATCH = 2
 CHECK_BATCHES = (1, 7)
 BATCH_AXIS = "batch"
+MIN_INT8_AGREEMENT = 0.99
+"""Least share of held-out examples on which the int8 export's top class is the eager model's; below it the manifest
+records why instead of the file."""
+CALIBRATION_BATCH = 32
 EXPORTERS = ("dynamo", "torchscript")
 """``torch.onnx.export``'s exporters an ``export_example`` may pick for ONNX (``dynamo=True`` / ``False``)."""
 
@@ -223,8 +234,12 @@ def export(artifact_dir, formats=FORMATS) -> dict:
                "aoti": (AOTI_FILE, lambda path: to_aoti(model, inputs, path, names, spec),
                         {"device": "cpu", "torch": torch.__version__})}
     writers = {fmt: writer for fmt, writer in writers.items() if fmt in formats}
-    exports = {fmt: entry for fmt, entry in manifest.get("exports", {}).items() if fmt not in formats}
-    files = [name for name in manifest["files"] if name not in (writers[fmt][0] for fmt in writers)]
+    replaced = {fmt: writers[fmt][0] for fmt in writers}
+    if "onnx" in formats:  # the int8 model was made from the old ONNX file
+        replaced["onnx-int8"] = INT8_FILE
+        (artifact_dir / INT8_FILE).unlink(missing_ok=True)
+    exports = {fmt: entry for fmt, entry in manifest.get("exports", {}).items() if fmt not in replaced}
+    files = [name for name in manifest["files"] if name not in replaced.values()]
     for fmt, (file_name, write, extra) in writers.items():
         why = unsupported.get(fmt)
         if why:
@@ -254,6 +269,67 @@ def export(artifact_dir, formats=FORMATS) -> dict:
     shown = ", ".join(f"{fmt}: {entry.get('file', 'unsupported')}" for fmt, entry in exports.items())
     print(f"exported {artifact_dir}: {shown} (max abs diff to eager "
           f"{max((e.get('max_abs_diff', 0.0) for e in exports.values()), default=0.0):.2g})", flush=True)
+    return manifest
+
+
+def quantize(artifact_dir, calibration: torch.Tensor, held_out: torch.Tensor) -> dict:
+    """``model.int8.onnx``: the artifact's ONNX export with int8 weights (per output channel) and int8 activations,
+    by ONNX Runtime's static quantization (QDQ format), the activations' ranges calibrated on ``calibration``
+    (training inputs as the model takes them, e.g. normalised images). Listed in the manifest as
+    ``exports["onnx-int8"]`` with ``top1_agreement``: the share of ``held_out`` inputs whose top class it gives as
+    the eager model does. Below MIN_INT8_AGREEMENT the manifest says why instead, and the file is removed. For
+    single-input classifiers; training calls it (``train.common.write_artifacts``). Returns the manifest."""
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process
+    from onnxruntime.quantization import quantize_static
+
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    source = manifest.get("exports", {}).get("onnx", {})
+    if "file" not in source or len(source["inputs"]) != 1:
+        raise ExportError(f"{artifact_dir}: int8 quantization needs an ONNX export with one input")
+    name = source["inputs"][0]["name"]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration.split(CALIBRATION_BATCH))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch.numpy()}
+
+    path = artifact_dir / INT8_FILE
+    prepared = artifact_dir / "model.int8-prepared.onnx"
+    try:
+        quant_pre_process(str(artifact_dir / source["file"]), str(prepared))  # shapes inferred, graph optimised
+        quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = load_model(artifact_dir, manifest)
+    agree = 0
+    with torch.inference_mode():
+        for batch in held_out.split(256):
+            quantized = session.run(None, {name: batch.numpy()})[0].argmax(axis=1)
+            agree += int((model(batch).argmax(dim=1).numpy() == quantized).sum())
+    agreement = agree / len(held_out)
+    entry = {"file": INT8_FILE, "from": "onnx", "inputs": source["inputs"], "outputs": source["outputs"],
+             "quantization": "static int8 (onnxruntime.quantization, QDQ, per-channel weights)",
+             "calibration_examples": len(calibration), "top1_agreement": round(agreement, 4),
+             "checked_examples": len(held_out)}
+    files = [file for file in manifest["files"] if file != INT8_FILE]
+    if agreement < MIN_INT8_AGREEMENT:
+        path.unlink()
+        entry = {"unsupported": f"int8 export gives the eager model's top class on {agreement:.4f} of "
+                                f"{len(held_out)} held-out inputs, below {MIN_INT8_AGREEMENT}"}
+    else:
+        files.append(INT8_FILE)
+    manifest = {**manifest, "files": files, "exports": {**manifest["exports"], "onnx-int8": entry}}
+    (artifact_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    print(f"quantized {artifact_dir}: {entry.get('file', entry.get('unsupported'))} (top-1 agreement with eager "
+          f"{agreement:.4f} on {len(held_out)} held-out inputs; {len(calibration)} calibration inputs)", flush=True)
     return manifest
 
 

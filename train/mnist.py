@@ -22,6 +22,7 @@ from models.mnist import CANVAS_SIZE, NORMALIZE, canonicalize_digit
 from train.common import (
     DataError,
     build_parser,
+    calibration_sample,
     fit,
     metrics_record,
     ordered_batches,
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dataset = {"name": split.name, "n_total": split.n_total, "n_train": len(train_images), "n_test": len(test_images)}
     metrics = metrics_record("mnist", dataset, args, seconds, test_metrics)
-    write_artifacts(args.out, model, manifest, metrics)
+    write_artifacts(args.out, model, manifest, metrics,
+                    quantization=(normalize(calibration_sample(train_images)), test_images))
     return metrics
 
 

@@ -26,6 +26,7 @@ from train.common import (
     DataError,
     Distributed,
     build_parser,
+    calibration_sample,
     fit,
     metrics_record,
     ordered_batches,
@@ -201,7 +202,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "processes": job.world_size, "device": job.device.type,
                    "parameters": sum(p.numel() for p in model.parameters())}
         metrics = metrics_record(model_name, dataset, args, seconds, test_metrics)
-        write_artifacts(args.out, model.cpu(), manifest, metrics)
+
+        def model_inputs(images):  # as the exports take them
+            return normalize(job.to_device(images)).cpu().contiguous()
+
+        held_out = torch.cat([model_inputs(test_images[i]) for i in ordered_batches(len(test_images), 500)])
+        write_artifacts(args.out, model.cpu(), manifest, metrics,
+                        quantization=(model_inputs(calibration_sample(split.train_images)), held_out))
     job.finish()
     return metrics
 

@@ -24,13 +24,23 @@ as the data set's own (0.92 of Fashion-MNIST test items at contrast 38, against 
 way to 255 cost 0.1-0.25 points on upscaled re-encodes, where resampling dims thin highlights to about 200."""
 
 
-def light_background(images: np.ndarray) -> np.ndarray:
+def light_background(images: np.ndarray, darkest=None, lightest=None) -> np.ndarray:
     """Whether each grey image [..., H, W] is dark on light: the median of its border is above its mid-range (the
-    rule models/mnist.py reads digits' polarity by)."""
+    rule models/mnist.py reads digits' polarity by). ``darkest`` and ``lightest``: each image's extremes, if known."""
     border = np.concatenate([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]],
                             axis=-1)
-    darkest, lightest = images.min(axis=(-2, -1)).astype(np.float32), images.max(axis=(-2, -1))
-    return np.median(border, axis=-1) > (darkest + lightest) / 2
+    if darkest is None:
+        darkest, lightest = images.min(axis=(-2, -1)).astype(np.float32), images.max(axis=(-2, -1))
+    return median_of_rows(border) > (darkest + lightest) / 2
+
+
+def median_of_rows(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=-1)``, the same values by a partial sort (np.median's generic path cost a served
+    image a third of ``light_on_dark``'s time)."""
+    middle = values.shape[-1] // 2
+    if values.shape[-1] % 2:
+        return np.partition(values, middle, axis=-1)[..., middle].astype(np.float64)
+    return np.partition(values, (middle - 1, middle), axis=-1)[..., middle - 1 : middle + 1].mean(axis=-1)
 
 
 def light_on_dark(images: np.ndarray) -> np.ndarray:
@@ -42,13 +52,15 @@ def light_on_dark(images: np.ndarray) -> np.ndarray:
     MIN_CONTRAST): there is no item to read, and no polarity to read it in.
     """
     darkest = images.min(axis=(-2, -1), keepdims=True).astype(np.float32)
-    contrast = images.max(axis=(-2, -1), keepdims=True) - darkest
+    lightest = images.max(axis=(-2, -1), keepdims=True)
+    contrast = lightest - darkest
     if np.any(contrast < MIN_CONTRAST * 255):
         raise ValueError(f"no item found: the image is blank or uniform (contrast {int(contrast.min())} of 255 "
                          f"between its darkest and lightest pixels; at least {MIN_CONTRAST * 255:.0f} needed)")
     span = np.maximum(contrast, STRETCH_TO)
     levels = (images - darkest) * (span / contrast)
-    return np.rint(np.where(light_background(images)[..., None, None], span - levels, levels)).astype(np.uint8)
+    invert = light_background(images, darkest[..., 0, 0], lightest[..., 0, 0])[..., None, None]
+    return np.rint(np.where(invert, span - levels, levels)).astype(np.uint8)
 
 
 def export_example(manifest: dict, batch_size: int) -> dict:

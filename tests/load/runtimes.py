@@ -41,9 +41,9 @@ from tests.worker import Request, Worker
 from train.export import example as export_example
 
 BATCH = 16
-CANDIDATES = ("eager", "onnxruntime")
-"""The runtimes a model-config may default to: `make serve` builds their files (training writes the ONNX export)
-and neither is deprecated. TorchScript is (torch.jit.load warns), and aoti needs `make compile` and a C++ compiler:
+CANDIDATES = ("eager", "onnxruntime", "onnxruntime-int8")
+"""The runtimes a model-config may default to: `make serve` builds their files (training writes the ONNX exports)
+and none is deprecated. TorchScript is (torch.jit.load warns), and aoti needs `make compile` and a C++ compiler:
 both are measured, neither is a default. ONNX Runtime is not one for a model whose ONNX export is optional
 (``candidates``)."""
 NOISE = 0.05

@@ -20,6 +20,7 @@ from tests.fixtures.servers import rezip
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request, Worker
 from train import export
+from train.common import CALIBRATION_EXAMPLES
 
 pytestmark = pytest.mark.trained  # reads the built artifacts and archives
 
@@ -65,7 +66,69 @@ def test_sentiment_onnx_has_dynamic_batch_and_token_axes():
 def test_every_served_artifact_has_both_exports():
     for _, version in registry.served():
         exports = read_manifest(ROOT / version.artifacts).get("exports", {})
-        assert set(exports) - {"aoti"} == {"torchscript", "onnx"}, f"{version.artifacts}: python -m train.export it"
+        assert set(exports) - {"aoti", "onnx-int8"} == {"torchscript", "onnx"}, (
+            f"{version.artifacts}: python -m train.export it")
+
+
+@pytest.mark.parametrize("artifact", ["mnist", "mnist-v2", "fashion"])
+def test_trained_classifiers_have_an_int8_model_that_gives_the_eager_top_class(artifact):
+    folder = ROOT / "artifacts" / artifact
+    manifest = read_manifest(folder)
+    entry = manifest["exports"]["onnx-int8"]
+    assert entry["file"] == export.INT8_FILE in manifest["files"] and (folder / entry["file"]).is_file()
+    assert entry["top1_agreement"] >= export.MIN_INT8_AGREEMENT
+    assert entry["checked_examples"] == json.loads((folder / "metrics.json").read_text())["dataset"]["n_test"]
+    assert entry["calibration_examples"] == CALIBRATION_EXAMPLES
+    assert (entry["inputs"], entry["outputs"]) == (manifest["exports"]["onnx"]["inputs"],
+                                                   manifest["exports"]["onnx"]["outputs"])
+    operators = {node.op_type for node in onnx.load(folder / entry["file"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators
+
+
+def test_every_default_runtime_has_its_export_in_the_artifacts_it_serves():
+    for entry, version in registry.served():
+        config = yaml.safe_load((ROOT / entry.configs["cpu"]).read_text())
+        runtime = (config.get("handler") or {}).get("runtime", runtimes.DEFAULT_RUNTIME)
+        if runtime != "eager":
+            exports = read_manifest(ROOT / version.artifacts)["exports"]
+            assert "file" in exports.get(runtimes.EXPORTS[runtime], {}), f"{version.artifacts}: {runtime}"
+
+
+def int8_copy(tmp_path):
+    """A copy of artifacts/mnist quantized with seven held-out digits as calibration and check inputs."""
+    folder = shutil.copytree(ROOT / "artifacts" / "mnist", tmp_path / "mnist")
+    inputs = heldout_batch(folder, read_manifest(folder))
+    return folder, export.quantize(folder, inputs, inputs)
+
+
+def test_quantize_lists_the_int8_model_and_the_runtime_serves_its_top_classes(tmp_path):
+    folder, manifest = int8_copy(tmp_path)
+    entry = manifest["exports"]["onnx-int8"]
+    assert read_manifest(folder) == manifest and export.INT8_FILE in manifest["files"]
+    assert (entry["calibration_examples"], entry["checked_examples"]) == (7, 7)
+    int8 = runtimes.load("onnxruntime-int8", str(folder), manifest, CPU, None)
+    batch = heldout_batch(folder, manifest)
+    agreement = (int8(batch).argmax(1) == load_model(folder, manifest)(batch).argmax(1)).float().mean()
+    assert int8.name == "onnxruntime-int8" and round(float(agreement), 4) == entry["top1_agreement"]
+
+
+def test_an_int8_model_below_the_agreement_floor_is_recorded_with_its_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 1.01)
+    folder, manifest = int8_copy(tmp_path)
+    assert manifest["exports"]["onnx-int8"] == {
+        "unsupported": "int8 export gives the eager model's top class on 1.0000 of 7 held-out inputs, below 1.01"}
+    assert export.INT8_FILE not in manifest["files"] and not (folder / export.INT8_FILE).exists()
+    with pytest.raises(ValueError, match="runtime onnxruntime-int8 needs the onnx-int8 export: int8 export gives"):
+        runtimes.load("onnxruntime-int8", str(folder), manifest, CPU, None)
+
+
+def test_exporting_onnx_again_removes_the_int8_model_made_from_the_old_file(tmp_path):
+    folder, _ = int8_copy(tmp_path)
+    manifest = export.export(folder)
+    assert "onnx-int8" not in manifest["exports"] and export.INT8_FILE not in manifest["files"]
+    assert not (folder / export.INT8_FILE).exists()
+    with pytest.raises(ValueError, match="needs the onnx-int8 export: .*training writes it"):
+        runtimes.load("onnxruntime-int8", str(folder), manifest, CPU, None)
 
 
 def test_a_model_module_without_export_example_fails_clearly(tmp_path, monkeypatch, capsys):
@@ -162,7 +225,7 @@ def test_the_same_handler_serves_every_runtime_with_identical_replies(tmp_path, 
 
 def test_an_unknown_runtime_fails_the_load_naming_the_choices(tmp_path):
     with pytest.raises(RuntimeError, match="handler.runtime 'tensorrt' is not one of eager, torchscript, onnxruntime, "
-                                           "aoti"):
+                                           "onnxruntime-int8, aoti"):
         Worker(archive_with_runtime(tmp_path, "regression", "tensorrt"), tmp_path / "unpacked")
 
 
@@ -207,7 +270,7 @@ def test_an_aoti_package_serves_over_http_with_the_eager_answers(tmp_path, stem)
                    "manifest.json": (folder / "manifest.json").read_bytes()},
           add={export.AOTI_FILE: (folder / export.AOTI_FILE).read_bytes()})
     samples = payloads.of_model(entry)[:24]
-    eager = Worker(ROOT / "model_store" / f"{stem}.mar", tmp_path / "eager", batch_size=8)
+    eager = Worker(archive_with_runtime(tmp_path, stem, "eager"), tmp_path / "eager", batch_size=8)
     expected = eager.run(*(Request(sample.body, sample.content_type) for sample in samples))
     with running(tmp_path / "ts", model_store=store, models=f"{entry.name}={stem}.mar", expect_ready=1) as server:
         described = server.management("GET", f"/models/{entry.name}?customized=true").json()[0]
