@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ import numpy as np
 from handlers.messages import quote
 
 HEADER = "Inference-Header-Content-Length"
+JSON_OBJECT = re.compile(rb"\s*\{")
+"""The start of a JSON object, after any whitespace (matched in place: an image body is not copied)."""
 DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
              "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
@@ -109,10 +112,10 @@ def header_length(headers):
 
 def is_request(headers, payload):
     """Whether a request (its headers, its body as TorchServe passed it) is an inference request of this protocol."""
-    if any(name.lower() == HEADER.lower() for name in headers or {}):
+    if HEADER.lower() in (name.lower() for name in headers or {}):
         return True
     if isinstance(payload, (bytes, bytearray)):
-        if not payload.lstrip()[:1] == b"{" or b'"inputs"' not in payload:
+        if not JSON_OBJECT.match(payload) or b'"inputs"' not in payload:
             return False
         try:
             payload = _loads(payload)
