@@ -50,13 +50,13 @@ def _value_range(gray: np.ndarray, brightest: float) -> float:
     return 255.0 if brightest <= 255 else float(brightest)
 
 
-def _median(values: np.ndarray) -> float:
-    """``np.median`` of a 1-D array, the same value by a partial sort (np.median sorts a copy: 4x slower here)."""
-    middle = len(values) // 2
-    if len(values) % 2:
-        return float(np.partition(values, middle)[middle])
-    low, high = np.partition(values, (middle - 1, middle))[middle - 1 : middle + 1]
-    return float((low + high) / 2)
+def median_of_rows(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=-1)``, the same values by a partial sort (np.median sorts a copy: 4x slower for one
+    image's border, a third of ``models.vision.light_on_dark``'s time)."""
+    middle = values.shape[-1] // 2
+    if values.shape[-1] % 2:
+        return np.partition(values, middle, axis=-1)[..., middle].astype(np.float64)
+    return np.partition(values, (middle - 1, middle), axis=-1)[..., middle - 1 : middle + 1].mean(axis=-1)
 
 
 def canonicalize_digit(gray: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def canonicalize_digit(gray: np.ndarray) -> np.ndarray:
     if contrast < MIN_CONTRAST * _value_range(gray, brightest):
         raise ValueError("no digit found: the image is blank or uniform (no contrast between ink and paper)")
 
-    background = _median(np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]]))
+    background = float(median_of_rows(np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])))
     if background > (darkest + brightest) / 2:  # dark ink on light paper
         ink_sign, ink_peak = -1.0, background - darkest
     else:

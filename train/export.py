@@ -263,12 +263,17 @@ def export(artifact_dir, formats=FORMATS) -> dict:
         exports[fmt] = {"file": file_name, **extra, **io, "max_abs_diff": float(f"{diff:.3g}"),
                         "checked_batch_sizes": check_batches}
         files.append(file_name)
-    manifest = {**manifest, "files": files, "exports": exports}
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    (artifact_dir / MANIFEST_FILE).write_text(text, encoding="utf-8")
+    manifest = write_manifest(artifact_dir, {**manifest, "files": files, "exports": exports})
     shown = ", ".join(f"{fmt}: {entry.get('file', 'unsupported')}" for fmt, entry in exports.items())
     print(f"exported {artifact_dir}: {shown} (max abs diff to eager "
           f"{max((e.get('max_abs_diff', 0.0) for e in exports.values()), default=0.0):.2g})", flush=True)
+    return manifest
+
+
+def write_manifest(artifact_dir: Path, manifest: dict) -> dict:
+    """``manifest`` as the artifact's manifest.json (indented UTF-8, as training writes it); returns it."""
+    (artifact_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
     return manifest
 
 
@@ -325,9 +330,8 @@ def quantize(artifact_dir, calibration: torch.Tensor, held_out: torch.Tensor) ->
                                 f"{len(held_out)} held-out inputs, below {MIN_INT8_AGREEMENT}"}
     else:
         files.append(INT8_FILE)
-    manifest = {**manifest, "files": files, "exports": {**manifest["exports"], "onnx-int8": entry}}
-    (artifact_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                              encoding="utf-8")
+    manifest = write_manifest(artifact_dir, {**manifest, "files": files,
+                                             "exports": {**manifest["exports"], "onnx-int8": entry}})
     print(f"quantized {artifact_dir}: {entry.get('file', entry.get('unsupported'))} (top-1 agreement with eager "
           f"{agreement:.4f} on {len(held_out)} held-out inputs; {len(calibration)} calibration inputs)", flush=True)
     return manifest

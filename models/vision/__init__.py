@@ -11,6 +11,8 @@ images to light-on-dark with ``light_on_dark`` when the manifest's input says ``
 import numpy as np
 import torch
 
+from models.mnist import median_of_rows
+
 LIGHT_ON_DARK = "light-on-dark"
 """The manifest's ``input.polarity`` of a model trained and served on ``light_on_dark`` images."""
 
@@ -24,23 +26,12 @@ as the data set's own (0.92 of Fashion-MNIST test items at contrast 38, against 
 way to 255 cost 0.1-0.25 points on upscaled re-encodes, where resampling dims thin highlights to about 200."""
 
 
-def light_background(images: np.ndarray, darkest=None, lightest=None) -> np.ndarray:
-    """Whether each grey image [..., H, W] is dark on light: the median of its border is above its mid-range (the
-    rule models/mnist.py reads digits' polarity by). ``darkest`` and ``lightest``: each image's extremes, if known."""
+def light_background(images: np.ndarray, darkest: np.ndarray, lightest: np.ndarray) -> np.ndarray:
+    """Whether each grey image [..., H, W], of extremes ``darkest`` and ``lightest`` [...], is dark on light: the
+    median of its border is above its mid-range (the rule models/mnist.py reads digits' polarity by)."""
     border = np.concatenate([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]],
                             axis=-1)
-    if darkest is None:
-        darkest, lightest = images.min(axis=(-2, -1)).astype(np.float32), images.max(axis=(-2, -1))
     return median_of_rows(border) > (darkest + lightest) / 2
-
-
-def median_of_rows(values: np.ndarray) -> np.ndarray:
-    """``np.median(values, axis=-1)``, the same values by a partial sort (np.median's generic path cost a served
-    image a third of ``light_on_dark``'s time)."""
-    middle = values.shape[-1] // 2
-    if values.shape[-1] % 2:
-        return np.partition(values, middle, axis=-1)[..., middle].astype(np.float64)
-    return np.partition(values, (middle - 1, middle), axis=-1)[..., middle - 1 : middle + 1].mean(axis=-1)
 
 
 def light_on_dark(images: np.ndarray) -> np.ndarray:
