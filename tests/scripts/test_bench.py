@@ -184,6 +184,8 @@ def alive(pid):
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.trained  # benches model_store/regression.mar on a real TorchServe
 def test_sigterm_stops_every_server_the_benchmark_started(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "tests.load.bench", "--paths", "regression", "--users", "1",
                             "--warmup", "120", "--no-client-ceiling", "--no-in-process", "--no-runtimes",
