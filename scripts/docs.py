@@ -36,7 +36,7 @@ BLOCK = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- 
 LABELS = {"accuracy": "accuracy", "r2": "R²", "rmse": "RMSE", "mae": "MAE",
           "box_map_50": "box AP@0.5", "box_map": "box AP@[.5:.95]", "box_map_75": "box AP@0.75",
           "mask_map_50": "mask AP@0.5", "mask_map": "mask AP@[.5:.95]", "mask_map_75": "mask AP@0.75",
-          "class_preservation": "class kept"}
+          "class_preservation": "class kept", "int8_agreement": "int8 top-1 agreement with eager"}
 MISSING_TRAINING = "not measured yet (run make train)"
 MISSING_BENCH = "not measured yet (run make bench)"
 

@@ -27,6 +27,9 @@ import registry
 
 ROOT = registry.ROOT
 RECORD = ROOT / "docs" / "seeds.json"
+INT8_AGREEMENT = "int8_agreement"
+"""The int8 model's top-1 agreement with the eager one (train.export.quantize), which must reach
+train.export.MIN_INT8_AGREEMENT for training to ship it: a floor too, so its spread over seeds is recorded."""
 
 
 def machine() -> str:
@@ -44,7 +47,8 @@ def own_seed(command: str) -> int:
 
 
 def train(command: str, seed: int, log) -> dict:
-    """metrics.json["test"] of one training run of ``command`` with ``seed``, in a temporary folder."""
+    """metrics.json["test"] of one training run of ``command`` with ``seed``, in a temporary folder, with
+    ``INT8_AGREEMENT`` for the classifiers training quantizes (their manifest's ``exports.onnx-int8``)."""
     with tempfile.TemporaryDirectory(prefix="seeds-") as folder:
         out = Path(folder) / "artifact"
         words = shlex.split(command) + ["--seed", str(seed), "--out", str(out)]
@@ -53,9 +57,17 @@ def train(command: str, seed: int, log) -> dict:
                                 env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
         if result.returncode != 0:
             raise SystemExit(f"seeds: `{shlex.join(words)}` failed:\n{result.stderr[-3000:]}")
-        record = json.loads((out / "metrics.json").read_text())
-        log(f"    seed {seed}: {record['test']}  ({time.monotonic() - started:.0f} s)")
-        return record["test"]
+        test = json.loads((out / "metrics.json").read_text())["test"]
+        int8 = json.loads((out / "manifest.json").read_text()).get("exports", {}).get("onnx-int8", {})
+        if "top1_agreement" in int8:
+            test = {**test, INT8_AGREEMENT: int8["top1_agreement"]}
+        log(f"    seed {seed}: {test}  ({time.monotonic() - started:.0f} s)")
+        return test
+
+
+def recorded(version: registry.Version, test: dict) -> list[str]:
+    """The figures of a run that docs/seeds.json keeps: the version's Quality metrics, and int8's agreement."""
+    return [q.metric for q in version.quality] + [INT8_AGREEMENT] * (INT8_AGREEMENT in test)
 
 
 def measure(archives: list[str], seeds: int) -> dict:
@@ -69,7 +81,7 @@ def measure(archives: list[str], seeds: int) -> dict:
         runs = {str(seed): train(version.train, seed, lambda line: print(line, flush=True))
                 for seed in range(first, first + seeds)}
         measured[version.archive] = {"command": version.train, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                     "seeds": {s: {q.metric: test[q.metric] for q in version.quality}
+                                     "seeds": {s: {metric: test[metric] for metric in recorded(version, test)}
                                                for s, test in runs.items()}}
     return measured
 
@@ -92,23 +104,36 @@ def floors(record: dict) -> dict[tuple[str, str], float]:
 
 def table(record: dict) -> str:
     """The docs' table (the ``seeds`` block): per version and metric, each seed's figure, the goal, and the floor
-    with its margin."""
-    from scripts.docs import label
+    with its margin; then int8's agreement where it was recorded, against the agreement training requires."""
+    from scripts.docs import label, wrap
+    from train.export import MIN_INT8_AGREEMENT
 
     rows = ["| version | held-out metric | seed: figure | spread | goal (met by) | test floor (worst − margin) |",
             "|---|---|---|---|---|---|"]
-    limits, machines = floors(record), set()
+
+    limits, machines, int8 = floors(record), set(), []
+
+    def figures(runs, metric):
+        return ", ".join(f"{s}: {run[metric]:.4f}" for s, run in runs.items())
+
     for entry, version in registry.served():
         measured = record["versions"].get(version.archive)
-        for quality in version.quality if measured else ():
-            machines.add(f"{measured['machine']} ({measured['date']})")
-            values = [run[quality.metric] for run in measured["seeds"].values()]
-            figures = ", ".join(f"{s}: {run[quality.metric]:.4f}" for s, run in measured["seeds"].items())
+        if not measured:
+            continue
+        machines.add(f"{measured['machine']} ({measured['date']})")
+        name, runs = f"{entry.name} {version.version}", measured["seeds"]
+        for quality in version.quality:
+            values = [run[quality.metric] for run in runs.values()]
             met = sum(value >= quality.goal for value in values)
-            rows.append(f"| {entry.name} {version.version} | {label(quality.metric)} | {figures} | "
+            rows.append(f"| {name} | {label(quality.metric)} | {figures(runs, quality.metric)} | "
                         f"{max(values) - min(values):.4f} | {quality.goal} ({met} of {len(values)}) | "
                         f"**{limits[version.archive, quality.metric]}** ({min(values):.4f} − {quality.margin}) |")
-    return "\n".join([*rows, "", f"Measured on {'; '.join(sorted(machines))}."])
+        if all(INT8_AGREEMENT in run for run in runs.values()):
+            int8.append(f"{name} ({figures(runs, INT8_AGREEMENT)})")
+    agreement = [] if not int8 else ["", wrap(
+        f"{label(INT8_AGREEMENT)} (training ships the int8 model only at {MIN_INT8_AGREEMENT} or above), by seed: "
+        f"{'; '.join(int8)}.")]
+    return "\n".join([*rows, *agreement, "", f"Measured on {'; '.join(sorted(machines))}."])
 
 
 def render(record: dict) -> None:

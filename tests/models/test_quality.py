@@ -8,10 +8,12 @@ import json
 import warnings
 
 import pytest
+import yaml
 
 import registry
 from scripts import docs, seeds
 from tests.samples import training_record
+from train.export import MIN_INT8_AGREEMENT
 
 QUALITIES = [pytest.param(version, quality, id=f"{version.archive}-{quality.metric}")
              for _, version in registry.served() for quality in version.quality]
@@ -57,3 +59,18 @@ def test_the_docs_seeds_table_is_the_one_generated_from_the_seed_record():
               if match["name"] == "seeds"]
     assert blocks, "no <!-- generated: seeds --> block in README.md or docs/"
     assert all(body == seeds.table(seed_record()) + "\n" for body in blocks), "run python -m scripts.seeds --render"
+
+
+def test_every_version_served_in_int8_cleared_the_int8_floor_on_every_recorded_seed():
+    """A model-config whose default runtime is int8 needs each training run to ship the int8 model, which training
+    does only at train.export.MIN_INT8_AGREEMENT or above: every recorded seed must reach it."""
+    served_in_int8 = [version for entry, version in registry.served()
+                      if (yaml.safe_load((registry.ROOT / entry.configs["cpu"]).read_text()).get("handler") or {})
+                      .get("runtime") == "onnxruntime-int8"]
+    assert served_in_int8
+    for version in served_in_int8:
+        runs = seed_record()["versions"][version.archive]["seeds"]
+        agreements = {seed: run.get(seeds.INT8_AGREEMENT) for seed, run in runs.items()}
+        rerun = f"python -m scripts.seeds --archives {version.archive}"
+        assert None not in agreements.values(), f"{version.archive}: no int8 agreement per seed: run {rerun}"
+        assert min(agreements.values()) >= MIN_INT8_AGREEMENT, f"{version.archive}: {agreements}"
