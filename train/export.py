@@ -325,18 +325,17 @@ def quantize(artifact_dir, calibration: torch.Tensor, held_out: torch.Tensor) ->
             quantized = session.run(None, {name: batch.numpy()})[0].argmax(axis=1)
             agree += int((model(batch).argmax(dim=1).numpy() == quantized).sum())
     agreement = agree / len(held_out)
-    entry = {"file": INT8_FILE, "from": "onnx", "inputs": source["inputs"], "outputs": source["outputs"],
-             "quantization": "static int8 (onnxruntime.quantization, QDQ, per-channel 7-bit weights)",
-             "calibration_examples": len(calibration), "top1_agreement": round(agreement, 4),
-             "checked_examples": len(held_out)}
+    measured = {"top1_agreement": round(agreement, 4), "checked_examples": len(held_out)}
     files = [file for file in manifest["files"] if file != INT8_FILE]
     if agreement < MIN_INT8_AGREEMENT:
         path.unlink()
         entry = {"unsupported": f"int8 export gives the eager model's top class on {agreement:.4f} of "
-                                f"{len(held_out)} held-out inputs, below {MIN_INT8_AGREEMENT}",
-                 "top1_agreement": round(agreement, 4), "checked_examples": len(held_out)}
+                                f"{len(held_out)} held-out inputs, below {MIN_INT8_AGREEMENT}", **measured}
     else:
         files.append(INT8_FILE)
+        entry = {"file": INT8_FILE, "from": "onnx", "inputs": source["inputs"], "outputs": source["outputs"],
+                 "quantization": "static int8 (onnxruntime.quantization, QDQ, per-channel 7-bit weights)",
+                 "calibration_examples": len(calibration), **measured}
     manifest = write_manifest(artifact_dir, {**manifest, "files": files,
                                              "exports": {**manifest["exports"], "onnx-int8": entry}})
     print(f"quantized {artifact_dir}: {entry.get('file', entry.get('unsupported'))} (top-1 agreement with eager "

@@ -8,10 +8,10 @@ import json
 import warnings
 
 import pytest
-import yaml
 
 import registry
 from scripts import docs, seeds
+from tests.load.runtimes import default_runtime
 from tests.samples import training_record
 from train.export import MIN_INT8_AGREEMENT
 
@@ -64,9 +64,7 @@ def test_the_docs_seeds_table_is_the_one_generated_from_the_seed_record():
 def test_every_version_served_in_int8_cleared_the_int8_floor_on_every_recorded_seed():
     """A model-config whose default runtime is int8 needs each training run to ship the int8 model, which training
     does only at train.export.MIN_INT8_AGREEMENT or above: every recorded seed must reach it."""
-    served_in_int8 = [version for entry, version in registry.served()
-                      if (yaml.safe_load((registry.ROOT / entry.configs["cpu"]).read_text()).get("handler") or {})
-                      .get("runtime") == "onnxruntime-int8"]
+    served_in_int8 = [version for entry, version in registry.served() if default_runtime(entry) == "onnxruntime-int8"]
     assert served_in_int8
     for version in served_in_int8:
         runs = seed_record()["versions"][version.archive]["seeds"]

@@ -17,6 +17,7 @@ from models.mnist import canonicalize_digit
 from models.sentiment import PAD_ID, encode, tokenize
 from scripts.server import ROOT
 from tests.fixtures.servers import rezip
+from tests.load.runtimes import default_runtime
 from tests.samples import heldout_digits, heldout_patients, heldout_reviews, render_digit
 from tests.worker import Request, Worker
 from train import export
@@ -90,8 +91,7 @@ def test_trained_classifiers_have_an_int8_model_that_gives_the_eager_top_class(a
 
 def test_every_default_runtime_has_its_export_in_the_artifacts_it_serves():
     for entry, version in registry.served():
-        config = yaml.safe_load((ROOT / entry.configs["cpu"]).read_text())
-        runtime = (config.get("handler") or {}).get("runtime", runtimes.DEFAULT_RUNTIME)
+        runtime = default_runtime(entry)
         if runtime != "eager":
             exports = read_manifest(ROOT / version.artifacts)["exports"]
             assert "file" in exports.get(runtimes.EXPORTS[runtime], {}), f"{version.artifacts}: {runtime}"
