@@ -5,15 +5,15 @@
     .venv/bin/python -m tests.load.handler_cost --profile                # where the time goes (cProfile), 50 batches
 
 For each version of the handler code, a fresh process loads artifacts/mnist archived with that code (archive.sh's
-recipe, the version's handlers/mnist.py as the entry point) and
-times batches of 16 held-out digit PNGs (28 px and 64 px, as `make bench` sends) through what a TorchServe worker
-runs per batch: TorchServe's own input decoding (tests/worker.py), the module's ``handle`` entry point, the
-metric log lines at INFO (to /dev/null, as a worker writes them to the frontend) and TorchServe's reply encoding
-(``create_predict_response``). Socket I/O and the Java frontend are left out, so the figures isolate handler
-changes from the run-to-run noise of a whole server on a shared 2-core machine. Versions are run alternately,
-several rounds, and the best round is kept.
+recipe, the version's handlers/mnist.py as the entry point) and times batches of 16 held-out digit PNGs (each
+rendering `make bench` sends, 28 to 300 px, in proportion) through what a TorchServe worker runs per batch:
+TorchServe's own input decoding (tests/worker.py), the module's ``handle`` entry point, the metric log lines at INFO
+(to /dev/null, as a worker writes them to the frontend) and TorchServe's reply encoding (``create_predict_response``).
+Socket I/O and the Java frontend are left out, so the figures isolate handler changes from the run-to-run noise of a
+whole server on a shared 2-core machine. Versions are run alternately, several rounds, and the best round is kept.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -28,7 +28,7 @@ MODEL = "mnist"
 SETUP = r'''
 import importlib, json, logging, sys, tempfile, time
 from tests.load import payloads
-digits = payloads.digits(("digit-28px", "digit-64px-paper"))  # with the working tree's code, before the swap
+digits = payloads.digits()  # every rendering `make bench` sends, read with the working tree's code, before the swap
 for name in [n for n in sys.modules if n == "handlers" or n.startswith("handlers.")]:
     del sys.modules[name]
 sys.path.insert(0, sys.argv[1])  # the handlers/ package under test comes first
@@ -40,7 +40,7 @@ from tests.worker import Worker, _Frame, Request
 import handlers.mnist as module
 assert module.__file__.startswith(sys.argv[1]), module.__file__
 worker = Worker(sys.argv[2], tempfile.mkdtemp(), 16)
-batch = (digits[:8] + digits[-8:])  # 8 of each size
+batch = payloads.spread(digits, 16)  # every rendering in proportion
 context = worker.context
 
 def run():
@@ -153,4 +153,11 @@ def main(versions, rounds=3, per_round=3):
 
 
 if __name__ == "__main__":
-    print(profile_table(profile())) if sys.argv[1:] == ["--profile"] else main(sys.argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m tests.load.handler_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="*", metavar="REV|FOLDER",
+                        help="git revisions or folders of handler modules, timed alternately (default: the working "
+                        "tree's handlers/)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead, cProfile 50 batches through the working tree's handlers (the top table)")
+    args = parser.parse_args()
+    print(profile_table(profile())) if args.profile else main(args.versions)

@@ -277,6 +277,12 @@ def detector(renderings=tuple(DETECTOR_RENDERINGS), count=16):
     return samples
 
 
+def spread(samples, count):
+    """``count`` of ``samples`` evenly spaced through the list, so that a batch has each rendering in proportion
+    (the samples are grouped by rendering); repeats some when there are fewer than ``count``."""
+    return [samples[index * len(samples) // count] for index in range(count)]
+
+
 def of_model(entry):
     """The load-test payloads of a registry entry: its ``load.payloads``, else the samples of its default version."""
     if entry.load.payloads:

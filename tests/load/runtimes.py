@@ -8,7 +8,7 @@ For each runtime the model's artifacts export (``aoti`` after `make compile`), t
 copied with ``handler.runtime`` set in its model-config (the rest as it is), then measured twice:
 
 - in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
-  load-test samples through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
+  load-test samples, every rendering in proportion (``payloads.spread``), through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
   the collated batch (``forward_us_per_item``); best of several rounds, runtimes alternating;
 - over HTTP (a private TorchServe per runtime, all up at once, loaded in turn as `make bench` loads a model's
   paths: bench.measure_side_by_side, the same load generator and reply checks): req/s and p99 at each concurrency,
@@ -68,7 +68,7 @@ def parsed(handler, idx, request):
 
 def in_process(archives, samples, rounds=5, repeats=20):
     """{runtime: {"handle_us_per_item", "forward_us_per_item"}}: best round, runtimes alternating."""
-    requests = [Request(sample.body, sample.content_type) for sample in (samples * BATCH)[:BATCH]]
+    requests = [Request(sample.body, sample.content_type) for sample in payloads.spread(samples, BATCH)]
     workers = {runtime: Worker(archive, tempfile.mkdtemp(prefix=f"runtime-{runtime}-"), BATCH)
                for runtime, archive in archives.items()}
     for worker in workers.values():

@@ -91,6 +91,16 @@ def test_a_baseline_archive_is_copied_into_its_own_store(tmp_path):
     assert (store / name).read_bytes() == b"an older sentiment archive" and name == "sentiment.mar"
 
 
+def test_in_process_batches_hold_each_rendering_in_proportion():
+    """runtimes.in_process and handler_cost time a batch of 16 of a model's payloads, which come grouped by
+    rendering: a batch of the first 16 would be the smallest images only."""
+    from tests.load.payloads import spread
+
+    samples = [f"{size}px-{index}" for size in (28, 64, 128, 300) for index in range(39)]
+    assert sorted(name.split("-")[0] for name in spread(samples, 16)) == sorted(["28px", "64px", "128px", "300px"] * 4)
+    assert sorted(spread(["a", "b", "c"], 5)) == ["a", "a", "b", "b", "c"]
+
+
 @pytest.mark.trained
 @pytest.mark.parametrize("name", [entry.name for entry in registry.served_models() if entry.load_tested])
 def test_the_runtime_comparison_reads_each_load_payload_as_handle_does(name, worker):
