@@ -151,14 +151,16 @@ class TorchServe:
         keys = json.loads((self.workdir / "key_file.json").read_text())
         return keys[api]["key"]
 
-    def request(self, api, method, path, token=True, **kwargs):
+    def request(self, api, method, path, token=True, session=None, **kwargs):
+        """One HTTP request to an API of this server, with its token; ``session``: a client's own requests.Session
+        (its own keep-alive connections) instead of this server's."""
         headers = kwargs.pop("headers", {})
         if token is True:
             headers["Authorization"] = f"Bearer {self.token(api)}"
         elif token:
             headers["Authorization"] = f"Bearer {token}"
         kwargs.setdefault("timeout", 60)
-        return self.session.request(method, self.url(api, path), headers=headers, **kwargs)
+        return (session or self.session).request(method, self.url(api, path), headers=headers, **kwargs)
 
     def inference(self, method, path, **kwargs):
         return self.request("inference", method, path, **kwargs)
