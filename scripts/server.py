@@ -47,6 +47,15 @@ def read_properties(path):
     return properties
 
 
+def client_session():
+    """A requests.Session for a TorchServe of this module: TLS not verified (TLS tests use a self-signed
+    certificate) and the environment ignored (REQUESTS_CA_BUNDLE or proxies would override that)."""
+    session = requests.Session()
+    session.verify = False
+    session.trust_env = False
+    return session
+
+
 class TorchServe:
     """One TorchServe process tree started from ``config`` with ``overrides``, living in ``workdir``."""
 
@@ -64,9 +73,7 @@ class TorchServe:
                                 "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())})
         self.properties.update(overrides or {})
         self.process = None
-        self.session = requests.Session()
-        self.session.verify = False  # TLS tests use a self-signed certificate
-        self.session.trust_env = False  # REQUESTS_CA_BUNDLE or proxies in the environment would override that
+        self.session = client_session()
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ For each runtime the model's artifacts export (``aoti`` after `make compile`), t
 copied with ``handler.runtime`` set in its model-config (the rest as it is), then measured twice:
 
 - in-process (tests/worker.py, TorchServe's own worker code path, no socket): µs per item of a batch of 16 of its
-  load-test samples, every rendering in proportion (``payloads.spread``), through ``handle`` (decode, canonicalise, predict, reply), and of the runtime call alone on
-  the collated batch (``forward_us_per_item``); best of several rounds, runtimes alternating;
+  load-test samples, every rendering in proportion (``payloads.spread``), through ``handle`` (decode, canonicalise,
+  predict, reply), and of the runtime call alone on the collated batch (``forward_us_per_item``); best of several
+  rounds, runtimes alternating;
 - over HTTP (a private TorchServe per runtime, all up at once, loaded in turn as `make bench` loads a model's
   paths: bench.measure_side_by_side, the same load generator and reply checks): req/s and p99 at each concurrency,
   at 16 users the median of bench.ROUNDS windows.

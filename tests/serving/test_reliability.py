@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
-import requests
 
+from scripts.server import client_session
 from tests.fixtures.raising_handler import LOAD_ERROR
 from tests.fixtures.servers import (FIXTURES, STORE, PrivateTorchServe, build_slow_archive, rezip, serialized_file,
                                     store_with)
@@ -49,11 +49,14 @@ class Load:
         self._done = 0
         self._stopped = False
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, args=(client,), daemon=True) for client in range(clients)]
+        self._threads = [threading.Thread(target=self._client, args=(client,), daemon=True)
+                         for client in range(clients)]
 
     def _client(self, client):
-        session = requests.Session()
-        session.trust_env = False
+        with client_session() as session:
+            self._send_until_done(client, session)
+
+    def _send_until_done(self, client, session):
         while True:
             with self._lock:
                 if self._next >= self.total or self._stopped:
