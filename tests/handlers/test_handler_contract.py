@@ -1,12 +1,14 @@
 """handlers/common.py's contract, in-process: optional explanations, forward-pass chunks, reply bounds, devices."""
 
+import io
 import json
+import logging
 import time
 
 import pytest
 import torch
 
-from handlers.common import CounterBuffer, RequestError, quote
+from handlers.common import BATCH_RECEIVED_LINE, CounterBuffer, RequestError, quiet_batch_log, quote
 from handlers.runtimes import TorchRuntime, equivalence_tolerance, to_device
 from handlers.mnist import inference_copy
 from models import architecture, build
@@ -107,6 +109,26 @@ def test_counters_are_written_at_once_after_a_quiet_interval_and_summed_under_lo
     while not errors.lines and time.monotonic() < deadline:  # the timer writes what the last batch left
         time.sleep(0.05)
     assert requests.lines == [(4, ["m", "1.0"]), (10, ["m", "1.0"])] and errors.lines == [(5, ["m", "1.0"])]
+
+
+def test_quiet_batch_log_drops_torchserves_per_batch_line_and_nothing_else():
+    stream = io.StringIO()
+    output = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(output)
+    level, root.level = root.level, logging.INFO
+    try:
+        quiet_batch_log()
+        quiet_batch_log()  # one filter, however many handlers of the worker initialise
+        assert len(output.filters) == 1
+        logging.info(BATCH_RECEIVED_LINE, 1796463487)  # as ts/protocol/otf_message_handler.py logs it
+        logging.info("Backend received inference at: %s", "a handler's own line")
+        logging.getLogger("ts.metrics").info("[METRICS]PredictionTime.ms:1.0|#ModelName:mnist")
+    finally:
+        root.removeHandler(output)
+        root.level = level
+    assert stream.getvalue().splitlines() == ["Backend received inference at: a handler's own line",
+                                              "[METRICS]PredictionTime.ms:1.0|#ModelName:mnist"]
 
 
 def test_a_forward_pass_that_raises_is_a_500_for_its_requests_and_they_are_counted(tiny_regression, monkeypatch):

@@ -113,6 +113,22 @@ def test_metrics_endpoint_has_torchserve_and_custom_metrics(server):
     assert rejected in metrics
 
 
+def test_worker_log_keeps_the_handlers_lines_without_the_per_batch_one(server):
+    """TorchServe's "Backend received inference at" line, logged for every batch before the handler runs, never
+    reaches model_log.log (handlers.common.quiet_batch_log); the handler's own lines still do."""
+    for _ in range(3):
+        assert server.predict("mnist", render_digit(heldout_digits()[0][0], 28)).status_code == 200
+    reply = server.predict("mnist", b"\x89PNG\r\n\x1a\n truncated", headers={"Content-Type": "image/png"})
+    assert reply.status_code == 400, reply.text
+    log = server.workdir / "logs" / "model_log.log"
+    deadline = time.monotonic() + 10
+    while "mnist rejected request 0: 400" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the frontend copies each worker's stdout to the log in order, behind the reply
+    text = log.read_text()
+    assert "mnist rejected request 0: 400" in text and "ready on cpu" in text
+    assert "Backend received inference" not in text
+
+
 BAD_REQUESTS = [  # (model, body, headers, status, error type)
     ("mnist", b"", {}, 400, "EmptyBody"),
     ("mnist", b"\x89PNG\r\n\x1a\n truncated", {"Content-Type": "image/png"}, 400, "InvalidImage"),
