@@ -116,7 +116,8 @@ def test_quiet_batch_log_drops_torchserves_per_batch_line_and_nothing_else():
     output = logging.StreamHandler(stream)
     root = logging.getLogger()
     root.addHandler(output)
-    level, root.level = root.level, logging.INFO
+    level = root.level
+    root.setLevel(logging.INFO)  # setLevel, not .level: it clears the loggers' cached levels
     try:
         quiet_batch_log()
         quiet_batch_log()  # one filter, however many handlers of the worker initialise
@@ -126,7 +127,7 @@ def test_quiet_batch_log_drops_torchserves_per_batch_line_and_nothing_else():
         logging.getLogger("ts.metrics").info("[METRICS]PredictionTime.ms:1.0|#ModelName:mnist")
     finally:
         root.removeHandler(output)
-        root.level = level
+        root.setLevel(level)
     assert stream.getvalue().splitlines() == ["Backend received inference at: a handler's own line",
                                               "[METRICS]PredictionTime.ms:1.0|#ModelName:mnist"]
 
