@@ -4,13 +4,14 @@
         --host http://127.0.0.1:8080 --csv logs/locust --html logs/locust.html
 
 One user class per model (``MnistUser``, ...), weighted by its registry entry (mnist : sentiment : regression :
-fashion : detector = 3 : 2 : 1 : 2 : 1); every user sends its next request as soon as the last reply arrived
-(closed loop; --think-time adds a pause). Payloads are held-out samples with known answers
+fashion : detector : translator : cyclegan = 3 : 2 : 1 : 2 : 1 : 1 : 1); every user sends its next request as soon
+as the last reply arrived (closed loop; --think-time adds a pause). Payloads are held-out samples with known answers
 (tests/load/payloads.py): digit PNGs at 28, 64, 128 and 300 px (both polarities), reviews as UTF-8 text, patient
-rows as JSON, Fashion-MNIST test images re-encoded, composed detection images. A reply counts as a failure unless
-it has status 200 AND the right content (tests/load/checks.py): the digit's label, top-3 probabilities sorted, in
-[0, 1], summing to <= 1; the review's label; a finite regression prediction; the garment's label; objects found
-with boxes and masks in the image's frame.
+rows as JSON, Fashion-MNIST test images re-encoded, composed detection images, English number names (translator),
+Fashion-MNIST items and line drawings (cyclegan). A reply counts as a failure unless it has status 200 AND the right
+content (tests/load/checks.py): the digit's label, top-3 probabilities sorted, in [0, 1], summing to <= 1; the
+review's label; a finite regression prediction; the garment's label; objects found with boxes and masks in the
+image's frame; the translation; the translated image.
 
 Options (also as environment variables LOCUST_KEY_FILE, LOCUST_NO_TOKEN, ...):
   --key-file PATH     TorchServe's key_file.json to read the inference token from (default ./key_file.json, written

@@ -187,3 +187,18 @@ def test_make_docs_renders_them():
 def test_documents_are_the_readme_and_every_page_under_docs():
     found = {os.path.relpath(path, ROOT) for path in docs.documents()}
     assert "README.md" in found and "docs/serving.md" in found and "docs/models/mnist.md" in found
+
+
+def error_types_raised():
+    """Every error type a handler can answer: each literal ``kind="..."`` under handlers/, and the ``TooMany<What>``
+    of each ``bounded_list(..., "<what>")``."""
+    source = "".join(path.read_text(encoding="utf-8") for path in (ROOT / "handlers").glob("*.py"))
+    kinds = set(re.findall(r'kind="(\w+)"', source))
+    return kinds | {f"TooMany{what.title()}" for what in re.findall(r'bounded_list\([^()]*"(\w+)"\)', source)}
+
+
+def test_every_error_type_a_handler_answers_is_in_the_error_table():
+    table = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8").split("## Errors", 1)[1].split("\n## ", 1)[0]
+    raised = error_types_raised()
+    assert {"InvalidImage", "DuplicateKey", "TooManyTexts", "TooManyRows", "TooManyImages"} <= raised  # the scan works
+    assert sorted(kind for kind in raised if f"`{kind}`" not in table) == []
