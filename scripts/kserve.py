@@ -11,7 +11,7 @@ the runtime's container reads from its storageUri (mounted at /mnt/models):
 
 Only the models whose handler speaks the protocol are served: KServe's data plane offers its v1 and v2 routes only,
 and no handler answers v1 (a handler without the protocol hooks, such as a new scaffolded model's, answers
-neither); every model of registry.py speaks v2 today. The snapshot takes each
+neither); every model of registry.py but the translator speaks v2 today. The snapshot takes each
 model's name, version, workers and batching from the archive itself (its manifest and model-config), so it always
 describes the files beside it.
 """

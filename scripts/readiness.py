@@ -6,8 +6,8 @@ TorchServe's /ping looks at default versions only, so a pod whose non-default ve
 failed to load, or is still loading, reads Healthy. This check asks the management API on loopback instead, for each
 archive the pod was started with: the archive's model name and version (from its MAR-INF/MANIFEST.json) must be
 registered, and at least minWorkers (at least 1) of its workers READY. Exit 0 ready, 1 not ready, each problem on
-one line; it is the exec readiness and startup probe of k8s/20-torchserve-*.yaml (the image's python, standard
-library only, so a probe costs ~50 ms of CPU).
+one line; it is the exec readiness probe of k8s/20-torchserve-*.yaml, whose startup probe only waits for the
+management API (the image's python, standard library only, so a probe costs ~50 ms of CPU).
 
 Defaults, for the pod: the management address and model store from --config (the ConfigMap's config.properties);
 the archives from --models of the container's own command line (PID 1: `torchserve ... --models mnist=mnist.mar ...`),

@@ -19,7 +19,7 @@ other axis that varies (a sequence length). ``unsupported`` skips a format, and 
 
 Both files are traced at batch 2 and checked against the eager model at batch sizes 1 and 7 (ONNX through ONNX
 Runtime): a max abs difference above ``TOLERANCE`` fails the export. Optional keys change that per model (the
-detector uses them; the other models declare none, and export as described above):
+detector uses them, cyclegan ``exporter``; the other models declare none, and export as described above):
 
 - ``"wrap": callable``: export ``wrap(model)`` instead of the model, an ``nn.Module`` that takes the inputs
   positionally and returns a tensor or a tuple of tensors (the detector's ``OneImage``: one image in, its boxes,

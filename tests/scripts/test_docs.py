@@ -202,3 +202,10 @@ def test_every_error_type_a_handler_answers_is_in_the_error_table():
     raised = error_types_raised()
     assert {"InvalidImage", "DuplicateKey", "TooManyTexts", "TooManyRows", "TooManyImages"} <= raised  # the scan works
     assert sorted(kind for kind in raised if f"`{kind}`" not in table) == []
+
+
+def test_every_test_file_is_described_in_the_testing_page():
+    page = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
+    files = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("*/test_*.py"))
+    assert "tests/serving/test_serving.py" in files
+    assert [name for name in files if f"`{name}`" not in page] == []
