@@ -7,10 +7,10 @@ handler code serves each of them:
 - ``torchscript``: the manifest's ``exports.torchscript`` file (``torch.jit.load``);
 - ``onnxruntime``: the manifest's ``exports.onnx`` file in an ONNX Runtime session (the CUDA provider on a GPU
   worker when the installed onnxruntime has it, else the CPU one), with the handler's thread budget;
-- ``onnxruntime-int8``: the manifest's ``exports.onnx-int8`` file (int8 weights and activations, which training
+- ``onnxruntime-int8``: the manifest's ``exports.onnx-int8`` file (int8 weights, uint8 activations, which training
   writes for the classifiers it calibrates: ``train.export.quantize``) in the same kind of session;
-- ``aoti``: the manifest's ``exports.aoti`` package (``model.pt2``: torch.export + AOTInductor, compiled by
-  ``python -m train.export --aoti`` / `make compile` for the device it names), loaded with ``aoti_load_package``.
+- ``aoti``: the manifest's ``exports.aoti`` package (``model.pt2``: torch.export + AOTInductor, compiled for the CPU
+  by ``python -m train.export --aoti`` / `make compile`), loaded with ``aoti_load_package``; a GPU worker refuses it.
 
 A runtime the artifact cannot run (no such export, or compiled for another device) fails at load with the reason.
 
@@ -164,8 +164,8 @@ def load(name, model_dir, manifest, device, eager_model, threads=1):
         path, export = export_file(model_dir, manifest, EXPORTS["aoti"], name)
         if export.get("device", "cpu") != device.type:
             raise ValueError(f"runtime aoti: {export['file']} was compiled for {export.get('device', 'cpu')}, this "
-                             f"worker runs on {device}; compile it on a {device.type} machine "
-                             "(python -m train.export --aoti)")
+                             f"worker runs on {device}; python -m train.export --aoti compiles for the CPU only, "
+                             "so use runtime eager or onnxruntime on a GPU")
         from torch._inductor import aoti_load_package
 
         return TorchRuntime(name, aoti_load_package(path), device)

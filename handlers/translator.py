@@ -1,4 +1,4 @@
-"""translator: text -> {"translation", "tokens", "unknown", "beam", "complete", "model", "version"}.
+"""translator: text -> {"translation", "tokens", "unknown", "beam", "complete", "log_probability", "model", "version"}.
 
 The default model turns English number names into French ones (models/translator.py, docs/models/translator.md).
 
@@ -17,8 +17,8 @@ text/event-stream`` server-sent events (``data: {...}`` and a blank line; the la
 Streaming decodes greedily: beam search's tokens are final only when the search ends, so ``stream`` with ``beam`` >
 1 is a 400. In a batch, each streaming request streams and the others are answered as usual.
 
-Explanations (``/explanations``): the reply plus ``source_tokens`` and ``attention``, the decoder's attention weights
-as a [source token][output token] matrix (each column sums to 1).
+Explanations (``/explanations``): the reply plus ``"method": "attention"``, ``source_tokens`` and ``attention``, the
+decoder's attention weights as a [source token][output token] matrix (each column sums to 1).
 """
 
 import json

@@ -59,7 +59,8 @@ class ResnetGenerator(nn.Module):
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN: C``width``-C(2 ``width``)-C(4 ``width``) with 4x4 convolutions (the first two stride 2), then one
-    score per patch (a 5x5 map for a 28x28 image, each score seeing a 22x22 patch)."""
+    score per patch (a 5x5 map for a 28x28 image; each score's receptive field is 34x34, wider than the image, and the
+    instance norms mix in the whole image)."""
 
     def __init__(self, channels: int = 1, width: int = 32):
         super().__init__()

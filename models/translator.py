@@ -126,8 +126,8 @@ ARCHITECTURES = {"Seq2Seq": Seq2Seq}
 @torch.inference_mode()
 def greedy(model: Seq2Seq, source: torch.Tensor, max_length: int, on_token=None):
     """The most probable next token at each step, for a batch [N, S]. Returns per sentence (token ids without
-    <eos>, attention [steps, S] (a row per decoded token, then one for <eos> if it came), sum of log-probabilities,
-    whether <eos> ended it (else ``max_length`` did)). ``on_token(row, id)`` is called as each token is decoded
+    <eos>, attention [steps, S] (a row per decoded token, then one for <eos> if it came), sum of the log-probabilities
+    of those steps, whether <eos> ended it (else ``max_length`` did)). ``on_token(row, id)`` is called as each token is decoded
     (streaming)."""
     states, keys, mask, hidden = model.encode(source)
     n = source.shape[0]
@@ -141,10 +141,13 @@ def greedy(model: Seq2Seq, source: torch.Tensor, max_length: int, on_token=None)
             if done[row]:
                 continue
             token = int(best[row])
+            if token != EOS_ID and len(tokens[row]) == max_length:  # out of room: this token is not emitted
+                done[row] = True
+                continue
             attention[row].append(weights[row].cpu())
             score[row] += float(log_probs[row, token])
-            if token == EOS_ID or len(tokens[row]) == max_length:
-                done[row], ended[row] = True, token == EOS_ID
+            if token == EOS_ID:
+                done[row] = ended[row] = True
             else:
                 tokens[row].append(token)
                 if on_token is not None:

@@ -1,4 +1,6 @@
-"""Write samples/: held-out payloads for the README's curl lines (`python -m scripts.make_samples`)."""
+"""Write the digits', reviews' and patients' files of samples/: held-out payloads for the README's curl lines
+(`python -m scripts.make_samples`). The detector's come from `python -m train.detector --samples samples`; the
+fashion, translator and cyclegan samples are committed as they are."""
 
 import io
 import json

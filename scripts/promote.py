@@ -14,7 +14,9 @@ folder (its test set), sentiment a folder with neg.txt and pos.txt, regression a
 Both come from the model's registry entry (``Promotion``: a function of its training module).
 
 Exit status: 0 promoted (--dry-run: the gates pass, nothing changed), 3 refused (nothing changed), 2 bad input
-(unknown model or version, unreadable data, a server that does not answer).
+(unknown model or version, unreadable data, a server that does not answer or answers an error), 4 the gates passed
+but the promotion failed (set-default refused, or the default does not answer as the candidate afterwards: the
+message and the report say what the server did).
 
 ``--prometheus URL --window 5m`` reads live traffic instead (canary analysis, as Flagger or Argo Rollouts do): both
 versions' error ratio and handler p99 over the window, from the queries of scripts/promql.py, by ``ModelVersion`` on
@@ -44,7 +46,7 @@ import registry
 from scripts.promql import BY_NAME
 from scripts.server import CONFIG, PORT_KEYS, ROOT, read_properties
 
-REFUSED, BAD_INPUT = 3, 2
+REFUSED, BAD_INPUT, PROMOTION_FAILED = 3, 2, 4
 HTTPROUTE = ROOT / "k8s" / "40-httproute.yaml"
 SPLIT_RULE = "weighted-split"
 ROLLOUT_STEPS = ((90, 10), (50, 50), (0, 100))
@@ -52,6 +54,10 @@ ROLLOUT_STEPS = ((90, 10), (50, 50), (0, 100))
 
 class BadInput(Exception):
     """What the user asked for cannot be evaluated (exit 2); the message says why."""
+
+
+class PromotionFailed(Exception):
+    """The gates passed, but making the candidate the default did not work as checked (exit 4)."""
 
 
 # --- the labelled examples -----------------------------------------------------------------------------------------
@@ -121,7 +127,9 @@ class Server:
         refused_token(reply, "management")
         if reply.status_code == 404:
             raise BadInput(f"TorchServe serves no {model} {version or ''}".strip() + f": {reply.json()['message']}")
-        reply.raise_for_status()
+        if reply.status_code != 200:
+            raise BadInput(f"TorchServe's management API answered GET {path} with {reply.status_code}: "
+                           f"{reply.text[:200]}")
         return reply.json()[0]
 
 
@@ -349,20 +357,20 @@ def set_default(server, model, candidate, example):
     """Make ``candidate`` the default and check that /predictions/MODEL answers with it; returns what was checked."""
     reply = server.call("management", "PUT", f"/models/{model}/{candidate}/set-default")
     if reply.status_code != 200:
-        raise RuntimeError(f"set-default answered {reply.status_code}: {reply.text}")
+        raise PromotionFailed(f"set-default answered {reply.status_code}: {reply.text}")
     now = server.describe(model)["modelVersion"]
     if now != candidate:
-        raise RuntimeError(f"set-default answered 200, but the default is {now}")
+        raise PromotionFailed(f"set-default answered 200, but the default is {now}")
     plain = server.call("inference", "POST", f"/predictions/{model}", data=example.body,
                         headers={"Content-Type": example.content_type})
     pinned = server.call("inference", "POST", f"/predictions/{model}/{candidate}", data=example.body,
                          headers={"Content-Type": example.content_type})
     if plain.status_code != 200 or plain.json() != pinned.json():
-        raise RuntimeError(f"/predictions/{model} answers {plain.status_code} {plain.text[:200]}, "
+        raise PromotionFailed(f"/predictions/{model} answers {plain.status_code} {plain.text[:200]}, "
                            f"the candidate {pinned.text[:200]}")
     answered = plain.json().get("version") if isinstance(plain.json(), dict) else None
     if answered not in (None, candidate):
-        raise RuntimeError(f"/predictions/{model} answers as version {answered}, not {candidate}")
+        raise PromotionFailed(f"/predictions/{model} answers as version {answered}, not {candidate}")
     return f"default is {now}; /predictions/{model} answers like /predictions/{model}/{candidate}" + (
         f" (\"version\": \"{answered}\")" if answered else "")
 
@@ -512,29 +520,34 @@ def run(args):
     measured = source.observe(args.model, default, args.candidate)
     limits = Limits(args.margin, args.max_p99_increase, args.p99_floor_ms, args.alpha, args.max_error_ratio_increase)
     passed, gates = decide(measured.metrics, limits)
+    failed = False
     if not passed:
         action = f"refused: nothing changed, the default stays {default}"
     elif args.dry_run:
         action = f"dry run: the gates pass, the default stays {default}"
     else:
-        action = "promoted: " + set_default(server, args.model, args.candidate, examples[0])
+        try:
+            action = "promoted: " + set_default(server, args.model, args.candidate, examples[0])
+        except PromotionFailed as err:
+            failed, action = True, f"promotion FAILED after the gates passed: {err}"
     report = {"model": args.model, "default": default, "candidate": args.candidate,
               "decision": "pass" if passed else "refused", "action": action, "source": measured.source,
               "limits": asdict(limits), "metrics": measured.metrics, "gates": gates,
               "errors": {role: o.errors[:20] for role, o in measured.observations.items()}}
-    if passed and args.k8s:
+    rollout = passed and args.k8s and not failed
+    if rollout:
         report["kubectl"] = kubectl_steps()
     stem = write_report(args.report, report)
     for gate in gates:
         verdict = {True: "pass", False: "FAIL", None: "skip"}[gate["passed"]]
         print(f"promote: gate {gate['gate']:8} {verdict}  {gate['found']}")
     print(f"promote: {action}\npromote: report {stem}.md (.json, .png)")
-    if passed and args.k8s:
+    if rollout:
         print("\nRollout in the cluster (B must serve the candidate, see k8s/README.md). After each step compare the "
               "variants, then write the same weights into k8s/40-httproute.yaml, or the next apply undoes them:")
         for step, command in report["kubectl"].items():
             print(f"  # {step}\n  {command}")
-    return 0 if passed else REFUSED
+    return PROMOTION_FAILED if failed else 0 if passed else REFUSED
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ def _rate(metric, extra=""):
 
 QUERIES = (
     Query("request_rate", "Requests per second", "reqps", _rate("HandlerRequests")),
-    Query("error_ratio", "Share of requests answered 4xx by the handler", "percentunit",
+    Query("error_ratio", "Share of requests the handler answered with an error (4xx or 500)", "percentunit",
           f"{_rate('HandlerErrors')} / {_rate('HandlerRequests')}"),
     Query("errors_by_type", "Rejected requests per second, by error type", "reqps",
           _rate("RejectedRequests", ", ErrorType")),

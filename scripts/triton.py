@@ -2,7 +2,8 @@
 
     python -m scripts.triton DIR [--format onnx|torchscript]
 
-writes, for every model of registry.py, ``DIR/<model>/config.pbtxt`` and one numbered folder per served version
+writes, for every model of registry.py whose export Triton can batch (not the translator: no export; not the
+detector: one image per call), ``DIR/<model>/config.pbtxt`` and one numbered folder per served version
 (registry order: mnist 1.0 is ``1/``, 2.0 is ``2/``) holding ``model.onnx`` (backend onnxruntime) or ``model.pt``
 (pytorch_libtorch, whose tensors Triton names ``<name>__<index>``), plus ``labels.txt`` for classifiers. Batching
 follows the model-config: ``max_batch_size`` = batchSize, the dynamic batcher's delay = maxBatchDelay.

@@ -36,7 +36,7 @@ def build_parser(description: str, default_out: str, default_epochs: int,
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the shuffling (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="artifact folder to write (default %(default)s)")
     if held_out_split:
-        parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; --dataset mnist keeps its official test set)")
+        parser.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out fraction (default %(default)s; train.mnist --dataset mnist keeps its official test set)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many training and held-out samples (smoke tests)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: this process's share of the CPUs it may use); the figures of a "

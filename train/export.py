@@ -278,7 +278,7 @@ def write_manifest(artifact_dir: Path, manifest: dict) -> dict:
 
 
 def quantize(artifact_dir, calibration: torch.Tensor, held_out: torch.Tensor) -> dict:
-    """``model.int8.onnx``: the artifact's ONNX export with int8 weights (per output channel) and int8 activations,
+    """``model.int8.onnx``: the artifact's ONNX export with int8 weights (per output channel) and uint8 activations,
     by ONNX Runtime's static quantization (QDQ format), the activations' ranges calibrated on ``calibration``
     (training inputs as the model takes them, e.g. normalised images). Listed in the manifest as
     ``exports["onnx-int8"]`` with ``top1_agreement``: the share of ``held_out`` inputs whose top class it gives as

@@ -355,7 +355,9 @@ def labelled_requests(record: dict, path: str | None = None) -> list[tuple[str, 
         negative, positive = read_reviews(Path(path) / "neg.txt"), read_reviews(Path(path) / "pos.txt")
         texts, labels = negative + positive, [0] * len(negative) + [1] * len(positive)
     else:
-        split = load_split(record["seed"], record["args"]["test_fraction"], record["args"].get("limit"))
+        args = record["args"]
+        split = load_split(record["seed"], args["test_fraction"], args.get("limit"), args.get("csv"),
+                           args.get("text_column", "review"), args.get("label_column", "label"))
         texts, labels = split.test_texts, split.test_labels
     names = ("negative", "positive")
     return [(text, text.encode(), "text/plain; charset=utf-8", names[int(label)]) for text, label in zip(texts, labels)]

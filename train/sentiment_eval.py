@@ -214,7 +214,7 @@ def cross_domain(args) -> dict:
         print(f"[{number}/{len(names)}] leaving out {name!r}: training on {len(train)}, testing on {len(test)}",
               flush=True)
         fitted = fit_classifier(args, [texts[i] for i in train], labels[train], [texts[i] for i in test],
-                                labels[test], seed_everything(args.seed))
+                                labels[test], seed_everything(args.seed, threads=args.threads))
         per_domain[name] = {"n": len(test), "accuracy": round(fitted.test_metrics["accuracy"], 4)}
     accuracies = [row["accuracy"] for row in per_domain.values()]
     return {"per_domain": per_domain, "mean": round(float(np.mean(accuracies)), 4), "worst": min(accuracies),

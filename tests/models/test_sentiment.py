@@ -256,6 +256,20 @@ def test_cross_domain_trains_without_each_category_and_tests_on_it(tmp_path):
     assert result["mean"] == pytest.approx(np.mean([row["accuracy"] for row in per_domain.values()]), abs=1e-4)
 
 
+def test_cross_domain_trains_with_the_threads_it_is_given(tmp_path, monkeypatch):
+    seeded = []  # the keyword arguments of each seed_everything call: one per left-out domain
+    monkeypatch.setattr(sentiment_eval, "seed_everything", lambda seed, **kwargs: seeded.append(kwargs))
+    monkeypatch.setattr(sentiment_eval, "fit_classifier", lambda *args: FittedStub())
+    path = tmp_path / "reviews.csv"
+    path.write_text("label,category,review\n1,水果,好\n0,水果,差\n1,手机,好用\n0,手机,难用\n", encoding="utf-8")
+    sentiment_eval.cross_domain_main(["--csv", str(path), "--threads", "3"])
+    assert seeded == [{"threads": 3}] * 2
+
+
+class FittedStub:
+    test_metrics = {"accuracy": 0.5}
+
+
 def test_cross_domain_takes_a_repeated_texts_first_category(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text("label,category,review\n1,水果,好\n0,手机,差\n1,手机,好\n1,, 不错 \n", encoding="utf-8")

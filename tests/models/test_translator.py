@@ -158,3 +158,26 @@ def test_streams_tokens_over_http_before_the_final_reply(tmp_path):
                                                                     "application/x-ndjson")
         plain = server.predict("translator", text.encode(), headers={"Content-Type": TEXT})
         assert plain.status_code == 200 and plain.json()["translation"] == label
+
+
+
+def test_a_greedy_output_cut_by_max_length_scores_only_the_tokens_it_emits():
+    import torch
+
+    from models.translator import EOS_ID, SOS_ID, Seq2Seq, greedy
+
+    torch.manual_seed(0)
+    model = Seq2Seq(12, 12, dim=8, hidden=16).eval()
+    with torch.no_grad():  # never <eos>: max_length cuts every output
+        model.out.bias[EOS_ID] = -100.0
+    source = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    for row, (tokens, attention, score, ended) in enumerate(greedy(model, source, max_length=3)):
+        assert len(tokens) == 3 and not ended and attention.shape[0] == 3  # a row per emitted token, no more
+        states, keys, mask, hidden = model.encode(source[row : row + 1])
+        previous, expected = torch.tensor([SOS_ID]), 0.0
+        with torch.inference_mode():
+            for token in tokens:
+                log_probs, hidden, _ = model.step(previous, hidden, states, keys, mask)
+                expected += float(log_probs[0, token])
+                previous = torch.tensor([token])
+        assert score == pytest.approx(expected, abs=1e-5)

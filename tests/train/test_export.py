@@ -247,7 +247,8 @@ def test_aoti_without_a_package_fails_at_load_saying_how_to_compile(tmp_path):
 
 def test_an_aoti_package_compiled_for_another_device_fails_at_load():
     manifest = {"exports": {"aoti": {"file": "model.pt2", "device": "cpu"}}}
-    with pytest.raises(ValueError, match="model.pt2 was compiled for cpu, this worker runs on cuda:0"):
+    with pytest.raises(ValueError, match="model.pt2 was compiled for cpu, this worker runs on cuda:0; .* compiles for "
+                                         "the CPU only, so use runtime eager or onnxruntime on a GPU"):
         runtimes.load("aoti", "/nowhere", manifest, torch.device("cuda:0"), None)
 
 
