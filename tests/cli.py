@@ -4,6 +4,7 @@ without a new interpreter importing torch again (about 3 s a run), so the CLI er
 import contextlib
 import importlib.util
 import io
+import os
 import runpy
 import subprocess
 import sys
@@ -11,6 +12,10 @@ import warnings
 from unittest import mock
 
 from scripts.server import ROOT
+
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+"""The environment of a subprocess that must run on the CPU on any machine, GPUs hidden (e.g. a torchrun job a test
+compares with a CPU run)."""
 
 
 def run_module(module, *args, env=None):

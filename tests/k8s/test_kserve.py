@@ -620,9 +620,9 @@ def test_the_canary_folder_loads_in_torchserve_as_kserve_starts_it(tmp_path, arc
             name: archives[file][1] for name, file in kserve.variant_archives(variant).items()}
     folder = tmp_path / "out" / "b"
     expected = {(name, archives[file][1]) for name, file in kserve.variant_archives("b").items()}
-    extra = next((file for file, (name, _) in archives.items() if name not in dict(expected)), None)
-    if extra:  # in the store, not in the snapshot: TorchServe must not load it
-        shutil.copy2(ROOT / "model_store" / extra, folder / "model-store")
+    unlisted = "mnist.mar"  # mnist 1.0: in the store, not in b's snapshot (mnist 2.0), so TorchServe must not load it
+    assert archives[unlisted] == ("mnist", "1.0") and ("mnist", "1.0") not in expected
+    shutil.copy2(ROOT / "model_store" / unlisted, folder / "model-store")
     server = WrapperView(tmp_path / "ts", model_store=folder / "model-store",
                          config=folder / "config" / "config.properties",
                          overrides={"number_of_gpu": "0"})  # no GPU here; listeners, store and metrics: free ports

@@ -31,7 +31,8 @@ def test_each_floor_comes_from_three_seeds_of_the_current_training_command(versi
     assert measured["command"] == version.train, f"{version.archive}'s training command changed: run {rerun}"
     assert len(measured["seeds"]) >= 3 and all(quality.metric in run for run in measured["seeds"].values())
     worst = min(run[quality.metric] for run in measured["seeds"].values())
-    assert seeds.floors(seed_record())[version.archive, quality.metric] <= worst - quality.margin
+    floor = seeds.floors(seed_record())[version.archive, quality.metric]
+    assert worst - quality.margin - 0.001 < floor <= worst - quality.margin  # the worst seed, less the margin
 
 
 def test_every_version_with_recorded_seeds_is_judged_by_a_quality_figure():

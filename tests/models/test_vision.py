@@ -22,7 +22,7 @@ from handlers.images import decode_fitted, decode_image
 from models import build, load_model, read_manifest
 from models.vision import LIGHT_ON_DARK, STRETCH_TO, light_on_dark, mobilenet, resnet, vgg
 from scripts.server import ROOT
-from tests.cli import run_module
+from tests.cli import CPU_ONLY, run_module
 from tests.fixtures.servers import rezip
 from tests.load import checks, payloads
 from tests.worker import Request, valid_reason
@@ -161,7 +161,7 @@ def test_torchrun_with_two_cpu_processes_writes_the_single_process_layout(tmp_pa
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run([*torchrun, "-m", "train.vision", "--limit", "128", "--epochs", "1", "--width", "8",
                              "--data-dir", str(DATA_DIR), "--out", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
     manifest = read_manifest(out)
