@@ -164,8 +164,24 @@ def test_make_serve_answers_with_the_built_models_while_it_trains_the_others(bun
         assert 400 <= remote.status_code < 500, remote.text  # registration: the local model store only
         anonymous = server.management("POST", "/models", token=False, params={"url": "regression.mar"})
         assert anonymous.json()["type"] == "InvalidKeyException"  # TorchServe 0.12's 400 for a missing token
+        stopped = subprocess.run(["make", "stop"], cwd=bundle, env=env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0 and "TorchServe has stopped." in stopped.stdout, stopped.stdout + stopped.stderr
+        assert workers_with_sockets_in(tmp_path / "tmp") == []  # gone when make stop returns, not seconds later
     finally:
         subprocess.run(["make", "stop"], cwd=bundle, env=env, capture_output=True, timeout=120)
+
+
+def workers_with_sockets_in(folder):
+    """The pids of TorchServe workers whose socket is under ``folder`` (a server's TMPDIR), from /proc."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if any(w.endswith(b"model_service_worker.py") for w in words) and str(folder).encode() in b" ".join(words):
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def test_make_serve_builds_two_light_versions_side_by_side_and_the_others_alone(monkeypatch):
