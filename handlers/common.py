@@ -21,8 +21,8 @@ would leave overrides that silently do nothing. TorchServe's names are kept wher
 ``initialize``, ``handle``, ``describe_handle``, ``context.metrics``.
 
 ``handler.runtime`` in model-config.yaml picks what ``predict`` runs (``handlers/runtimes.py``: eager, TorchScript,
-ONNX Runtime in float or int8, AOTInductor). A request in the Open Inference Protocol (``handlers/oip.py``) is parsed by the model's
-``oip_examples`` hook, shares the batch's forward passes, and is answered by ``oip_outputs``.
+ONNX Runtime in float or int8, AOTInductor). A request in the Open Inference Protocol (``handlers/oip.py``) is parsed
+by the model's ``oip_examples`` hook, shares the batch's forward passes, and is answered by ``oip_outputs``.
 
 Limits, from ``handler:`` in model-config.yaml (each with a default here): ``max_forward_examples`` examples per
 forward pass (default: ``batchSize``), ``max_explain_examples`` items per explanation request, ``max_reply_bytes``

@@ -127,8 +127,8 @@ ARCHITECTURES = {"Seq2Seq": Seq2Seq}
 def greedy(model: Seq2Seq, source: torch.Tensor, max_length: int, on_token=None):
     """The most probable next token at each step, for a batch [N, S]. Returns per sentence (token ids without
     <eos>, attention [steps, S] (a row per decoded token, then one for <eos> if it came), sum of the log-probabilities
-    of those steps, whether <eos> ended it (else ``max_length`` did)). ``on_token(row, id)`` is called as each token is decoded
-    (streaming)."""
+    of those steps, whether <eos> ended it (else ``max_length`` did)). ``on_token(row, id)`` is called as each token
+    is decoded (streaming)."""
     states, keys, mask, hidden = model.encode(source)
     n = source.shape[0]
     previous = torch.full((n,), SOS_ID, dtype=torch.long, device=source.device)

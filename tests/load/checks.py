@@ -1,7 +1,8 @@
 """Content checks of the served models' replies, shared by the locustfile, the benchmark and the smoke test.
 
 Each ``check_*`` takes the raw reply body (bytes or text) and what the sample is known to be, returns what it read
-(the label, the prediction, the detector's number of detections; nothing for the no-op) and raises ``WrongAnswer`` naming the problem when the reply is not a correct answer.
+(the label, the prediction, the detector's number of detections; nothing for the no-op) and raises ``WrongAnswer``
+naming the problem when the reply is not a correct answer.
 No locust import here: importing locust monkey-patches the process with gevent, which the threaded benchmark
 client and pytest must not get.
 """
