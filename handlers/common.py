@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers import oip, runtimes
@@ -279,6 +280,21 @@ def quiet_batch_log():
             handler.addFilter(drop_batch_received_line)
 
 
+def declared_metric(metrics, name, unit, dimension_names, metric_type=MetricTypes.COUNTER):
+    """The worker's metric ``name`` as metrics.yaml declares it (TorchServe's cache holds every declared metric from
+    the start; adding one again replaces it and logs "Overriding existing key", a line per metric at every worker
+    start), else added with this unit and these dimensions, as under a metrics config that does not declare it. A
+    declaration whose dimensions differ is refused: the handler writes these, and TorchServe would refuse each line."""
+    try:
+        metric = metrics.get_metric(name, metric_type)
+    except MetricsCacheKeyError:
+        return metrics.add_metric_to_cache(name, unit, dimension_names, metric_type=metric_type)
+    if metric.dimension_names != dimension_names:
+        raise ValueError(f"the metrics config declares {name} with dimensions {metric.dimension_names}; "
+                         f"the handler writes {dimension_names}")
+    return metric
+
+
 def configure_threads(model_config):
     """Set torch's intra-op threads so that this model's workers x threads fit the CPUs this process may use.
 
@@ -435,20 +451,14 @@ class BundleHandler:
 
     def _init_metrics(self, metrics):
         dims = ["ModelName", "ModelVersion"]
-        counter = MetricTypes.COUNTER
-        self.metric_requests = metrics.add_metric_to_cache("HandlerRequests", "Count", dims, metric_type=counter)
-        self.metric_predictions = metrics.add_metric_to_cache("PredictionsByLabel", "Count", dims + ["Label"],
-                                                              metric_type=counter)
-        self.metric_rejected = metrics.add_metric_to_cache("RejectedRequests", "Count", dims + ["ErrorType"],
-                                                           metric_type=counter)
-        self.metric_errors = metrics.add_metric_to_cache("HandlerErrors", "Count", dims, metric_type=counter)
-        self.metric_preprocess = metrics.add_metric_to_cache("PreprocessMilliseconds", "ms", dims, metric_type=counter)
-        self.metric_latency_buckets = metrics.add_metric_to_cache("HandlerLatencySeconds_bucket", "Count",
-                                                                  dims + ["le"], metric_type=counter)
-        self.metric_latency_count = metrics.add_metric_to_cache("HandlerLatencySeconds_count", "Count", dims,
-                                                                metric_type=counter)
-        self.metric_latency_sum = metrics.add_metric_to_cache("HandlerLatencySeconds_sum", "s", dims,
-                                                              metric_type=counter)
+        self.metric_requests = declared_metric(metrics, "HandlerRequests", "Count", dims)
+        self.metric_predictions = declared_metric(metrics, "PredictionsByLabel", "Count", dims + ["Label"])
+        self.metric_rejected = declared_metric(metrics, "RejectedRequests", "Count", dims + ["ErrorType"])
+        self.metric_errors = declared_metric(metrics, "HandlerErrors", "Count", dims)
+        self.metric_preprocess = declared_metric(metrics, "PreprocessMilliseconds", "ms", dims)
+        self.metric_latency_buckets = declared_metric(metrics, "HandlerLatencySeconds_bucket", "Count", dims + ["le"])
+        self.metric_latency_count = declared_metric(metrics, "HandlerLatencySeconds_count", "Count", dims)
+        self.metric_latency_sum = declared_metric(metrics, "HandlerLatencySeconds_sum", "s", dims)
         self.counters = CounterBuffer()
         # Every counter of a rate() exists from the worker's start, at 0: Prometheus then extrapolates numerator
         # and denominator of a ratio (error share, quantiles, mean latency) over the same samples.

@@ -28,7 +28,8 @@ from PIL import ExifTags, Image
 from skimage.measure import approximate_polygon, find_contours  # at load: 50 MB the first polygon would add
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.common import BundleHandler, RequestError, compact_json, decode_text, finite_number, quote
+from handlers.common import (BundleHandler, RequestError, compact_json, declared_metric, decode_text, finite_number,
+                             quote)
 from handlers.images import image_bytes, opened_image, pixels_of, protocol_images
 from models.detector import OUTPUTS as EXPORT_OUTPUTS, encode_mask, working_size
 
@@ -129,8 +130,8 @@ class DetectorHandler(BundleHandler):
         self.min_size, self.max_size = self.artifact["input"]["min_size"], self.artifact["input"]["max_size"]
         self.bounds = {name: {**DEFAULT_BOUNDS[name], **(config.get(name) or {})} for name in NUMERIC_OPTIONS}
         self.max_mask_pixels = int(config.get("max_mask_pixels", DEFAULT_MAX_MASK_PIXELS))
-        self.metric_detections = context.metrics.add_metric_to_cache(
-            "DetectionsPerImage", "Count", ["ModelName", "ModelVersion"], metric_type=MetricTypes.HISTOGRAM)
+        self.metric_detections = declared_metric(context.metrics, "DetectionsPerImage", "Count",
+                                                 ["ModelName", "ModelVersion"], MetricTypes.HISTOGRAM)
 
     # --- a request -------------------------------------------------------------------------------------------------
 

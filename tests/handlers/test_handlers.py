@@ -342,3 +342,37 @@ def test_torch_threads_fit_workers_into_the_cpus_this_process_may_use(monkeypatc
         assert configure_threads({"minWorkers": 2, "handler": {"torch_threads": 3}}) == 3
     finally:
         torch.set_num_threads(1)
+
+
+def test_handler_metrics_are_taken_as_metrics_yaml_declares_them(tmp_path, caplog):
+    """TorchServe's cache holds every metric metrics.yaml declares: the handler takes those (adding one again logs
+    "Overriding existing key", a line per metric at every worker start), adds one a config does not declare, and
+    refuses a declaration whose dimensions differ from the ones it writes."""
+    import logging
+
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    from handlers.common import declared_metric
+    from scripts.server import ROOT
+
+    def cache(config):
+        metrics = MetricsCacheYamlImpl(config_file_path=str(config))
+        metrics.initialize_cache()
+        return metrics
+
+    dims = ["ModelName", "ModelVersion"]
+    shipped = cache(ROOT / "metrics.yaml")
+    with caplog.at_level(logging.WARNING):
+        metric = declared_metric(shipped, "HandlerRequests", "Count", dims)
+        histogram = declared_metric(shipped, "DetectionsPerImage", "Count", dims, MetricTypes.HISTOGRAM)
+    assert metric is shipped.get_metric("HandlerRequests", MetricTypes.COUNTER)
+    assert histogram is shipped.get_metric("DetectionsPerImage", MetricTypes.HISTOGRAM)
+    assert caplog.records == []
+    with pytest.raises(ValueError, match=r"declares HandlerRequests with dimensions \['ModelName', 'ModelVersion'\]"):
+        declared_metric(shipped, "HandlerRequests", "Count", dims + ["Label"])
+
+    (tmp_path / "metrics.yaml").write_text("model_metrics:\n  counter:\n    - {name: Other, unit: Count, dimensions: []}\n")
+    undeclared = cache(tmp_path / "metrics.yaml")
+    added = declared_metric(undeclared, "HandlerRequests", "Count", dims)
+    assert added is undeclared.get_metric("HandlerRequests", MetricTypes.COUNTER) and added.dimension_names == dims
