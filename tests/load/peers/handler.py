@@ -18,6 +18,7 @@ import importlib
 import inspect
 
 import yaml
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 
 import registry
 from handlers.common import BundleHandler, parse_content_type
@@ -29,7 +30,10 @@ class _NullMetric:
 
 
 class _NullMetrics:
-    """TorchServe's metrics cache, as far as BundleHandler uses it, writing nothing."""
+    """TorchServe's metrics cache, as far as BundleHandler uses it, declaring nothing and writing nothing."""
+
+    def get_metric(self, name, metric_type):
+        raise MetricsCacheKeyError(f"{metric_type}:{name} is not declared")
 
     def add_metric_to_cache(self, *args, **kwargs):
         return _NullMetric()
