@@ -284,7 +284,8 @@ def declared_metric(metrics, name, unit, dimension_names, metric_type=MetricType
     """The worker's metric ``name`` as metrics.yaml declares it (TorchServe's cache holds every declared metric from
     the start; adding one again replaces it and logs "Overriding existing key", a line per metric at every worker
     start), else added with this unit and these dimensions, as under a metrics config that does not declare it. A
-    declaration whose dimensions differ is refused: the handler writes these, and TorchServe would refuse each line."""
+    declaration with other dimensions is refused at load: every value the handler writes, in this order, would fail
+    or be mislabelled."""
     try:
         metric = metrics.get_metric(name, metric_type)
     except MetricsCacheKeyError:
