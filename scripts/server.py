@@ -227,7 +227,7 @@ def start_daemon(since: float):
     pending = stale_archives()
     loaded = [version.archive for _, version in registry.served() if version.archive not in pending]
     properties = read_properties(CONFIG)
-    subprocess.run(["torchserve", "--stop", "--foreground"], cwd=ROOT, capture_output=True)  # a running one, gone
+    stop_torchserve()  # a running one, gone
     (ROOT / "logs").mkdir(exist_ok=True)
     config = serve_config(properties, loaded, registering=bool(pending))
     env = {key: value for key, value in os.environ.items() if key != "TS_CONFIG_FILE"}  # it would win over --ts-config
@@ -415,11 +415,16 @@ def report_ready(server: TorchServe, started: float, final: bool, list_versions:
 """, flush=True)
 
 
+def stop_torchserve() -> subprocess.CompletedProcess:
+    """TorchServe's ``--stop``, waiting (its ``--foreground``, up to 60 s) until the frontend has exited: its workers
+    exit before it, so nothing of the server is left when this returns (without the wait they lingered a few seconds,
+    holding their sockets)."""
+    return subprocess.run(["torchserve", "--stop", "--foreground"], cwd=ROOT, capture_output=True, text=True)
+
+
 def stop() -> int:
-    """`make stop`: TorchServe's ``--stop``, waiting (its ``--foreground``, up to 60 s) until the frontend has exited:
-    its workers exit before it, so nothing of the server is left when this returns (without the wait they lingered
-    a few seconds, holding their sockets)."""
-    result = subprocess.run(["torchserve", "--stop", "--foreground"], cwd=ROOT, capture_output=True, text=True)
+    """`make stop`: ``stop_torchserve``, printing TorchServe's answer."""
+    result = stop_torchserve()
     print(result.stdout.strip() or "TorchServe has stopped.")
     if result.stderr:
         print(result.stderr.strip(), file=sys.stderr)

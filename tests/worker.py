@@ -51,6 +51,13 @@ class _Frame:
         return self.buffer.read(size)
 
 
+def metrics_cache(config=ROOT / "metrics.yaml"):
+    """TorchServe's metrics cache as a worker builds it at start, from ``config`` (the bundle's metrics.yaml)."""
+    metrics = MetricsCacheYamlImpl(config_file_path=str(config))
+    metrics.initialize_cache()
+    return metrics
+
+
 class Worker:
     """One archive, unpacked and loaded by TorchServe's model loader with its model-config.yaml."""
 
@@ -58,8 +65,7 @@ class Worker:
         with zipfile.ZipFile(mar_path) as archive:
             archive.extractall(unpack_dir)
         model = json.loads((Path(unpack_dir) / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-        metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
-        metrics.initialize_cache()
+        metrics = metrics_cache()
         sys.path.append(str(unpack_dir))  # as the worker process has the model folder on its path
         try:
             self.service = ModelLoaderFactory.get_model_loader().load(

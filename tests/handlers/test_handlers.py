@@ -350,19 +350,13 @@ def test_handler_metrics_are_taken_as_metrics_yaml_declares_them(tmp_path, caplo
     refuses a declaration whose dimensions differ from the ones it writes."""
     import logging
 
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.metrics.metric_type_enum import MetricTypes
 
     from handlers.common import declared_metric
-    from scripts.server import ROOT
-
-    def cache(config):
-        metrics = MetricsCacheYamlImpl(config_file_path=str(config))
-        metrics.initialize_cache()
-        return metrics
+    from tests.worker import metrics_cache
 
     dims = ["ModelName", "ModelVersion"]
-    shipped = cache(ROOT / "metrics.yaml")
+    shipped = metrics_cache()
     with caplog.at_level(logging.WARNING):
         metric = declared_metric(shipped, "HandlerRequests", "Count", dims)
         histogram = declared_metric(shipped, "DetectionsPerImage", "Count", dims, MetricTypes.HISTOGRAM)
@@ -373,6 +367,6 @@ def test_handler_metrics_are_taken_as_metrics_yaml_declares_them(tmp_path, caplo
         declared_metric(shipped, "HandlerRequests", "Count", dims + ["Label"])
 
     (tmp_path / "metrics.yaml").write_text("model_metrics:\n  counter:\n    - {name: Other, unit: Count, dimensions: []}\n")
-    undeclared = cache(tmp_path / "metrics.yaml")
+    undeclared = metrics_cache(tmp_path / "metrics.yaml")
     added = declared_metric(undeclared, "HandlerRequests", "Count", dims)
     assert added is undeclared.get_metric("HandlerRequests", MetricTypes.COUNTER) and added.dimension_names == dims
