@@ -15,6 +15,7 @@ failed request, kept apart from the successes' latencies and reported with its f
 fixed body: the benchmark measures the client's own ceiling against it.
 """
 
+import math
 import os
 import selectors
 import socket
@@ -150,10 +151,14 @@ def _parse(buffer):
 
 
 def run(host, port, requests, users, seconds, warmup=1.0, server_pgid=None, timeout=30.0, keep_answers=False):
-    """Drive ``users`` closed-loop users for ``warmup`` + ``seconds``; measure the replies completed in the window.
+    """Drive ``users`` closed-loop users; measure the replies completed in a window of ``seconds`` that opens once
+    every user has joined and ``warmup`` seconds have passed since the first did.
 
     User i sends requests i, i + users, i + 2 * users, ... of ``requests`` (cycling), so every sample is sent and
-    concurrent requests differ.
+    concurrent requests differ. Users join one per reply: user i + 1 connects when a reply has come since user i
+    joined. Connected in one burst, every connection could be taken by one process of a server whose processes share
+    a listening socket (KServe's and LitServe's uvicorn processes: asyncio accepts all the pending connections at
+    once), leaving the others idle: KServe's two processes served fashion on one core in 3 of 8 windows that way.
     """
     selector = selectors.DefaultSelector()
     result = StepResult(users, seconds)
@@ -178,13 +183,11 @@ def run(host, port, requests, users, seconds, warmup=1.0, server_pgid=None, time
         key = message[:160]
         result.errors[key] = result.errors.get(key, 0) + 1
 
-    connected = [connect(i) for i in range(users)]
     started = time.perf_counter()
-    window_start, window_end = started + warmup, started + warmup + seconds
+    send(connect(0), started)
+    joined = in_flight = 1
+    window_start = window_end = math.inf  # set once every user has joined
     in_window = False
-    for user in connected:
-        send(user, time.perf_counter())
-    in_flight = users
     snapshot = None
 
     def close_window(now):
@@ -196,14 +199,18 @@ def run(host, port, requests, users, seconds, warmup=1.0, server_pgid=None, time
 
     while in_flight:
         now = time.perf_counter()
+        if joined == users and window_start == math.inf:
+            window_start = max(now, started + warmup)
+            window_end = window_start + seconds
         if not in_window and snapshot is None and now >= window_start:
             in_window = True
             snapshot = (time.process_time(), process_group_cpu(server_pgid), machine_busy(), now)
         if in_window and now >= window_end:
             in_window = False
             close_window(now)
-        if now > window_end + timeout:
-            fail(f"{in_flight} requests unanswered {timeout:.0f} s after the end of the run")
+        if now > (window_end if joined == users else started + warmup + seconds) + timeout:
+            fail(f"{in_flight} requests unanswered {timeout:.0f} s after the end of the run"
+                 + ("" if joined == users else f" ({joined} of {users} users joined)"))
             break
         for key, _ in selector.select(timeout=0.05):
             user = key.data
@@ -243,6 +250,10 @@ def run(host, port, requests, users, seconds, warmup=1.0, server_pgid=None, time
                             result.latencies_ms.append((done - user.sent_at) * 1000)
                             if keep_answers:
                                 result.answers.append((user.request.expected, answer))
+                if joined < users:  # the next user joins
+                    send(connect(joined), time.perf_counter())
+                    joined += 1
+                    in_flight += 1
             if done < window_end:
                 send(user, time.perf_counter())
             else:
