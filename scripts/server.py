@@ -11,6 +11,7 @@ key_file.json) from a copy of ``config.properties`` with chosen overrides, and a
 import argparse
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -30,10 +31,47 @@ CONFIG = ROOT / "config.properties"
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
 
+LISTENER_PORTS_FROM = 20000
+"""``free_port`` draws from here up to the kernel's ephemeral range."""
+_handed_out = set()
+
+
+def ephemeral_ports(path="/proc/sys/net/ipv4/ip_local_port_range"):
+    """The (first, last) local ports the kernel picks for outgoing connections and ``bind(0)``; None if unknown."""
+    try:
+        first, last = map(int, Path(path).read_text().split())
+    except (OSError, ValueError):
+        return None
+    return first, last
+
+
 def free_port():
+    """A loopback port nothing listens on, for a server that binds it later, never the same twice in a process.
+
+    Drawn below the kernel's ephemeral range: a port from ``bind(0)`` is an ephemeral one, which any outgoing
+    connection (a load test's, a readiness poll's) may take as its local port before the server binds it. TorchServe
+    binds its ports only once its models have loaded, seconds later, and exits when one is taken (the likeliest cause
+    of a `make bench` run that ended when a TorchServe exited at start). Falls back to ``bind(0)`` where the range is
+    unknown or leaves no room below it.
+    """
+    ephemeral = ephemeral_ports()
+    if ephemeral and ephemeral[0] - LISTENER_PORTS_FROM >= 1000:
+        for _ in range(100):
+            port = random.randrange(LISTENER_PORTS_FROM, ephemeral[0])
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def read_properties(path):
@@ -128,7 +166,8 @@ class TorchServe:
         ready = 0
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}\n"
+                                   f"console.log (the frontend's exceptions):\n{self.log_tail('console.log', 20)}")
             try:
                 ready = len(self.ready_versions())
                 if ready >= expected:
