@@ -36,13 +36,13 @@ LISTENER_PORTS_FROM = 20000
 _handed_out = set()
 
 
-def ephemeral_ports(path="/proc/sys/net/ipv4/ip_local_port_range"):
-    """The (first, last) local ports the kernel picks for outgoing connections and ``bind(0)``; None if unknown."""
+def first_ephemeral_port(path="/proc/sys/net/ipv4/ip_local_port_range"):
+    """The lowest local port the kernel picks for outgoing connections and ``bind(0)``; None if unknown."""
     try:
-        first, last = map(int, Path(path).read_text().split())
+        first, _ = map(int, Path(path).read_text().split())
     except (OSError, ValueError):
         return None
-    return first, last
+    return first
 
 
 def free_port():
@@ -54,10 +54,10 @@ def free_port():
     of a `make bench` run that ended when a TorchServe exited at start). Falls back to ``bind(0)`` where the range is
     unknown or leaves no room below it.
     """
-    ephemeral = ephemeral_ports()
-    if ephemeral and ephemeral[0] - LISTENER_PORTS_FROM >= 1000:
+    ephemeral = first_ephemeral_port()
+    if ephemeral and ephemeral - LISTENER_PORTS_FROM >= 1000:
         for _ in range(100):
-            port = random.randrange(LISTENER_PORTS_FROM, ephemeral[0])
+            port = random.randrange(LISTENER_PORTS_FROM, ephemeral)
             if port in _handed_out:
                 continue
             with socket.socket() as s:

@@ -15,7 +15,7 @@ REPLY_DELAY_S = 0.03
 
 class LoggingServer(socketserver.ThreadingTCPServer):
     """Keep-alive HTTP on a free port, a thread per connection; replies are numbered in the order they are sent, the
-    number is the body, and ``events`` logs ("accept", connection) and ("reply", number) in order."""
+    number is the body, and ``events`` logs ("accept",) and ("reply", number) in order."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -28,7 +28,7 @@ class LoggingServer(socketserver.ThreadingTCPServer):
 class Connection(socketserver.StreamRequestHandler):
     def handle(self):
         server = self.server
-        server.events.append(("accept", len([e for e in server.events if e[0] == "accept"])))
+        server.events.append(("accept",))
         while True:
             head = b""
             while not head.endswith(b"\r\n\r\n"):
