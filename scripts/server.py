@@ -46,32 +46,46 @@ def first_ephemeral_port(path="/proc/sys/net/ipv4/ip_local_port_range"):
 
 
 def free_port():
-    """A loopback port nothing listens on, for a server that binds it later, never the same twice in a process.
+    """A loopback port for a server that binds it later, reserved against other processes' draws for a minute and
+    never handed out twice in a process.
 
     Drawn below the kernel's ephemeral range: a port from ``bind(0)`` is an ephemeral one, which any outgoing
     connection (a load test's, a readiness poll's) may take as its local port before the server binds it. TorchServe
-    binds its ports only once its models have loaded, seconds later, and exits when one is taken (the likeliest cause
-    of a `make bench` run that ended when a TorchServe exited at start). Falls back to ``bind(0)`` where the range is
-    unknown or leaves no room below it.
+    binds its ports only once its models have loaded, seconds later, and exits when one is taken. Falls back to
+    ``bind(0)`` where the range is unknown or leaves no room below it. Either way the port is left reserved
+    (``reserve``), so another pytest process drawing at the same time passes it over.
     """
     ephemeral = first_ephemeral_port()
+    port = None
     if ephemeral and ephemeral - LISTENER_PORTS_FROM >= 1000:
         for _ in range(100):
-            port = random.randrange(LISTENER_PORTS_FROM, ephemeral)
-            if port in _handed_out:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _handed_out.add(port)
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+            candidate = random.randrange(LISTENER_PORTS_FROM, ephemeral)
+            if candidate not in _handed_out and (port := reserve(candidate)):
+                break
+    port = port or reserve(0)
     _handed_out.add(port)
     return port
+
+
+def reserve(port):
+    """Bind ``port`` (0: the kernel picks) and leave it in TIME_WAIT; the port, or None if it is taken.
+
+    The trick of Yelp's ephemeral-port-reserve: the server side of one loopback connection closes first, so the port
+    stays in TIME_WAIT for a minute (Linux). Until then a bind without SO_REUSEADDR fails, as ``reserve``'s own does,
+    while a server that sets SO_REUSEADDR binds it: TorchServe's Netty, uvicorn, Go's listeners (Prometheus) all do.
+    """
+    with socket.socket() as listener:
+        try:
+            listener.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+        # set after the bind, which must fail on a reservation; the TIME_WAIT inherits it, so servers bind through
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname()):
+            accepted, _ = listener.accept()
+            accepted.close()
+        return listener.getsockname()[1]
 
 
 def read_properties(path):
