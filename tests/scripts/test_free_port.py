@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from scripts import server
 from scripts.server import ROOT
 
@@ -34,13 +36,8 @@ def test_a_port_something_listens_on_is_passed_over(monkeypatch):
 
 def assert_reserved(port):
     """Another process's draw (a bind without SO_REUSEADDR) fails on ``port``; a server (with it) binds and listens."""
-    with socket.socket() as draw:
-        try:
-            draw.bind(("127.0.0.1", port))
-        except OSError:
-            pass
-        else:
-            raise AssertionError(f"port {port} is not reserved: a plain bind took it")
+    with socket.socket() as draw, pytest.raises(OSError):
+        draw.bind(("127.0.0.1", port))
     with socket.socket() as server_socket:
         server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server_socket.bind(("127.0.0.1", port))
