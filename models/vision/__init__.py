@@ -34,20 +34,27 @@ def light_background(images: np.ndarray, darkest: np.ndarray, lightest: np.ndarr
     return median_of_rows(border) > (darkest + lightest) / 2
 
 
+def require_contrast(contrast: float) -> None:
+    """Raise ValueError, with a message fit for a client, when an image's contrast (its lightest level less its
+    darkest, of 255) is below MIN_CONTRAST: it is blank or uniform, with no item to read and no polarity to read
+    it in."""
+    if contrast < MIN_CONTRAST * 255:
+        raise ValueError(f"no item found: the image is blank or uniform (contrast {int(contrast)} of 255 "
+                         f"between its darkest and lightest pixels; at least {MIN_CONTRAST * 255:.0f} needed)")
+
+
 def light_on_dark(images: np.ndarray) -> np.ndarray:
     """uint8 grey images [..., H, W] as light items on black, as Fashion-MNIST stores them: each image's darkest
     level is taken to black (its lightest, if it is dark on light, which is inverted) and a contrast below
     STRETCH_TO is stretched to it. Fashion-MNIST's own images come back unchanged, in either polarity.
 
-    Raises ValueError, with a message fit for a client, when an image is blank or uniform (contrast below
-    MIN_CONTRAST): there is no item to read, and no polarity to read it in.
+    Raises ``require_contrast``'s ValueError when an image is blank or uniform. One call for a batch costs about
+    a fifth as much per image as one call per image (a few dozen small NumPy calls either way).
     """
     darkest = images.min(axis=(-2, -1), keepdims=True).astype(np.float32)
     lightest = images.max(axis=(-2, -1), keepdims=True)
     contrast = lightest - darkest
-    if np.any(contrast < MIN_CONTRAST * 255):
-        raise ValueError(f"no item found: the image is blank or uniform (contrast {int(contrast.min())} of 255 "
-                         f"between its darkest and lightest pixels; at least {MIN_CONTRAST * 255:.0f} needed)")
+    require_contrast(contrast.min())
     span = np.maximum(contrast, STRETCH_TO)
     levels = (images - darkest) * (span / contrast)
     invert = light_background(images, darkest[..., 0, 0], lightest[..., 0, 0])[..., None, None]

@@ -420,6 +420,20 @@ def test_an_image_without_an_item_is_a_400_and_fails_alone(fashion, heldout, nam
     assert neighbour.status == 200 and neighbour.body["label"] == labels[0]
 
 
+def test_each_image_of_a_batch_is_brought_to_light_on_dark_on_its_own(fashion, heldout):
+    """The batch's polarity is set in one call (``collate``): each item must still get its own, as when sent alone."""
+    images, _ = heldout
+    faint_on_grey = (200 - 0.3 * images[2]).astype(np.uint8)  # dark on light, contrast ~76 of 255: stretched
+    requests = [Request(encoded(Image.fromarray(pixels)), "image/png")
+                for pixels in (images[0], 255 - images[1], faint_on_grey, 255 - images[3])]
+    alone = [fashion.run_one(request) for request in requests]
+    together = fashion.run(*requests)
+    assert [reply.status for reply in alone + together] == [200] * 8
+    assert [reply.body for reply in together] == [reply.body for reply in alone]
+    assert [reply.body["label"] for reply in together] == [fashion.run_one(Request(encoded(Image.fromarray(
+        pixels)), "image/png")).body["label"] for pixels in images[:4]]  # light on dark as the data set has them
+
+
 def test_decompression_bomb_is_a_413_and_a_bad_image_fails_alone(fashion, heldout):
     images, labels = heldout
     bomb = encoded(Image.new("L", (6000, 6000)))  # 36 Mpx of zeros: a few KiB of PNG
@@ -455,9 +469,10 @@ def test_the_eager_runtime_runs_channels_last_batch_norms_fused_on_the_cpu_with_
 # --- the CUDA paths, by patching (no GPU here) -----------------------------------------------------------------
 
 def gpu_handler(device="cuda:1", amp=None):
-    """A VisionHandler as initialize leaves it on a GPU, without one: device, normalisation, AMP."""
+    """A VisionHandler as initialize leaves it on a GPU, without one: device, normalisation, AMP (a model that reads
+    either polarity)."""
     handler = vision.VisionHandler()
-    handler.device, handler.channels, handler.amp = torch.device(device), 1, amp
+    handler.device, handler.channels, handler.amp, handler.light_on_dark = torch.device(device), 1, amp, False
     handler.mean, handler.std = torch.tensor(0.5).view(1, 1, 1, 1), torch.tensor(0.25).view(1, 1, 1, 1)
     return handler
 
