@@ -24,16 +24,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from scripts.cpu import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^\s+READY\s+(\S+) (\S+)")
 
 
 def machine() -> tuple[str, int]:
-    """("2-core AMD EPYC", 2): the CPU model and the cores this process may use."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
+    """("2-core AMD EPYC (family 23 model 49; AVX2)", 2): the CPU (``cpu_name``) and the cores this process may use."""
     cores = len(os.sched_getaffinity(0))
-    return f"{cores}-core {model}", cores
+    return f"{cores}-core {cpu_name()}", cores
 
 
 def first_prediction(clone: Path, started: float, found: dict, stop: threading.Event) -> None:

@@ -14,8 +14,6 @@ model has no official test set (mnist, sentiment, regression), so the spread inc
 import argparse
 import json
 import os
-import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 import registry
+from scripts.cpu import cpu_name
 
 ROOT = registry.ROOT
 RECORD = ROOT / "docs" / "seeds.json"
@@ -33,10 +32,8 @@ train.export.MIN_INT8_AGREEMENT for training to ship it: a floor too, so its spr
 
 
 def machine() -> str:
-    """The CPU model and core count, as the docs name a machine."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """The CPU (``cpu_name``) and core count, as the docs name a machine."""
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def own_seed(command: str) -> int:

@@ -54,6 +54,7 @@ from pathlib import Path
 import yaml
 
 import registry
+from scripts.cpu import cpu_name
 from scripts.server import ROOT, TorchServe, free_port
 from tests.load import checks, client, handler_cost, payloads
 
@@ -202,10 +203,8 @@ def machine():
     import torch
     import ts
 
-    cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     platform.processor())
     memory_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cores": os.cpu_count(), "cpu": cpu_model, "memory_gib": round(memory_kb / 2**20, 1),
+    return {"cores": os.cpu_count(), "cpu": cpu_name(), "memory_gib": round(memory_kb / 2**20, 1),
             "python": platform.python_version(), "torch": torch.__version__, "torchserve": ts.__version__,
             "torch_default_threads": torch.get_num_threads(), "kernel": platform.release()}
 
