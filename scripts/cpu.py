@@ -17,10 +17,11 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """E.g. "AMD EPYC (family 23 model 49; AVX2)": the model name, family and model, and the vector extensions
     present; ``platform.processor()`` where there is no /proc/cpuinfo."""
     text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    fields = dict(reversed(re.findall(r"^(model name|cpu family|model|flags)\s*:\s*(.*)$", text, re.M)))  # the first CPU's
+    found = re.findall(r"^(model name|cpu family|model|flags)\s*:\s*(.*)$", text, re.M)
+    fields = dict(reversed(found))  # the first CPU's, where every CPU repeats them
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" not in fields:
         return name
     flags = set(fields.get("flags", "").split())
     extensions = [label for flag, label in VECTOR_EXTENSIONS.items() if flag in flags] or ["no AVX2"]
-    return f"{name} (family {fields['cpu family']} model {fields['model']}; {', '.join(extensions)})"
+    return f"{name} (family {fields['cpu family']} model {fields.get('model', '?')}; {', '.join(extensions)})"
