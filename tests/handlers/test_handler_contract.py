@@ -3,15 +3,18 @@
 import io
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from handlers.common import BATCH_RECEIVED_LINE, CounterBuffer, RequestError, quiet_batch_log, quote
+from handlers.common import BATCH_RECEIVED_LINE, CounterBuffer, RequestError, libc, quiet_batch_log, quote
 from handlers.runtimes import TorchRuntime, equivalence_tolerance, to_device
 from handlers.mnist import inference_copy
 from models import architecture, build
+from scripts.server import ROOT
 from tests.samples import heldout_patients
 from tests.worker import Request, valid_reason
 
@@ -177,3 +180,31 @@ def test_any_exception_of_one_request_fails_it_alone_and_its_neighbours_are_answ
     assert [replies[0].status, replies[2].status] == [200, 200] and "prediction" in replies[2].body
     assert (replies[1].status, replies[1].body["type"]) == (500, "InternalError") and valid_reason(replies[1])
     assert "ValueError" in replies[1].body["message"] and "only this request" not in replies[1].body["message"]
+
+
+HEAP_PROBE = """
+import sys
+from handlers.common import bound_heap
+
+
+def resident():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+
+if sys.argv[1] == "bounded":
+    bound_heap()
+before = resident()
+for _ in range(2):  # the first buffer is mapped and unmapped, and by default raises glibc's threshold past its size
+    block = bytearray(24 * 2**20)
+    del block
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(libc() is None, reason="glibc's allocator only")
+def test_a_worker_gives_a_large_buffer_back_to_the_os_whatever_came_before():
+    """bound_heap (every worker's initialize): glibc alone keeps the second 24 MB buffer on the heap once freed."""
+    kept = {mode: int(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], cwd=ROOT, check=True,
+                                     capture_output=True, text=True).stdout) for mode in ("default", "bounded")}
+    assert kept["default"] > 16 * 2**20, kept  # what a 12-megapixel request left behind in a worker
+    assert kept["bounded"] < 4 * 2**20, kept
