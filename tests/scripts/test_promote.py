@@ -196,17 +196,22 @@ def test_a_candidate_with_shuffled_weights_is_refused(mnist_server, tmp_path):
     assert (tmp_path / "promote-mnist-1.0-vs-9.0.png").read_bytes()[:4] == b"\x89PNG"
 
 
+LENIENT = ("--margin", "0.05", "--p99-floor-ms", "1000")
+"""Gate limits for the promotion of mnist 2.0: what it tests is the promotion's steps, not the CPU it runs on."""
+
+
 @pytest.mark.slow
 def test_mnist_2_is_promoted(mnist_server, tmp_path):
     """The promotion itself (dry run, set-default, report, rollout steps). The held-out set both versions share is
     small (~70 digits), and which one digit a version gets wrong changes with the CPU it trained on: a margin of 5
-    points keeps one such digit from deciding the test (the gate's arithmetic has tests of its own above)."""
-    dry = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--dry-run", "--margin", "0.05",
-                      report=tmp_path / "dry")
+    points keeps one such digit from deciding the test (the gate's arithmetic has tests of its own above). Likewise
+    the latency gate, whose p99 of ~70 requests is their slowest: the other pytest process on the same cores stalled
+    one version's to 77 ms against 16 in a CI run, so a second of p99 increase is allowed here."""
+    dry = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--dry-run", *LENIENT, report=tmp_path / "dry")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "dry run" in dry.stdout and default_version(mnist_server) == "1.0"
 
-    result = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--k8s", "--margin", "0.05", report=tmp_path)
+    result = promote_cli(mnist_server, "mnist", "--candidate", "2.0", "--k8s", *LENIENT, report=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert default_version(mnist_server) == "2.0"
     report = json.loads((tmp_path / "promote-mnist-1.0-vs-2.0.json").read_text())
