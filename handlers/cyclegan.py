@@ -27,7 +27,7 @@ from handlers.common import BinaryReply, BundleHandler, RequestError, quote
 from handlers.images import decode_fitted, image_bytes, protocol_images
 from handlers.vision import VisionHandler
 from models.cyclegan import DIRECTIONS, to_model, to_pixels
-from models.vision import LIGHT_ON_DARK
+from models.vision import LIGHT_ON_DARK, light_on_dark
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/*": "PNG"}
 """Accept media types answered with the image itself, and the format each gets."""
@@ -77,22 +77,27 @@ class CycleganHandler(BundleHandler):
         return [self.example(image_bytes(payload, as_json), direction, media_type)], False
 
     def example(self, data, direction, media_type=None):
-        """An encoded image -> {"pixels": uint8 at the model's size in the source domain's polarity, "direction",
-        "media_type": the reply's image type, None for JSON, ``PROTOCOL`` for the Open Inference Protocol}."""
+        """An encoded image -> {"pixels": uint8 at the model's size, "direction", "media_type": the reply's image
+        type, None for JSON, ``PROTOCOL`` for the Open Inference Protocol}. Where the source domain has a polarity,
+        a blank or uniform image is a 400 here, and ``collate`` brings the batch to each source's polarity."""
         pixels = decode_fitted(data, self.channels, self.size)
-        source = self.polarity.get(direction[0])
-        if source is not None:
-            pixels = VisionHandler.canonical(pixels)  # light on dark, or a 400 for a blank image
-            if source != LIGHT_ON_DARK:
-                pixels = 255 - pixels
+        if self.polarity.get(direction[0]) is not None:
+            VisionHandler.require_item(pixels)
         return {"pixels": pixels, "direction": direction, "media_type": media_type}
 
     # --- predicting ------------------------------------------------------------------------------------------------
 
     def collate(self, examples):
-        """(images [N, C, H, W] in [-1, 1], to_a [N] bool): what ``CycleGAN.forward`` and its exports take."""
-        images = to_model(np.stack([example["pixels"] for example in examples]))
-        return images, torch.tensor([example["direction"] == "b2a" for example in examples])
+        """(images [N, C, H, W] in [-1, 1], to_a [N] bool): what ``CycleGAN.forward`` and its exports take. Each
+        image is in its source domain's polarity, by one ``light_on_dark`` for the images whose source has one."""
+        pixels = np.stack([example["pixels"] for example in examples])
+        sources = [self.polarity.get(example["direction"][0]) for example in examples]
+        polar = [i for i, source in enumerate(sources) if source is not None]
+        if polar:
+            pixels[polar] = light_on_dark(pixels[polar])
+            dark_on_light = [i for i in polar if sources[i] != LIGHT_ON_DARK]
+            pixels[dark_on_light] = 255 - pixels[dark_on_light]
+        return to_model(pixels), torch.tensor([example["direction"] == "b2a" for example in examples])
 
     def output_rows(self, outputs):
         return list(to_pixels(outputs))

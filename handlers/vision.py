@@ -88,12 +88,6 @@ class VisionHandler(BundleHandler):
         except ValueError as err:
             raise RequestError(str(err), kind="InvalidImage") from None
 
-    @classmethod
-    def canonical(cls, pixels):
-        """Fitted grey pixels as light on dark, as the model was trained; a blank or uniform image is a 400."""
-        cls.require_item(pixels)
-        return light_on_dark(pixels)
-
     oip_input, oip_output_names = ("data", "BYTES"), ("label",)
 
     def oip_examples(self, tensor):

@@ -108,21 +108,24 @@ def test_accept_gets_the_image_itself(cyclegan_worker, accept, content_type, ima
 
 
 def test_the_same_image_is_answered_alike_in_a_batch_of_both_directions(cyclegan_worker):
-    """A batch mixing directions: each request gets what it gets alone, as a PNG or as JSON."""
+    """A batch mixing directions and polarities: each request gets what it gets alone, as a PNG or as JSON, and an
+    item sent dark on light the reply of the same item light on dark (the batch's polarity is set per image)."""
     from train.cyclegan import line_drawing
 
     item = np.asarray(Image.open(io.BytesIO(sample_bytes())).convert("L").resize((28, 28)))
     drawing = png_bytes(line_drawing(item[None])[0])
-    requests = [Request(sample_bytes(), "image/png", headers={"Accept": "image/png"}),
-                Request(drawing, "image/png", headers={"Accept": "image/png", "Direction": "b2a"}),
-                Request(json.dumps({"data": base64.b64encode(drawing).decode(), "direction": "b2a"}), JSON)]
+    as_png = {"Accept": "image/png"}
+    requests = [Request(png_bytes(item), "image/png", headers=as_png),
+                Request(drawing, "image/png", headers={**as_png, "Direction": "b2a"}),
+                Request(json.dumps({"data": base64.b64encode(drawing).decode(), "direction": "b2a"}), JSON),
+                Request(png_bytes(255 - item), "image/png", headers=as_png)]
     together = cyclegan_worker.run(*requests)
     alone = [cyclegan_worker.run_one(request) for request in requests]
-    assert [reply.status for reply in together] == [200, 200, 200]
-    assert together[0].body == alone[0].body and together[1].body == alone[1].body
+    assert [reply.status for reply in together] == [200, 200, 200, 200]
+    assert [together[i].body for i in (0, 1, 3)] == [alone[i].body for i in (0, 1, 3)]
     assert together[2].body["image"] == alone[2].body["image"] and together[2].body["direction"] == "b2a"
     assert base64.b64decode(together[2].body["image"]) == together[1].body  # the header and the JSON field agree
-    assert together[0].body != together[1].body
+    assert together[3].body == together[0].body != together[1].body
 
 
 def test_an_item_comes_back_as_a_drawing_and_a_drawing_as_an_item(cyclegan_worker):
