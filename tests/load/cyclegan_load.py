@@ -5,7 +5,7 @@
   in-process: a served reply that differs is a serving fault;
 - ``check_cyclegan(body, expected)``: a JSON reply ``{"image": base64 PNG, "format", "direction", "width",
   "height", "model", "version"}`` whose PNG decodes at its width and height, and is ``expected`` where the
-  sample names one;
+  sample names one, up to a runtime's rounding (``ROUNDING_LEVELS``, ``ROUNDED_SHARE``);
 - ``python -m tests.load.cyclegan_load`` draws docs/img/cyclegan.png from served replies: a private TorchServe with
   model_store/cyclegan.mar, held-out items and drawings sent with ``Accept: image/png``, the PNGs it answers.
 """
@@ -24,6 +24,14 @@ from PIL import Image
 from registry import ROOT
 from tests.load.checks import WrongAnswer, parse
 from tests.load.payloads import JSON, Sample, heldout_fashion, render_fashion
+
+ROUNDING_LEVELS = 1
+"""Gray levels a served pixel may differ from the in-process translation by: another runtime or batch size than the
+payload's (the bench's runtime comparison serves eager and TorchScript against ONNX Runtime's replies) can round a
+value that lies within float error of half a level the other way."""
+ROUNDED_SHARE = 0.01
+"""The share of an image's pixels that may differ by ``ROUNDING_LEVELS``; a serving fault (the other direction or
+polarity, another item, a wrong normalisation) changes far more."""
 
 
 def decoded_png(data):
@@ -65,8 +73,13 @@ def check_cyclegan(body, expected=None):
         raise WrongAnswer(f"image of {pixels.shape[1]}x{pixels.shape[0]}, the reply says "
                           f"{reply.get('width')}x{reply.get('height')}")
     if expected is not None and reply["image"] != expected:
-        differ = int((pixels != decoded_png(base64.b64decode(expected))).sum())
-        raise WrongAnswer(f"image differs from the in-process translation at {differ} pixels")
+        wanted = decoded_png(base64.b64decode(expected))
+        if pixels.shape != wanted.shape:
+            raise WrongAnswer(f"image of shape {pixels.shape}, the in-process translation's is {wanted.shape}")
+        off = np.abs(pixels.astype(np.int16) - wanted)
+        if off.max() > ROUNDING_LEVELS or np.count_nonzero(off) > ROUNDED_SHARE * off.size:
+            raise WrongAnswer(f"image differs from the in-process translation at {np.count_nonzero(off)} of "
+                              f"{off.size} pixels, by up to {off.max()} gray levels")
     return reply["direction"]
 
 

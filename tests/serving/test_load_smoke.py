@@ -5,15 +5,19 @@ class gets at least one) and without timing assertions: every reply must be a 20
 the right content (tests/load/checks.py), for every model. The checks themselves are tested on wrong answers.
 """
 
+import base64
+import io
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import registry
 from scripts.server import ROOT
-from tests.load import checks, payloads
+from tests.load import checks, cyclegan_load, payloads
 from tests.load.checks import WrongAnswer
 
 pytestmark = pytest.mark.slow  # starts a real TorchServe
@@ -102,3 +106,39 @@ def test_detector_check_accepts_a_right_reply_and_rejects_wrong_ones(reply):
 def test_regression_check_rejects_non_json_and_non_finite(body):
     with pytest.raises(WrongAnswer):
         checks.check_regression(body)
+
+
+def cyclegan_reply(pixels):
+    """A cyclegan JSON reply carrying ``pixels`` as a base64 PNG."""
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    return json.dumps({"image": base64.b64encode(encoded.getvalue()).decode(), "format": "png", "direction": "a2b",
+                       "width": pixels.shape[1], "height": pixels.shape[0], "model": "cyclegan", "version": "1.0"})
+
+
+TRANSLATION = np.random.default_rng(0).integers(2, 254, (28, 28), dtype=np.uint8)
+
+
+def nudged(pixels, count, levels):
+    """``pixels`` with its first ``count`` pixels ``levels`` gray levels brighter."""
+    out = pixels.copy()
+    out.flat[:count] += np.uint8(levels)
+    return out
+
+
+@pytest.mark.parametrize("served, right", [
+    (TRANSLATION, True),
+    (nudged(TRANSLATION, 1, 1), True),                  # one value rounded the other way by another runtime
+    (nudged(TRANSLATION, 7, 1), True),                  # under 1 % of the pixels, by one level
+    (nudged(TRANSLATION, 1, 2), False),                 # two levels: not rounding
+    (nudged(TRANSLATION, 9, 1), False),                 # over 1 % of the pixels
+    (255 - TRANSLATION, False),                         # the other polarity
+    (TRANSLATION[:, :27].copy(), False),                # another size
+])
+def test_cyclegan_check_allows_a_runtimes_rounding_and_nothing_more(served, right):
+    expected = json.loads(cyclegan_reply(TRANSLATION))["image"]
+    if right:
+        assert cyclegan_load.check_cyclegan(cyclegan_reply(served), expected) == "a2b"
+    else:
+        with pytest.raises(WrongAnswer, match="differs|shape"):
+            cyclegan_load.check_cyclegan(cyclegan_reply(served), expected)
