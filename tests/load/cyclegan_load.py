@@ -2,7 +2,7 @@
 
 - ``payloads()``: held-out Fashion-MNIST items (never trained on) as PNGs, half sent A->B as they are and half as
   line drawings B->A (JSON ``{"data", "direction"}``), each with the base64 PNG the served archive answers for it
-  in-process: a served reply that differs is a serving fault;
+  in-process (its default runtime): a served reply that differs by more than rounding is a serving fault;
 - ``check_cyclegan(body, expected)``: a JSON reply ``{"image": base64 PNG, "format", "direction", "width",
   "height", "model", "version"}`` whose PNG decodes at its width and height, and is ``expected`` where the
   sample names one, up to a runtime's rounding (``ROUNDING_LEVELS``, ``ROUNDED_SHARE``);
