@@ -6,19 +6,18 @@ the right content (tests/load/checks.py), for every model. The checks themselves
 """
 
 import base64
-import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import registry
 from scripts.server import ROOT
 from tests.load import checks, cyclegan_load, payloads
 from tests.load.checks import WrongAnswer
+from tests.samples import encode_image
 
 pytestmark = pytest.mark.slow  # starts a real TorchServe
 
@@ -110,9 +109,7 @@ def test_regression_check_rejects_non_json_and_non_finite(body):
 
 def cyclegan_reply(pixels):
     """A cyclegan JSON reply carrying ``pixels`` as a base64 PNG."""
-    encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="PNG")
-    return json.dumps({"image": base64.b64encode(encoded.getvalue()).decode(), "format": "png", "direction": "a2b",
+    return json.dumps({"image": base64.b64encode(encode_image(pixels)).decode(), "format": "png", "direction": "a2b",
                        "width": pixels.shape[1], "height": pixels.shape[0], "model": "cyclegan", "version": "1.0"})
 
 
