@@ -148,7 +148,6 @@ class Observations:
 @dataclass
 class Measurements:
     source: str
-    n_examples: int
     metrics: dict  # flat: "<version role>.<metric>" and "pair.<metric>", what the gates read
     observations: dict = field(default_factory=dict)  # role -> Observations (sources that see single answers)
 
@@ -178,8 +177,7 @@ class HeldOutSource:
             if (index + 1) % 100 == 0:
                 print(f"promote: {index + 1}/{len(self.examples)} examples sent to both versions", flush=True)
         truths = [example.truth for example in self.examples]
-        return Measurements(self.describe(), len(self.examples), compare(self.task.kind, truths, **observed),
-                            observed)
+        return Measurements(self.describe(), compare(self.task.kind, truths, **observed), observed)
 
     def send(self, model, version, example):
         """(answer, latency ms, error message or None) of one request."""
@@ -228,7 +226,7 @@ class PrometheusSource:
             metrics[f"{role}.requests_per_s"] = values["request_rate"][label]
             metrics[f"{role}.error_ratio"] = values["error_ratio"].get(label)
             metrics[f"{role}.p99_ms"] = p99 * 1000 if p99 is not None and math.isfinite(p99) else None
-        return Measurements(self.describe(), 0, metrics)
+        return Measurements(self.describe(), metrics)
 
 
 def compare(kind, truths, default, candidate):

@@ -70,7 +70,7 @@ def recorded(version: registry.Version, test: dict) -> list[str]:
 def measure(archives: list[str], seeds: int) -> dict:
     """{archive: {"command", "seeds": {seed: {metric: value}}}} for the chosen versions."""
     measured = {}
-    for entry, version in registry.served():
+    for _, version in registry.served():
         if version.archive not in archives or not version.quality:
             continue
         first = own_seed(version.train)

@@ -174,7 +174,6 @@ def json_requests(draw, values=JSON_VALUES):
 
 # --- images ------------------------------------------------------------------------------------------------------------
 
-MODES = ["L", "RGB", "RGBA", "LA", "P", "PA", "1", "I", "I;16", "F", "CMYK", "YCbCr"]
 FORMATS = {"PNG": {"L", "RGB", "RGBA", "LA", "P", "1", "I;16"}, "JPEG": {"L", "RGB", "CMYK"},
            "GIF": {"L", "P", "1"}, "BMP": {"L", "RGB", "P", "1"}, "TIFF": {"L", "RGB", "RGBA", "1", "I", "F", "CMYK"},
            "WEBP": {"RGB", "RGBA"}, "ICO": {"RGBA", "RGB"}}

@@ -35,7 +35,6 @@ import registry
 from handlers.common import BundleHandler
 from handlers.oip import HEADER
 from models import read_manifest
-from tests.worker import Request
 
 ROOT = registry.ROOT
 TRITON_SERVICE = "/inference.GRPCInferenceService/"
