@@ -57,7 +57,7 @@ def line_drawing(items: np.ndarray) -> np.ndarray:
     """uint8 grey items [N, H, W], light on dark -> their line drawings, uint8 [N, H, W]: where the Sobel edge
     strength of an item passes a fifth of its strongest edge, a dark stroke (anti-aliased over the next fifth) on
     white paper."""
-    images = torch.from_numpy(items).float().unsqueeze(1) / 255
+    images = torch.tensor(items, dtype=torch.float32).unsqueeze(1) / 255  # a copy: read-only arrays are welcome
     sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
     kernels = torch.stack([sobel, sobel.T]).unsqueeze(1)
     gradients = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernels)

@@ -46,11 +46,14 @@ def test_pixels_round_trip_through_the_model_range():
     assert to_model(colour).shape == (2, 3, 8, 8) and np.array_equal(to_pixels(to_model(colour)), colour)
 
 
+@pytest.mark.filterwarnings("error")
 def test_line_drawings_are_dark_strokes_on_white():
+    """Read-only input (what np.asarray of a Pillow image gives) is drawn without a warning."""
     from train.cyclegan import line_drawing
 
     item = np.zeros((1, 28, 28), dtype=np.uint8)
     item[0, 8:20, 8:20] = 200  # a light square on black
+    item.setflags(write=False)
     drawing = line_drawing(item)[0]
     assert drawing[0, 0] == 255 and drawing[14, 14] == 255  # paper outside and inside the square
     assert drawing[8, 14] < 64 and drawing[14, 7] < 64  # its edges are strokes
